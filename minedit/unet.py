@@ -1,0 +1,47 @@
+"""The editing UNet's 8-channel input (InstructPix2Pix convention, InsightEdit eq. 7).
+
+The editing UNet sees concat[z_t, E(I_src)] along channels: 4 noisy target-latent channels followed by 4 source
+latent channels. Starting from a 4-channel text-to-image UNet, ``conv_in`` is widened: the old kernel goes into
+the first 4 input channels, the new ones start at zero, and the bias is copied (the diffusers InstructPix2Pix
+training example leaves the new conv's bias at its random init). With a zero source latent the widened UNet
+therefore computes exactly what the original did. The config is updated so ``save_pretrained`` /
+``from_pretrained`` round-trip the 8-channel model.
+"""
+
+import torch
+from diffusers import UNet2DConditionModel
+from torch import nn
+
+
+def expand_unet_in_channels(unet: UNet2DConditionModel, in_channels: int = 8) -> UNet2DConditionModel:
+    """Widen ``unet.conv_in`` in place to ``in_channels`` inputs (zero-initialised extras) and return the UNet."""
+    old = unet.conv_in
+    if old.in_channels == in_channels:
+        return unet
+    if in_channels < old.in_channels:
+        raise ValueError(f"cannot shrink conv_in from {old.in_channels} to {in_channels} input channels")
+    new = nn.Conv2d(
+        in_channels,
+        old.out_channels,
+        kernel_size=old.kernel_size,
+        stride=old.stride,
+        padding=old.padding,
+        dilation=old.dilation,
+        groups=old.groups,
+        bias=old.bias is not None,
+        padding_mode=old.padding_mode,
+        device=old.weight.device,
+        dtype=old.weight.dtype,
+    )
+    with torch.no_grad():
+        # weight: (out, in, kh, kw); the extra input channels contribute nothing until trained.
+        new.weight.zero_()
+        new.weight[:, : old.in_channels].copy_(old.weight)
+        if old.bias is not None:
+            new.bias.copy_(old.bias)
+    new.weight.requires_grad_(old.weight.requires_grad)
+    if new.bias is not None:
+        new.bias.requires_grad_(old.bias.requires_grad)
+    unet.conv_in = new
+    unet.register_to_config(in_channels=in_channels)
+    return unet

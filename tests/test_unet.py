@@ -1,0 +1,76 @@
+"""4 -> 8 input-channel expansion of the editing UNet."""
+
+import torch
+from diffusers import UNet2DConditionModel
+
+from minedit.unet import expand_unet_in_channels
+
+
+def tiny_unet(seed: int = 0) -> UNet2DConditionModel:
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    ).eval()
+
+
+def inputs():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(2, 4, 16, 16, generator=g), torch.tensor([10, 500]), torch.randn(2, 7, 32, generator=g)
+
+
+@torch.no_grad()
+def test_expanded_unet_with_zero_source_equals_original():
+    latents, t, text = inputs()
+    unet = tiny_unet()
+    reference = unet(latents, t, text).sample
+    old_weight, old_bias = unet.conv_in.weight.clone(), unet.conv_in.bias.clone()
+    assert old_bias.abs().sum() > 0  # the bias is non-trivial, so forgetting it would show
+
+    assert expand_unet_in_channels(unet, 8) is unet
+    conv = unet.conv_in
+    assert conv.in_channels == 8 and unet.config.in_channels == 8
+    assert conv.weight.shape == (old_weight.shape[0], 8, *old_weight.shape[2:])
+    assert torch.equal(conv.weight[:, :4], old_weight)
+    assert torch.equal(conv.weight[:, 4:], torch.zeros_like(conv.weight[:, 4:]))
+    assert torch.equal(conv.bias, old_bias)
+    assert conv.weight.requires_grad and conv.bias.requires_grad
+
+    out = unet(torch.cat([latents, torch.zeros_like(latents)], dim=1), t, text).sample
+    assert torch.equal(out, reference)
+    # A non-zero source latent has no effect yet either (zero kernel), but can after training.
+    out_src = unet(torch.cat([latents, torch.randn_like(latents)], dim=1), t, text).sample
+    assert torch.equal(out_src, reference)
+
+
+def test_noop_when_already_expanded_and_keeps_dtype():
+    unet = expand_unet_in_channels(tiny_unet(), 8)
+    conv = unet.conv_in
+    assert expand_unet_in_channels(unet, 8).conv_in is conv
+
+    unet = tiny_unet().to(torch.float64)
+    expand_unet_in_channels(unet, 8)
+    assert unet.conv_in.weight.dtype == torch.float64 and unet.conv_in.bias.dtype == torch.float64
+
+
+@torch.no_grad()
+def test_save_pretrained_round_trip_keeps_eight_channels(tmp_path):
+    latents, t, text = inputs()
+    unet = expand_unet_in_channels(tiny_unet(), 8)
+    with torch.no_grad():  # train the new channels a little so the reload check covers them
+        unet.conv_in.weight[:, 4:].normal_(std=0.1)
+    x = torch.cat([latents, torch.randn_like(latents)], dim=1)
+    expected = unet(x, t, text).sample
+
+    unet.save_pretrained(tmp_path)
+    reloaded = UNet2DConditionModel.from_pretrained(tmp_path).eval()
+    assert reloaded.config.in_channels == 8 and reloaded.conv_in.in_channels == 8
+    assert torch.equal(reloaded(x, t, text).sample, expected)
