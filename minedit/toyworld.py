@@ -1,0 +1,538 @@
+"""The toy world: drawn shape scenes with exact edits and instructions at three levels (DESIGN.md §10).
+
+A scene is a plain background (white, gray or black) and 1-3 shapes that do not touch, each a (shape, colour,
+size, centre). An edit changes the scene description and the target is re-rendered from it, so it is exact:
+remove -> the shape is gone; add -> a new shape at a free place; replace -> another shape and/or colour with the
+same centre and size. The mask is the union of the old and new footprints dilated by 1 px (L PNG, 255 = edit).
+
+Instructions follow the Reason-Edit levels that InsightEdit evaluates on (the row's `category`):
+  simple         names colour and shape ("remove the red circle"); only when that pair is unique in the scene;
+  understanding  relative position / size, colour among alike shapes, counting ("make the left square green");
+  reasoning      attribute knowledge ("remove the shape with three corners", "... the colour of grass",
+                 "Is there anything round? Replace it with a blue square.").
+Every referring expression is checked to fit exactly one shape, with positions compared at a margin of
+0.15 x image side, so the target is well defined. Adds are under-determined by nature: the phrase fixes shape,
+colour (size when it says one) and a region, and one free place in that region is drawn.
+
+Row texts: `instruction` (what trains: the simple phrasing on simple rows, the advanced one otherwise),
+`simple_instruction` (colour+shape phrasing, plus size or position where colour+shape is not unique),
+`advanced_instruction` ("" on simple rows), `optimized_instruction` (one canonical explicit template: MIND-Edit's
+T_opt), `caption` and `target_caption`. Rows also carry the scene descriptions (`objects`, `target_objects`).
+
+Choices the design left open: no anti-aliasing (exact palette pixels); sample i draws from numpy's
+default_rng([seed, i]), so a file never depends on n; category = i mod 3 and kind = (i div 3) mod 3, balanced
+exactly; the last round(n x eval_fraction) samples are the eval split; captions.jsonl holds the source and target
+images of the train split only. VOCAB is every word a template can emit, as split by `tokenize_words`.
+`cached_world` keeps one generated world per (VERSION, seed, n, size) for training runs to reuse.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import string
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SHAPES = ("circle", "square", "triangle", "diamond", "star")
+COLOURS = {"red": (220, 20, 20), "green": (20, 160, 40), "blue": (30, 70, 230), "yellow": (250, 210, 0),
+           "purple": (140, 40, 180), "orange": (250, 130, 0), "white": (255, 255, 255)}
+BACKGROUNDS = {"white": (255, 255, 255), "gray": (170, 170, 170), "black": (0, 0, 0)}
+BG_WEIGHTS = (0.6, 0.2, 0.2)
+RADIUS = {"small": 0.14, "large": 0.23}  # circumradius as a fraction of the image side
+CATEGORIES = ("simple", "understanding", "reasoning")
+KINDS = ("remove", "add", "replace")
+NUMBERS, ORDINALS = {2: "two", 3: "three"}, ("first", "second", "third")
+VERSION = 1  # bump when the generator's output changes: cached worlds are keyed by it
+
+# World knowledge for the reasoning level.
+COLOUR_OF = {"red": ("a ripe tomato", "a strawberry", "a fire truck"), "green": ("grass", "a leaf", "a frog"),
+             "blue": ("the sky", "the sea"), "yellow": ("the sun", "a banana", "a lemon"),
+             "purple": ("grapes", "a plum"), "orange": ("a carrot", "a pumpkin"), "white": ("snow", "milk")}
+SHAPE_CLUES = (("that is round", {"circle"}), ("with no corners", {"circle"}), ("that could roll", {"circle"}),
+               ("that looks like a ball", {"circle"}), ("with three corners", {"triangle"}),
+               ("with three sides", {"triangle"}), ("with 3 corners", {"triangle"}),
+               ("with four corners", {"square", "diamond"}), ("with four sides", {"square", "diamond"}),
+               ("with a flat top and four sides", {"square"}), ("that stands on one corner", {"diamond"}),
+               ("with five points", {"star"}), ("that you could see in the night sky", {"star"}))
+NEW_SHAPE_CLUES = {"circle": ("{c}shape with no corners", "round {c}shape", "{c}shape that could roll"),
+                   "triangle": ("{c}shape with three corners", "{c}shape with three sides"),
+                   "square": ("{c}shape with a flat top and four sides",),
+                   "diamond": ("{c}shape that stands on one corner",), "star": ("{c}shape with five points",)}
+COLOUR_CLAUSES = ("with the colour of {}", "that has the colour of {}", "that is the colour of {}",
+                  "coloured like {}")
+NEW_COLOUR_CLAUSES = ("that has the colour of {}", "in the colour of {}", "coloured like {}")
+COLOUR_OF_PHRASE = "the colour of {}"
+
+# Phrasing templates: {r} referent, {q} question, {n} new shape, {c} colour, {w} where.
+REMOVE = ("remove {r}", "delete {r}", "erase {r}", "take away {r}", "get rid of {r}", "please remove {r}",
+          "remove {r} from the picture", "make {r} disappear")
+REMOVE_Q = ("{q} Remove it.", "{q} Delete it.", "{q} Erase it.", "{q} Take it away.")
+REPLACE = ("replace {r} with {n}", "turn {r} into {n}", "change {r} into {n}", "change {r} to {n}",
+           "swap {r} for {n}", "make {r} into {n}")
+REPLACE_Q = ("{q} Replace it with {n}.", "{q} Turn it into {n}.", "{q} Change it into {n}.")
+RESHAPE = ("turn {r} into {n}", "change {r} into {n}", "reshape {r} into {n}", "make {r} into {n}")
+RESHAPE_Q = ("{q} Turn it into {n}.", "{q} Change it into {n}.")
+RECOLOUR = ("make {r} {c}", "paint {r} {c}", "colour {r} {c}", "color {r} {c}", "turn {r} {c}",
+            "change the colour of {r} to {c}", "change the color of {r} to {c}")
+RECOLOUR_Q = ("{q} Make it {c}.", "{q} Paint it {c}.")
+ADD = ("add {n}{w}", "put {n}{w}", "place {n}{w}", "draw {n}{w}", "insert {n}{w}", "please add {n}{w}")
+OPTIMIZED = {"remove": "remove {r}", "replace": "replace {r} with a {c} {s}", "add": "add a {z} {c} {s} {w}"}
+QUESTIONS = ("Is there anything {}?", "Is there a shape {}?", "Can you find the shape {}?")
+HEADS = ("the shape {}", "the thing {}", "the object {}")
+NAMED_HEAD, COLOURED_HEAD = "the {s} {k}", "the {c} shape {k}"
+
+# Understanding: {n} the noun of the group the target is compared within.
+RELATIVE = {("x", 0): ("the left {n}", "the leftmost {n}", "the {n} on the left"),
+            ("x", 1): ("the right {n}", "the rightmost {n}", "the {n} on the right"),
+            ("y", 0): ("the top {n}", "the upper {n}", "the topmost {n}", "the highest {n}", "the {n} at the top"),
+            ("y", 1): ("the bottom {n}", "the lower {n}", "the lowest {n}", "the {n} at the bottom")}
+SIDE = {("x", 0): "left", ("x", 1): "right", ("y", 0): "top", ("y", 1): "bottom"}
+BIGGER = ("the bigger {n}", "the larger {n}", "the biggest {n}", "the large {n}")
+SMALLER = ("the smaller {n}", "the smallest {n}", "the small {n}", "the little {n}")
+ALIKE = ("the {c} one of the {k} {p}", "the {c} one among the {p}")
+COUNTING = ("the only shape that is not a {s}", "the shape that is not a {s}")
+ORDINAL = "the {o} shape from the {side}"
+EXPLICIT = {"left": "the {b} on the left", "right": "the {b} on the right", "top": "the {b} at the top",
+            "bottom": "the {b} at the bottom"}
+SIDE_WHERE = {"left": " on the left", "right": " on the right", "top": " at the top", "bottom": " at the bottom"}
+RELATIONS = {"left": " to the left of {a}", "right": " to the right of {a}", "top": " above {a}",
+             "bottom": " below {a}"}
+CORNER = " in the {v} {h} corner"
+SAME_COLOUR = ("a {z}{s} with the same colour as {a}", "a {z}{s} in the same colour as {a}")
+COPY = ("a {c} copy of {a}", "a copy of {a} in {c}")
+WHERE = ("in the middle", "on the {h}", "at the {v}", "at the {v} {h}")
+CAPTIONS = ("{l} on a {b} background", "a {b} background with {l}", "a picture of {l} on a {b} background",
+            "{l} in front of a {b} background")
+EMPTY_CAPTIONS = ("an empty {b} background", "a plain {b} background", "nothing but a {b} background")
+LIST_JOINS = (", ", " and ")
+
+
+def tokenize_words(text: str) -> list[str]:
+    """Lower-case words (letters/digits) and single punctuation marks: the unit VOCAB is defined in."""
+    return re.findall(r"[a-z0-9]+|[^\sa-z0-9]", text.lower())
+
+
+def _literal_words(obj) -> set[str]:
+    """Words of every string in a nested structure of templates, leaving out the {fields}."""
+    if isinstance(obj, str):
+        return set(tokenize_words(" ".join(lit for lit, *_ in string.Formatter().parse(obj))))
+    if isinstance(obj, dict):  # string keys are words too (colour names); tuple keys are only indices
+        obj = [*(k for k in obj if isinstance(k, str)), *obj.values()]
+    return set().union(*(_literal_words(x) for x in obj if not isinstance(x, (int, float))))
+
+
+VOCAB: list[str] = sorted(_literal_words([
+    SHAPES, [s + "s" for s in SHAPES], COLOURS, BACKGROUNDS, RADIUS, NUMBERS, ORDINALS, COLOUR_OF, SHAPE_CLUES,
+    NEW_SHAPE_CLUES, COLOUR_CLAUSES, NEW_COLOUR_CLAUSES, COLOUR_OF_PHRASE, REMOVE, REMOVE_Q, REPLACE, REPLACE_Q,
+    RESHAPE, RESHAPE_Q, RECOLOUR, RECOLOUR_Q, ADD, OPTIMIZED, QUESTIONS, HEADS, NAMED_HEAD, COLOURED_HEAD,
+    RELATIVE, SIDE, BIGGER, SMALLER, ALIKE, COUNTING, ORDINAL, EXPLICIT, SIDE_WHERE, RELATIONS, CORNER,
+    SAME_COLOUR, COPY, WHERE, CAPTIONS, EMPTY_CAPTIONS, LIST_JOINS, "middle an a"]))
+
+
+def _pick(rng, seq):
+    seq = list(seq)
+    return seq[int(rng.integers(len(seq)))]
+
+
+def _articles(text: str) -> str:
+    return re.sub(r"\b([Aa]) (?=[aeiou])", r"\1n ", text)
+
+
+# ---------------------------------------------------------------- rendering
+def _draw(draw: ImageDraw.ImageDraw, o: dict, size: int, fill) -> None:
+    r, x, y = RADIUS[o["size"]] * size, o["x"], o["y"]
+    if o["shape"] == "circle":
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=fill)
+    elif o["shape"] == "square":
+        h = 0.8 * r  # a little inside the circumcircle so the areas of the shapes look alike
+        draw.rectangle((x - h, y - h, x + h, y + h), fill=fill)
+    else:
+        n, inner = {"triangle": (3, 1.0), "diamond": (4, 1.0), "star": (10, 0.45)}[o["shape"]]
+        pts = [(x + r * (1 if k % 2 == 0 else inner) * math.sin(2 * math.pi * k / n),
+                y - r * (1 if k % 2 == 0 else inner) * math.cos(2 * math.pi * k / n)) for k in range(n)]
+        draw.polygon(pts, fill=fill)
+
+
+def render(background: str, objects: list[dict], size: int) -> Image.Image:
+    """RGB image of a scene description, drawn in list order with exact palette colours."""
+    img = Image.new("RGB", (size, size), BACKGROUNDS[background])
+    draw = ImageDraw.Draw(img)
+    for o in objects:
+        _draw(draw, o, size, COLOURS[o["colour"]])
+    return img
+
+
+def _footprint(o: dict, size: int) -> np.ndarray:
+    img = Image.new("L", (size, size), 0)
+    _draw(ImageDraw.Draw(img), o, size, 255)
+    return np.asarray(img) > 0
+
+
+def _dilate(m: np.ndarray) -> np.ndarray:
+    """3x3 binary dilation (1 px, 8-neighbourhood)."""
+    p, (h, w) = np.pad(m, 1), m.shape
+    return np.logical_or.reduce([p[dy:dy + h, dx:dx + w] for dy in range(3) for dx in range(3)])
+
+
+def _fits(o: dict, others: list[dict], size: int) -> bool:
+    """The shape lies apart from every other one: not even its 1-px border touches them."""
+    grown = _dilate(_footprint(o, size))
+    return not any((grown & _footprint(p, size)).any() for p in others)
+
+
+def _place(rng, size, others, shape, size_word, box=(0, 10**9, 0, 10**9), tries=30):
+    """A shape with its centre drawn in box = (x0, x1, y0, y1) (inclusive) that touches nothing, else None."""
+    lo, hi = math.ceil(RADIUS[size_word] * size) + 1, size - 2 - math.ceil(RADIUS[size_word] * size)
+    x0, x1, y0, y1 = max(lo, box[0]), min(hi, box[1]), max(lo, box[2]), min(hi, box[3])
+    if x0 > x1 or y0 > y1:
+        return None
+    for _ in range(tries):
+        o = {"shape": shape, "size": size_word, "x": int(rng.integers(x0, x1 + 1)), "y": int(rng.integers(y0, y1 + 1))}
+        if _fits(o, others, size):
+            return o
+    return None
+
+
+def _where(o: dict, size: int) -> str:
+    """Canonical absolute position from the centre: thirds split at 0.4 and 0.6 of the side."""
+    h = "left" if o["x"] < 0.4 * size else "right" if o["x"] > 0.6 * size else None
+    v = "top" if o["y"] < 0.4 * size else "bottom" if o["y"] > 0.6 * size else None
+    return WHERE[(h is not None) + 2 * (v is not None)].format(h=h, v=v)
+
+
+def _side_box(side: str | None, size: int) -> tuple[int, int, int, int]:
+    lo, hi, big = math.ceil(0.4 * size) - 1, math.floor(0.6 * size) + 1, 10**9
+    return {None: (0, big, 0, big), "left": (0, lo, 0, big), "right": (hi, big, 0, big),
+            "top": (0, big, 0, lo), "bottom": (0, big, hi, big)}[side]
+
+
+def caption(rng, background: str, objects: list[dict], size: int) -> str:
+    """'a red circle and a small blue square on a white background'-style description of a scene."""
+    if not objects:
+        return _articles(_pick(rng, EMPTY_CAPTIONS).format(b=background))
+    parts = [f"a {o['size'] + ' ' if rng.random() < 0.5 else ''}{o['colour']} {o['shape']}"
+             + (" " + _where(o, size) if rng.random() < 0.3 else "") for o in objects]
+    listed = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    return _articles(_pick(rng, CAPTIONS).format(l=listed, b=background))
+
+
+# ---------------------------------------------------------------- referring expressions
+def _extreme(objs, members, t, axis, high, margin) -> bool:
+    """objs[t] lies beyond every other member on `axis` (low side, or high side) by at least `margin`."""
+    sign = 1 if high else -1
+    return all(sign * (objs[t][axis] - objs[i][axis]) >= margin for i in members if i != t)
+
+
+def _explicit(objs, t, margin) -> str | None:
+    """'the red square', adding size or position where colour+shape is not unique; None if nothing will do."""
+    o, base = objs[t], f"{objs[t]['colour']} {objs[t]['shape']}"
+    same = [i for i, p in enumerate(objs) if (p["colour"], p["shape"]) == (o["colour"], o["shape"])]
+    if len(same) == 1:
+        return f"the {base}"
+    if sum(objs[i]["size"] == o["size"] for i in same) == 1:
+        return f"the {o['size']} {base}"
+    for (axis, high), side in SIDE.items():
+        if _extreme(objs, same, t, axis, high, margin):
+            return EXPLICIT[side].format(b=base)
+    return None
+
+
+def _understanding(objs, t, margin) -> list[str]:
+    """Every understanding-level phrase that picks out objs[t] alone."""
+    o, out = objs[t], []
+    groups = [(list(range(len(objs))), "shape"),
+              ([i for i, p in enumerate(objs) if p["shape"] == o["shape"]], o["shape"]),
+              ([i for i, p in enumerate(objs) if p["colour"] == o["colour"]], f"{o['colour']} shape")]
+    for members, noun in groups:
+        if len(members) < 2:
+            continue
+        for (axis, high), phrases in RELATIVE.items():
+            if _extreme(objs, members, t, axis, high, margin):
+                out += [p.format(n=noun) for p in phrases]
+        if sum(objs[i]["size"] == o["size"] for i in members) == 1:
+            out += [p.format(n=noun) for p in (BIGGER if o["size"] == "large" else SMALLER)]
+    alike = groups[1][0]
+    if len(alike) >= 2 and sum(objs[i]["colour"] == o["colour"] for i in alike) == 1:
+        out += [p.format(c=o["colour"], k=NUMBERS[len(alike)], p=o["shape"] + "s") for p in ALIKE]
+    for s in SHAPES:  # counting: the one odd shape among several alike
+        if s != o["shape"] and sum(p["shape"] == s for p in objs) == len(objs) - 1 >= 2:
+            out += [p.format(s=s) for p in COUNTING]
+    if len(objs) == 3:
+        for (axis, high), side in SIDE.items():
+            order = sorted(range(3), key=lambda i: objs[i][axis], reverse=high)
+            gaps = [abs(objs[order[k + 1]][axis] - objs[order[k]][axis]) for k in range(2)]
+            if min(gaps) >= margin:
+                out.append(ORDINAL.format(o=ORDINALS[order.index(t)], side=side))
+    return out
+
+
+def _reasoning(rng, objs, t) -> list[tuple[str, str | None]]:
+    """(noun phrase, question or None) pairs that pick out objs[t] alone through attribute knowledge."""
+    o, out = objs[t], []
+    for clause, shapes in SHAPE_CLUES:
+        fit = [i for i, p in enumerate(objs) if p["shape"] in shapes]
+        if fit == [t]:
+            out.append((_pick(rng, HEADS).format(clause), _pick(rng, QUESTIONS).format(clause)))
+        elif t in fit and [i for i in fit if objs[i]["colour"] == o["colour"]] == [t]:
+            out.append((COLOURED_HEAD.format(c=o["colour"], k=clause), None))
+    clause = _pick(rng, COLOUR_CLAUSES).format(_pick(rng, COLOUR_OF[o["colour"]]))
+    same_colour = [i for i, p in enumerate(objs) if p["colour"] == o["colour"]]
+    if same_colour == [t]:
+        out.append((_pick(rng, HEADS).format(clause), _pick(rng, QUESTIONS).format(clause)))
+    elif [i for i in same_colour if objs[i]["shape"] == o["shape"]] == [t]:
+        out.append((NAMED_HEAD.format(s=o["shape"], k=clause), None))
+    return out
+
+
+def _new_desc(rng, shape, colour=None, size_word=None, by_shape=False, by_colour=False) -> str:
+    """'a small red circle'; with knowledge: 'a shape with three corners that has the colour of grass'."""
+    c = "" if colour is None or by_colour else colour + " "
+    core = _pick(rng, NEW_SHAPE_CLUES[shape]).format(c=c) if by_shape else f"{c}{shape}"
+    text = f"a {size_word + ' ' if size_word else ''}{core}"
+    if by_colour:
+        text += " " + _pick(rng, NEW_COLOUR_CLAUSES).format(_pick(rng, COLOUR_OF[colour]))
+    return text
+
+
+# ---------------------------------------------------------------- edits
+def _edit_existing(rng, size, bg, objs, category, kind, margin):
+    """Remove or replace one shape; returns the texts and the edited scene, or None to draw again."""
+    t = int(rng.integers(len(objs)))
+    o, explicit = objs[t], _explicit(objs, t, margin)
+    if explicit is None:
+        return None
+    if category == "simple":
+        refs = [(explicit, None)] if explicit == f"the {o['colour']} {o['shape']}" else []
+    elif category == "understanding":
+        refs = [(r, None) for r in _understanding(objs, t, margin)]
+    else:
+        refs = _reasoning(rng, objs, t)
+    if not refs:
+        return None
+    ref, question = _pick(rng, refs)
+    ask = question is not None and rng.random() < 0.5  # reasoning only: other levels have no question form
+
+    def say(plain, asked, r, **kw):  # the question form only ever stands in for the advanced referent
+        return _pick(rng, asked).format(q=question, **kw) if ask and r is ref else _pick(rng, plain).format(r=r, **kw)
+
+    if kind == "remove":
+        new, targets = None, objs[:t] + objs[t + 1:]
+        advanced, simple = say(REMOVE, REMOVE_Q, ref), say(REMOVE, REMOVE_Q, explicit)
+    else:
+        mode = _pick(rng, ("both", "colour", "shape"))
+        colour = o["colour"] if mode == "shape" else _pick(rng, [c for c in COLOURS if c not in (bg, o["colour"])])
+        shape = o["shape"] if mode == "colour" else _pick(rng, [s for s in SHAPES if s != o["shape"]])
+        new = dict(o, shape=shape, colour=colour)
+        targets = objs[:t] + [new] + objs[t + 1:]
+        if not _fits(new, objs[:t] + objs[t + 1:], size):
+            return None
+        by_shape, by_colour = (False, False)
+        if category == "reasoning" and rng.random() < 0.5:
+            by_shape, by_colour = _pick(rng, ((True, False), (False, True), (True, True)))
+        if mode == "colour":
+            said = COLOUR_OF_PHRASE.format(_pick(rng, COLOUR_OF[colour])) if by_colour else colour
+            advanced, simple = say(RECOLOUR, RECOLOUR_Q, ref, c=said), say(RECOLOUR, RECOLOUR_Q, explicit, c=colour)
+        elif mode == "shape":
+            advanced = say(RESHAPE, RESHAPE_Q, ref, n=_new_desc(rng, shape, by_shape=by_shape))
+            simple = say(RESHAPE, RESHAPE_Q, explicit, n=_new_desc(rng, shape))
+        else:
+            advanced = say(REPLACE, REPLACE_Q, ref, n=_new_desc(rng, shape, colour, None, by_shape, by_colour))
+            simple = say(REPLACE, REPLACE_Q, explicit, n=_new_desc(rng, shape, colour))
+    optimized = OPTIMIZED[kind].format(r=explicit, c=new and new["colour"], s=new and new["shape"])
+    return dict(objects=targets, old=o, new=new, advanced=advanced, simple=simple, optimized=optimized)
+
+
+def _edit_add(rng, size, bg, objs, category, margin):
+    """Add one shape; the phrase fixes shape, colour and a region (see the module docstring)."""
+    shape, size_word = _pick(rng, SHAPES), _pick(rng, RADIUS)
+    colour = _pick(rng, [c for c in COLOURS if c != bg])
+    said_size = size_word if rng.random() < 0.5 else None
+    box, where = _side_box(None, size), ""
+    if category == "simple" or (category == "reasoning" and (not objs or rng.random() < 0.5)):
+        side = _pick(rng, (None, "left", "right", "top", "bottom"))
+        box, where = _side_box(side, size), SIDE_WHERE.get(side, "")
+        knows = (False, False) if category == "simple" else _pick(rng, ((True, False), (False, True), (True, True)))
+        desc = _new_desc(rng, shape, colour, said_size, *knows)
+    else:
+        modes = ("relation", "corner", "same colour", "copy") if category == "understanding" else ("relation",)
+        mode = _pick(rng, modes)
+        if mode != "corner":
+            if not objs:
+                return None
+            a = int(rng.integers(len(objs)))
+            if category == "understanding":
+                plain = [_explicit(objs, a, margin)] if _explicit(objs, a, margin) else []
+                anchors = plain + _understanding(objs, a, margin)
+            else:
+                anchors = [r for r, _ in _reasoning(rng, objs, a)]
+            if not anchors:
+                return None
+            anchor, ao = _pick(rng, anchors), objs[a]
+        desc = _new_desc(rng, shape, colour, said_size)
+        if mode == "relation":
+            side = _pick(rng, RELATIONS)
+            gap, near = (RADIUS[size_word] + RADIUS[ao["size"]]) * size, 0.2 * size
+            x, y = ao["x"], ao["y"]
+            box = {"left": (0, math.floor(x - gap), math.ceil(y - near), math.floor(y + near)),
+                   "right": (math.ceil(x + gap), 10**9, math.ceil(y - near), math.floor(y + near)),
+                   "top": (math.ceil(x - near), math.floor(x + near), 0, math.floor(y - gap)),
+                   "bottom": (math.ceil(x - near), math.floor(x + near), math.ceil(y + gap), 10**9)}[side]
+            where = RELATIONS[side].format(a=anchor)
+        elif mode == "corner":
+            v, h = _pick(rng, ("top", "bottom")), _pick(rng, ("left", "right"))
+            bv, bh = _side_box(v, size), _side_box(h, size)
+            box, where = (bh[0], bh[1], bv[2], bv[3]), CORNER.format(v=v, h=h)
+        elif mode == "same colour":
+            colour = ao["colour"]
+            desc = _pick(rng, SAME_COLOUR).format(z=said_size + " " if said_size else "", s=shape, a=anchor)
+        else:
+            shape, size_word = ao["shape"], ao["size"]
+            colour = _pick(rng, [c for c in COLOURS if c not in (bg, ao["colour"])])
+            desc = _pick(rng, COPY).format(c=colour, a=anchor)
+    new = _place(rng, size, objs, shape, size_word, box)
+    if new is None:
+        return None
+    new["colour"] = colour
+    advanced = _pick(rng, ADD).format(n=desc, w=where)
+    at = _where(new, size)
+    simple = advanced if category == "simple" else _pick(rng, ADD).format(n=_new_desc(rng, shape, colour), w=" " + at)
+    optimized = OPTIMIZED["add"].format(z=size_word, c=colour, s=shape, w=at)
+    return dict(objects=objs + [new], old=None, new=new, advanced=advanced, simple=simple, optimized=optimized)
+
+
+def _scene(rng, size):
+    bg = list(BACKGROUNDS)[int(rng.choice(len(BACKGROUNDS), p=BG_WEIGHTS))]
+    objs = []
+    for _ in range(int(rng.integers(1, 4))):
+        # Repeating a shape or a colour now and then makes "the left square" / "the red one" questions possible.
+        shape = _pick(rng, [p["shape"] for p in objs]) if objs and rng.random() < 0.35 else _pick(rng, SHAPES)
+        colour = _pick(rng, [c for c in COLOURS if c != bg])
+        if objs and rng.random() < 0.25 and objs[-1]["colour"] != bg:
+            colour = objs[-1]["colour"]
+        o = _place(rng, size, objs, shape, _pick(rng, RADIUS))
+        if o is not None:
+            objs.append(dict(o, colour=colour))
+    return bg, objs
+
+
+def sample(rng: np.random.Generator, size: int = 32, category: str | None = None, kind: str | None = None) -> dict:
+    """One editing sample in memory: PIL `source`, `target` (RGB), `mask` (L) and every text and description."""
+    category = category or _pick(rng, CATEGORIES)
+    kind = kind or _pick(rng, KINDS)
+    if category not in CATEGORIES or kind not in KINDS:
+        raise ValueError(f"unknown category {category!r} or kind {kind!r} — use one of {CATEGORIES} / {KINDS}")
+    margin = 0.15 * size
+    for _ in range(1000):
+        bg, objs = _scene(rng, size)
+        if kind == "add":
+            e = _edit_add(rng, size, bg, objs, category, margin)
+        else:
+            e = _edit_existing(rng, size, bg, objs, category, kind, margin) if objs else None
+        if e is not None:
+            break
+    else:
+        raise RuntimeError(f"could not draw a {category} {kind} edit at size {size} — use a size of at least 24")
+    region = np.zeros((size, size), bool)
+    for o in (e["old"], e["new"]):
+        if o is not None:
+            region |= _footprint(o, size)
+    simple = _articles(e["simple"])
+    advanced = "" if category == "simple" else _articles(e["advanced"])
+    return {"source": render(bg, objs, size), "target": render(bg, e["objects"], size),
+            "mask": Image.fromarray(_dilate(region).astype(np.uint8) * 255, "L"),
+            "instruction": advanced or simple, "simple_instruction": simple, "advanced_instruction": advanced,
+            "optimized_instruction": _articles(e["optimized"]), "category": category, "kind": kind,
+            "caption": caption(rng, bg, objs, size), "target_caption": caption(rng, bg, e["objects"], size),
+            "background": bg, "objects": objs, "target_objects": e["objects"]}
+
+
+# ---------------------------------------------------------------- writer and CLI
+def generate(out_dir, n: int, seed: int, size: int = 32, eval_fraction: float = 0.1) -> dict:
+    """Write images/, train.jsonl, eval.jsonl, captions.jsonl and meta.json under out_dir; returns the meta."""
+    if not isinstance(n, int) or n <= 0:
+        raise ValueError(f"n must be a positive integer, got {n!r} — pass --n 1000 or similar")
+    if not 24 <= size <= 1024:
+        raise ValueError(f"size {size} is out of range — use a size between 24 and 1024 (32 or 64 are typical)")
+    if not 0 <= eval_fraction < 1:
+        raise ValueError(f"eval_fraction {eval_fraction} must be in [0, 1) — e.g. 0.1")
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    n_eval = min(n - 1, max(1 if n >= 2 and eval_fraction > 0 else 0, round(n * eval_fraction)))
+    splits, captions = {"train": [], "eval": []}, []
+    counts = {"category": dict.fromkeys(CATEGORIES, 0), "kind": dict.fromkeys(KINDS, 0)}
+    for i in range(n):
+        s = sample(np.random.default_rng([seed, i]), size, CATEGORIES[i % 3], KINDS[(i // 3) % 3])
+        paths = {k: f"images/{i:06d}_{k}.png" for k in ("source", "target", "mask")}
+        for k, p in paths.items():
+            s[k].save(out / p, format="PNG")
+        row = {"id": i, **paths, **{k: v for k, v in s.items() if k not in paths}}
+        split = "eval" if i >= n - n_eval else "train"
+        splits[split].append(row)
+        counts["category"][row["category"]] += 1
+        counts["kind"][row["kind"]] += 1
+        if split == "train":
+            captions += [{"image": paths["source"], "caption": row["caption"]},
+                         {"image": paths["target"], "caption": row["target_caption"]}]
+    for name, rows in (("train", splits["train"]), ("eval", splits["eval"]), ("captions", captions)):
+        (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    meta = {"version": VERSION, "seed": seed, "n": n, "size": size, "eval_fraction": eval_fraction,
+            "n_train": n - n_eval, "n_eval": n_eval, "n_captions": len(captions), **counts}
+    (out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")  # written last: its presence means complete
+    return meta
+
+
+def cached_world(seed: int, n: int, size: int = 32, root=None, main: bool = True, barrier=None) -> str:
+    """Folder of the toy world (seed, n, size), generated once under root ($MINEDIT_CACHE or ~/.cache/minedit).
+
+    Only the `main` process generates (into a temporary folder renamed into place, so a killed run leaves nothing
+    half-written); every process then waits at `barrier()` when one is given (distributed training)."""
+    root = Path(root or os.environ.get("MINEDIT_CACHE") or Path.home() / ".cache" / "minedit")
+    path = root / f"toyworld-v{VERSION}-seed{seed}-n{n}-px{size}"
+    if main and not (path / "meta.json").is_file():
+        tmp = root / f".{path.name}.tmp{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        generate(tmp, n, seed, size)
+        try:
+            os.replace(tmp, path)
+        except OSError:  # another job finished the same world first
+            shutil.rmtree(tmp, ignore_errors=True)
+    if barrier is not None:
+        barrier()
+    if not (path / "meta.json").is_file():
+        raise RuntimeError(f"toy world {path} is missing — generate it on the main process first")
+    return str(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m minedit.toyworld", description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True, help="output folder (created if missing)")
+    ap.add_argument("--n", type=int, default=3000, help="number of editing samples")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--size", type=int, default=32, help="image side in pixels")
+    ap.add_argument("--eval-fraction", type=float, default=0.1)
+    args = ap.parse_args(argv)
+    start = time.time()
+    try:
+        meta = generate(args.out, args.n, args.seed, args.size, args.eval_fraction)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: cannot write to {args.out}: {e.strerror or e} — choose a writable --out folder",
+              file=sys.stderr)
+        return 2
+    print(f"wrote {meta['n_train']} train + {meta['n_eval']} eval samples to {args.out} "
+          f"in {time.time() - start:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
