@@ -1,0 +1,196 @@
+"""Load or build every base model the recipes use: the MLLM, CLIP text and image encoders, VAE, UNet, scheduler.
+
+Each builder has two roads, chosen by the config's `*_path` field:
+  * a hub id or a local folder: `from_pretrained(path, dtype=...)` (never `trust_remote_code`);
+  * "" (the toy preset), or `meta=True` (the dry run of the full preset): build the architecture from the
+    config's fields with random weights. Under `meta=True` nothing is allocated and nothing is downloaded.
+
+The toy tokenizer is word-level over the toy world's vocabulary (DESIGN §10): it is built offline, in
+milliseconds, and covers every word the scene generator can write. Its chat template mimics LLaVA-1.5's
+("USER: <image>\\n... ASSISTANT:").
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from .config import Config
+from .unet import expand_unet_in_channels
+
+IMAGE_TOKEN = "<image>"
+TOY_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'].upper() }}: "
+    "{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }} {% endif %}"
+    "{% endfor %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def _device_ctx(meta: bool):
+    return torch.device("meta") if meta else contextlib.nullcontext()
+
+
+def _pretrained(cfg_path: str, meta: bool) -> bool:
+    return bool(cfg_path) and not meta
+
+
+def toy_tokenizer(max_length: int, chat: bool):
+    """A word-level fast tokenizer over the toy vocabulary (ids 0-4 are special)."""
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    from .toyworld import VOCAB
+
+    specials = ["<unk>", "<pad>", "<s>", "</s>", IMAGE_TOKEN]
+    vocab = {w: i for i, w in enumerate(specials + sorted(set(VOCAB) - set(specials)))}
+    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Punctuation()])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>", model_max_length=max_length)
+    fast.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    if chat:
+        fast.chat_template = TOY_CHAT_TEMPLATE
+    return fast
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# MLLM
+def llava_config(cfg: Config):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    text = LlamaConfig(vocab_size=cfg.llm_vocab, hidden_size=cfg.llm_hidden, intermediate_size=cfg.llm_intermediate,
+                       num_hidden_layers=cfg.llm_layers, num_attention_heads=cfg.llm_heads,
+                       num_key_value_heads=cfg.llm_kv_heads, max_position_embeddings=cfg.llm_max_positions,
+                       pad_token_id=1, bos_token_id=2, eos_token_id=3)
+    vision = CLIPVisionConfig(hidden_size=cfg.vision_hidden, intermediate_size=cfg.vision_intermediate,
+                              num_hidden_layers=cfg.vision_layers, num_attention_heads=cfg.vision_heads,
+                              image_size=cfg.vision_image_size, patch_size=cfg.vision_patch)
+    n_img = (cfg.vision_image_size // cfg.vision_patch) ** 2
+    # The toy tokenizer puts <image> at id 4; the real LLaVA-1.5 puts it at 32000.
+    image_id = 4 if not cfg.mllm_path else 32000
+    return LlavaConfig(vision_config=vision, text_config=text, image_token_id=image_id, image_seq_length=n_img,
+                       vision_feature_layer=cfg.vision_feature_layer)
+
+
+def build_mllm(cfg: Config, dtype=torch.float32, meta: bool = False):
+    """-> (LlavaForConditionalGeneration, tokenizer or None under meta, number of image tokens per image)."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    n_img = (cfg.vision_image_size // cfg.vision_patch) ** 2
+    if _pretrained(cfg.mllm_path, meta):
+        model = LlavaForConditionalGeneration.from_pretrained(cfg.mllm_path, dtype=dtype)
+        processor = AutoProcessor.from_pretrained(cfg.mllm_path)
+        tokenizer = processor.tokenizer
+        if getattr(processor, "chat_template", None) and not tokenizer.chat_template:
+            tokenizer.chat_template = processor.chat_template
+        vc = model.config.vision_config
+        n_img = (vc.image_size // vc.patch_size) ** 2
+        return model, tokenizer, n_img
+    with _device_ctx(meta):
+        model = LlavaForConditionalGeneration._from_config(llava_config(cfg), dtype=dtype)
+    tokenizer = None if meta and cfg.preset == "full" else toy_tokenizer(cfg.llm_max_positions, chat=True)
+    return model, tokenizer, n_img
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CLIP text encoder (SD's), CLIP image encoder
+def build_text_encoder(cfg: Config, dtype=torch.float32, meta: bool = False):
+    """-> (CLIPTextModel, tokenizer or None under meta for the full preset)."""
+    from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel
+
+    if _pretrained(cfg.sd_path, meta):
+        model = CLIPTextModel.from_pretrained(cfg.sd_path, subfolder="text_encoder", dtype=dtype)
+        return model, AutoTokenizer.from_pretrained(cfg.sd_path, subfolder="tokenizer")
+    conf = CLIPTextConfig(vocab_size=cfg.text_vocab, hidden_size=cfg.text_hidden,
+                          intermediate_size=cfg.text_intermediate, num_hidden_layers=cfg.text_layers,
+                          num_attention_heads=cfg.text_heads, max_position_embeddings=cfg.text_max_length,
+                          projection_dim=cfg.clip_embed_dim, pad_token_id=1, bos_token_id=2, eos_token_id=3)
+    with _device_ctx(meta):
+        model = CLIPTextModel._from_config(conf, dtype=dtype)
+    tokenizer = None if meta and cfg.preset == "full" else toy_tokenizer(cfg.text_max_length, chat=False)
+    return model, tokenizer
+
+
+def build_image_encoder(cfg: Config, dtype=torch.float32, meta: bool = False):
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    if _pretrained(cfg.clip_path, meta):
+        return CLIPVisionModelWithProjection.from_pretrained(cfg.clip_path, dtype=dtype)
+    conf = CLIPVisionConfig(hidden_size=cfg.clip_hidden, intermediate_size=cfg.clip_intermediate,
+                            num_hidden_layers=cfg.clip_layers, num_attention_heads=cfg.clip_heads,
+                            image_size=cfg.clip_image_size, patch_size=cfg.clip_patch,
+                            projection_dim=cfg.clip_embed_dim)
+    with _device_ctx(meta):
+        return CLIPVisionModelWithProjection._from_config(conf, dtype=dtype)
+
+
+def clip_pixels(images: torch.Tensor, size: int) -> torch.Tensor:
+    """B×3×H×W in [-1, 1] -> B×3×size×size normalised as CLIP expects (images arrive square-cropped)."""
+    x = (images.float() + 1) / 2
+    x = torch.nn.functional.interpolate(x, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
+    mean = torch.tensor(CLIP_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# VAE, UNet, scheduler
+def build_vae(cfg: Config, dtype=torch.float32, meta: bool = False):
+    from diffusers import AutoencoderKL
+
+    if _pretrained(cfg.sd_path, meta):
+        return AutoencoderKL.from_pretrained(cfg.sd_path, subfolder="vae", dtype=dtype)
+    n = len(cfg.vae_channels)
+    with _device_ctx(meta):
+        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=cfg.vae_channels,
+                            down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+                            layers_per_block=cfg.vae_layers_per_block, norm_num_groups=cfg.vae_norm_groups,
+                            sample_size=cfg.resolution, scaling_factor=cfg.vae_scaling_factor)
+    return vae.to(dtype)
+
+
+def unet_kwargs(cfg: Config) -> dict:
+    down = tuple("CrossAttnDownBlock2D" if c else "DownBlock2D" for c in cfg.unet_cross_attn_blocks)
+    up = tuple("CrossAttnUpBlock2D" if c else "UpBlock2D" for c in reversed(cfg.unet_cross_attn_blocks))
+    return dict(sample_size=cfg.resolution // cfg.latent_factor, in_channels=8, out_channels=4,
+                block_out_channels=cfg.unet_channels, down_block_types=down, up_block_types=up,
+                layers_per_block=cfg.unet_layers_per_block, cross_attention_dim=cfg.text_hidden,
+                attention_head_dim=cfg.unet_head_dim, norm_num_groups=cfg.unet_norm_groups)
+
+
+def build_unet(cfg: Config, dtype=torch.float32, meta: bool = False):
+    """The 8-channel editing UNet (noisy target latent ⊕ source latent). A 4-channel SD UNet is expanded."""
+    from diffusers import UNet2DConditionModel
+
+    if _pretrained(cfg.sd_path, meta):
+        unet = UNet2DConditionModel.from_pretrained(cfg.sd_path, subfolder="unet", dtype=dtype)
+        return expand_unet_in_channels(unet, 8)
+    with _device_ctx(meta):
+        unet = UNet2DConditionModel(**unet_kwargs(cfg))
+    return unet.to(dtype)
+
+
+def build_noise_scheduler(cfg: Config, meta: bool = False):
+    """The training scheduler: DDPM with the config's prediction type (the base model's betas when loaded)."""
+    from diffusers import DDPMScheduler
+
+    if _pretrained(cfg.sd_path, meta):
+        return DDPMScheduler.from_pretrained(cfg.sd_path, subfolder="scheduler", prediction_type=cfg.prediction_type)
+    return DDPMScheduler(num_train_timesteps=cfg.train_timesteps, beta_schedule=cfg.beta_schedule,
+                         beta_start=0.00085, beta_end=0.012, prediction_type=cfg.prediction_type,
+                         clip_sample=False)
+
+
+def build_sampler_scheduler(name: str, train_scheduler):
+    """Any diffusers scheduler by class name, configured like the training one."""
+    import diffusers
+
+    cls = getattr(diffusers, name, None)
+    if cls is None or not hasattr(cls, "from_config") or not name.endswith("Scheduler"):
+        raise ValueError(f"unknown scheduler {name!r}: use a diffusers scheduler class name such as "
+                         "EulerAncestralDiscreteScheduler or DDIMScheduler")
+    return cls.from_config(train_scheduler.config)

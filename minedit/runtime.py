@@ -1,0 +1,92 @@
+"""Device, precision and distributed set-up, in one place (nothing else in the package names `cuda`).
+
+One process = one device. Under `torchrun` the environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, ...)
+says so and we join the process group: nccl on CUDA, gloo on CPU (which is how DDP is tested here). Multi-node
+needs nothing beyond torchrun's own flags.
+
+Precision (DESIGN §7): frozen parts are stored in `frozen_dtype`, trainable parts in fp32, and the forward runs
+under one autocast context; fp16 is only allowed on CUDA, with a GradScaler.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .errors import UserError
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    precision: str = "fp32"
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def frozen_dtype(self) -> torch.dtype:
+        return DTYPES[self.precision]
+
+    def autocast(self):
+        """The one autocast context of the forward pass (a no-op in fp32)."""
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=DTYPES[self.precision])
+
+    def grad_scaler(self):
+        """A GradScaler for fp16 (CUDA only); None otherwise."""
+        return torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
+
+    def barrier(self):
+        if self.distributed:
+            dist.barrier()
+
+
+def pick_device(name: str | None = None) -> torch.device:
+    """`name` ("cpu", "cuda", "cuda:1", "mps") or the best available: CUDA, then CPU."""
+    if name:
+        dev = torch.device(name)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"--device {name}: no CUDA device is visible — use --device cpu")
+        return dev
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def setup(precision: str = "fp32", device: str | None = None) -> Runtime:
+    """Join the process group if launched by torchrun, pick this rank's device, check the precision."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    dev = pick_device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", local)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if precision not in DTYPES:
+        raise UserError(f"--precision={precision}: choose bf16, fp16 or fp32")
+    if precision == "fp16" and dev.type != "cuda":
+        raise UserError("--precision=fp16 needs CUDA (it relies on a GradScaler) — use bf16 or fp32 on the CPU")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", device_id=dev
+                                if dev.type == "cuda" else None)
+    return Runtime(device=dev, precision=precision, rank=rank, local_rank=local, world_size=world)
+
+
+def shutdown(rt: Runtime) -> None:
+    """Every rank waits for the others, then the process group is torn down."""
+    if rt.distributed and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -1,0 +1,152 @@
+"""The composed model: stage splits (DESIGN §4), one optimisation step per recipe × stage, dry-run tables,
+checkpoint round trips, and loading real-format models by local path (saved tiny models, no network)."""
+import re
+
+import pytest
+import torch
+
+import train
+from minedit.config import preset
+from minedit.model import STAGE_TRAINABLE, EditModel
+
+COMBOS = [(r, s) for (r, s) in STAGE_TRAINABLE]
+
+
+def toy_batch(cfg, stage, b=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    img = lambda: torch.rand(b, 3, cfg.resolution, cfg.resolution, generator=g) * 2 - 1  # noqa: E731
+    if stage == 1:
+        return {"image": img(), "caption": ["a red circle", "two blue squares on the left"][:b]}
+    return {"source": img(), "target": img(), "instruction": ["remove the red circle", "make it green"][:b]}
+
+
+@pytest.fixture(scope="module")
+def models():
+    cache = {}
+
+    def get(recipe):
+        if recipe not in cache:
+            torch.manual_seed(0)
+            cache[recipe] = EditModel(preset(recipe, "toy"))
+        return cache[recipe]
+    return get
+
+
+@pytest.mark.parametrize("recipe,stage", COMBOS)
+def test_stage_trainable_set_is_exactly_design(models, recipe, stage):
+    model = models(recipe)
+    table = model.set_stage(stage)
+    trainable = {part for part, (_, on) in table.items() if on}
+    assert trainable == STAGE_TRAINABLE[(recipe, stage)]
+    for name, p in model.named_parameters():
+        assert p.requires_grad == (model.part_of(name) in STAGE_TRAINABLE[(recipe, stage)]), name
+
+
+@pytest.mark.parametrize("recipe,stage", COMBOS)
+def test_one_step_changes_only_the_stage_parameters(models, recipe, stage):
+    model = models(recipe)
+    model.set_stage(stage)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    loss, parts = model(toy_batch(model.cfg, stage), stage)
+    assert torch.isfinite(loss) and loss.dtype == torch.float32
+    expected = {1: {"llm", "qformer"}, 2: {"diff"}, 3: {"diff", "iaa"}}[stage]
+    assert expected <= set(parts)
+    loss.backward()
+    opt.step()
+    for n, p in model.named_parameters():
+        changed = not torch.equal(before[n], p.detach())
+        part = model.part_of(n)
+        if part == "mm_rows":  # only the r new rows may move
+            r = model.cfg.num_mm_tokens
+            assert torch.equal(before[n][:-r], p.detach()[:-r]), n
+            continue
+        if part not in STAGE_TRAINABLE[(recipe, stage)]:
+            assert not changed, f"{n} ({part}) changed in {recipe} stage {stage}"
+    trained = {model.part_of(n) for n, p in model.named_parameters() if not torch.equal(before[n], p.detach())}
+    # Zero-initialised LoRA-B and BIM outputs still move after one step (their gradients are non-zero).
+    assert trained == STAGE_TRAINABLE[(recipe, stage)]
+
+
+def test_fresh_bim_and_lora_change_nothing():
+    """A freshly built insightedit model gives the plain UNet's output: BIM and LoRA are exact no-ops."""
+    torch.manual_seed(0)
+    model = EditModel(preset("insightedit", "toy"))
+    cfg = model.cfg
+    x = torch.randn(2, 4, 16, 16)
+    src = torch.randn(2, 4, 16, 16)
+    t = torch.tensor([10, 500])
+    batch = toy_batch(cfg, 2)
+    with torch.no_grad():
+        c = model.conditions(batch["source"], batch["instruction"], (16, 16), use_image_branch=False)
+        q = model.qformer(c.h.float())
+        assert torch.equal(c.f_txt, q) and not c.v_txt.abs().any()
+        with_bim = model.unet_forward(x, src, t, c.f_txt, c.v_txt)
+        plain = model.unet(torch.cat([x, src], 1), t, encoder_hidden_states=q).sample
+    assert torch.equal(with_bim, plain)
+
+
+@pytest.mark.parametrize("recipe", ["insightedit", "smartedit", "ip2p"])
+@pytest.mark.parametrize("name", ["toy", "full"])
+def test_dry_run_every_stage(recipe, name, capsys):
+    for stage in preset(recipe, name).stages:
+        assert train.main(["--recipe", recipe, "--config", name, "--stage", str(stage), "--dry-run"]) == 0
+        out = capsys.readouterr().out
+        assert "total trainable" in out and "total frozen" in out
+        rows = {m[0]: m[2] for m in re.findall(r"^(\S+)\s+(\d+)\s+(trainable|frozen)$", out, re.M)}
+        assert {p for p, s in rows.items() if s == "trainable"} == STAGE_TRAINABLE[(recipe, stage)]
+
+
+def test_full_dry_run_lora_line_matches_arithmetic(capsys):
+    train.main(["--recipe", "insightedit", "--config", "full", "--stage", "2", "--dry-run"])
+    out = capsys.readouterr().out
+    lora = int(re.search(r"^lora\s+(\d+)\s+trainable$", out, re.M).group(1))
+    # LLaVA-1.5-7B: 32 layers × {q_proj, v_proj} (4096 -> 4096) × rank 16 × (in + out)
+    assert lora == 32 * 2 * 16 * (4096 + 4096) == 8_388_608
+    mllm = int(re.search(r"^mllm\s+(\d+)\s+frozen$", out, re.M).group(1))
+    assert mllm == 7_063_427_072  # LLaVA-1.5-7B's published parameter count
+    unet = int(re.search(r"^unet\s+(\d+)\s+trainable$", out, re.M).group(1))
+    assert unet == 859_520_964 + 4 * 320 * 9  # SD1.5 UNet + the 4 zeroed input channels of the 8-channel conv_in
+
+
+def test_full_shapes_on_meta():
+    cfg = preset("insightedit", "full", 3)
+    model = EditModel(cfg, meta=True)
+    h = torch.empty(2, cfg.num_mm_tokens, cfg.llm_hidden, device="meta")
+    q = model.qformer(h)
+    assert q.shape == (2, 77, 768)
+    v = torch.empty(2, 576, 1024, device="meta")
+    f_txt, v_txt = model.bim(q, v, (32, 32))
+    assert f_txt.shape == (2, 77, 768) and v_txt.shape == (2, 320, 32, 32)
+    e, f_img = model.iaa(h)
+    assert e.shape == (2, 768) and f_img.shape == (2, 4, 768)
+    assert model.unet.conv_in.weight.shape[1] == 8
+
+
+def test_checkpoint_state_round_trip(models, tmp_path):
+    from minedit import checkpoint
+
+    model = models("smartedit")
+    model.set_stage(2)
+    with torch.no_grad():
+        for p in model.bim.parameters():
+            p.add_(0.01)
+    sd = model.checkpoint_state(2)
+    assert "mm_tokens.embed" in sd and any(".lora_A" in k for k in sd)
+    checkpoint.save_checkpoint(str(tmp_path), 5, model.cfg, sd)
+    torch.manual_seed(123)  # a different random init: everything must come from the checkpoint
+    fresh = EditModel(model.cfg)
+    fresh.load_checkpoint_state(checkpoint.load_weights(checkpoint.find_checkpoint(str(tmp_path))))
+    b = toy_batch(model.cfg, 2)
+    b.update(u=torch.ones(2), noise=torch.randn(2, 4, 16, 16), vae_eps=torch.randn(2, 4, 16, 16),
+             t=torch.tensor([3, 700]))
+    with torch.no_grad():
+        assert torch.equal(model(b, 2)[0], fresh(b, 2)[0])
+
+
+def test_checkpoint_from_another_recipe_is_refused(models):
+    from minedit.errors import UserError
+
+    sd = models("smartedit").checkpoint_state(2)
+    with pytest.raises(UserError, match="another recipe or config"):
+        models("ip2p").load_checkpoint_state(sd)
