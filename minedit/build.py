@@ -12,6 +12,7 @@ milliseconds, and covers every word the scene generator can write. Its chat temp
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 
@@ -32,8 +33,17 @@ def _device_ctx(meta: bool):
     return torch.device("meta") if meta else contextlib.nullcontext()
 
 
-def _pretrained(cfg_path: str, meta: bool) -> bool:
-    return bool(cfg_path) and not meta
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _pretrained(path: str, meta: bool) -> str | None:
+    """Where to load from: a local folder as given, else relative to the repository (the shipped toy bases live
+    in assets/), else the hub id as given; None when the part is built from the config instead."""
+    if not path or meta:
+        return None
+    if not os.path.isdir(path) and os.path.isdir(os.path.join(REPO, path)):
+        return os.path.join(REPO, path)
+    return path
 
 
 def toy_tokenizer(max_length: int, chat: bool):
@@ -81,9 +91,9 @@ def build_mllm(cfg: Config, dtype=torch.float32, meta: bool = False):
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     n_img = (cfg.vision_image_size // cfg.vision_patch) ** 2
-    if _pretrained(cfg.mllm_path, meta):
-        model = LlavaForConditionalGeneration.from_pretrained(cfg.mllm_path, dtype=dtype)
-        processor = AutoProcessor.from_pretrained(cfg.mllm_path)
+    if path := _pretrained(cfg.mllm_path, meta):
+        model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype)
+        processor = AutoProcessor.from_pretrained(path)
         tokenizer = processor.tokenizer
         if getattr(processor, "chat_template", None) and not tokenizer.chat_template:
             tokenizer.chat_template = processor.chat_template
@@ -102,9 +112,9 @@ def build_text_encoder(cfg: Config, dtype=torch.float32, meta: bool = False):
     """-> (CLIPTextModel, tokenizer or None under meta for the full preset)."""
     from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel
 
-    if _pretrained(cfg.sd_path, meta):
-        model = CLIPTextModel.from_pretrained(cfg.sd_path, subfolder="text_encoder", dtype=dtype)
-        return model, AutoTokenizer.from_pretrained(cfg.sd_path, subfolder="tokenizer")
+    if path := _pretrained(cfg.sd_path, meta):
+        model = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype)
+        return model, AutoTokenizer.from_pretrained(path, subfolder="tokenizer")
     conf = CLIPTextConfig(vocab_size=cfg.text_vocab, hidden_size=cfg.text_hidden,
                           intermediate_size=cfg.text_intermediate, num_hidden_layers=cfg.text_layers,
                           num_attention_heads=cfg.text_heads, max_position_embeddings=cfg.text_max_length,
@@ -118,8 +128,8 @@ def build_text_encoder(cfg: Config, dtype=torch.float32, meta: bool = False):
 def build_image_encoder(cfg: Config, dtype=torch.float32, meta: bool = False):
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    if _pretrained(cfg.clip_path, meta):
-        return CLIPVisionModelWithProjection.from_pretrained(cfg.clip_path, dtype=dtype)
+    if path := _pretrained(cfg.clip_path, meta):
+        return CLIPVisionModelWithProjection.from_pretrained(path, dtype=dtype)
     conf = CLIPVisionConfig(hidden_size=cfg.clip_hidden, intermediate_size=cfg.clip_intermediate,
                             num_hidden_layers=cfg.clip_layers, num_attention_heads=cfg.clip_heads,
                             image_size=cfg.clip_image_size, patch_size=cfg.clip_patch,
@@ -142,15 +152,15 @@ def clip_pixels(images: torch.Tensor, size: int) -> torch.Tensor:
 def build_vae(cfg: Config, dtype=torch.float32, meta: bool = False):
     from diffusers import AutoencoderKL
 
-    if _pretrained(cfg.sd_path, meta):
-        return AutoencoderKL.from_pretrained(cfg.sd_path, subfolder="vae", dtype=dtype)
+    if path := _pretrained(cfg.sd_path, meta):
+        return AutoencoderKL.from_pretrained(path, subfolder="vae", dtype=dtype)
     n = len(cfg.vae_channels)
     with _device_ctx(meta):
         vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=cfg.vae_channels,
                             down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
                             layers_per_block=cfg.vae_layers_per_block, norm_num_groups=cfg.vae_norm_groups,
                             sample_size=cfg.resolution, scaling_factor=cfg.vae_scaling_factor)
-    return vae.to(dtype)
+    return vae if dtype == torch.float32 else vae.to(dtype)
 
 
 def unet_kwargs(cfg: Config) -> dict:
@@ -166,20 +176,20 @@ def build_unet(cfg: Config, dtype=torch.float32, meta: bool = False):
     """The 8-channel editing UNet (noisy target latent ⊕ source latent). A 4-channel SD UNet is expanded."""
     from diffusers import UNet2DConditionModel
 
-    if _pretrained(cfg.sd_path, meta):
-        unet = UNet2DConditionModel.from_pretrained(cfg.sd_path, subfolder="unet", dtype=dtype)
+    if path := _pretrained(cfg.sd_path, meta):
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", dtype=dtype)
         return expand_unet_in_channels(unet, 8)
     with _device_ctx(meta):
         unet = UNet2DConditionModel(**unet_kwargs(cfg))
-    return unet.to(dtype)
+    return unet if dtype == torch.float32 else unet.to(dtype)
 
 
 def build_noise_scheduler(cfg: Config, meta: bool = False):
     """The training scheduler: DDPM with the config's prediction type (the base model's betas when loaded)."""
     from diffusers import DDPMScheduler
 
-    if _pretrained(cfg.sd_path, meta):
-        return DDPMScheduler.from_pretrained(cfg.sd_path, subfolder="scheduler", prediction_type=cfg.prediction_type)
+    if path := _pretrained(cfg.sd_path, meta):
+        return DDPMScheduler.from_pretrained(path, subfolder="scheduler", prediction_type=cfg.prediction_type)
     return DDPMScheduler(num_train_timesteps=cfg.train_timesteps, beta_schedule=cfg.beta_schedule,
                          beta_start=0.00085, beta_end=0.012, prediction_type=cfg.prediction_type,
                          clip_sample=False)
@@ -194,3 +204,36 @@ def build_sampler_scheduler(name: str, train_scheduler):
         raise ValueError(f"unknown scheduler {name!r}: use a diffusers scheduler class name such as "
                          "EulerAncestralDiscreteScheduler or DDIMScheduler")
     return cls.from_config(train_scheduler.config)
+
+
+def save_bases(out: str, cfg: Config, mllm=None, tokenizer=None, text_encoder=None, text_tokenizer=None,
+               vae=None, unet=None, image_encoder=None, scheduler=None) -> dict:
+    """Write base models in the public layouts that the loaders above read (LLaVA folder with its processor;
+    diffusers folder unet/ vae/ text_encoder/ tokenizer/ scheduler/; CLIP vision folder), and return the
+    `*_path` config values that point at them. This is how the toy bases ship, and how tests exercise the
+    from_pretrained road offline."""
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    paths = {}
+    if mllm is not None:
+        folder = os.path.join(out, "mllm")
+        mllm.save_pretrained(folder)
+        size = mllm.config.vision_config.image_size
+        images = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                                    image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
+        LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=mllm.config.vision_config.patch_size,
+                       vision_feature_select_strategy="default", chat_template=tokenizer.chat_template,
+                       num_additional_image_tokens=1).save_pretrained(folder)
+        paths["mllm_path"] = folder
+    if unet is not None:
+        folder = os.path.join(out, "sd")
+        unet.save_pretrained(os.path.join(folder, "unet"))
+        vae.save_pretrained(os.path.join(folder, "vae"))
+        text_encoder.save_pretrained(os.path.join(folder, "text_encoder"))
+        text_tokenizer.save_pretrained(os.path.join(folder, "tokenizer"))
+        (scheduler or build_noise_scheduler(cfg)).save_pretrained(os.path.join(folder, "scheduler"))
+        paths["sd_path"] = folder
+    if image_encoder is not None:
+        image_encoder.save_pretrained(os.path.join(out, "clip"))
+        paths["clip_path"] = os.path.join(out, "clip")
+    return paths

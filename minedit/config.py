@@ -207,20 +207,20 @@ _FULL_MINDEDIT = dict(
 
 # Toy presets: every part tiny, built from these fields, trainable from scratch on a CPU (DESIGN §10).
 _TOY = dict(
-    llm_vocab=512, llm_hidden=64, llm_intermediate=128, llm_layers=2, llm_heads=4, llm_kv_heads=4,
-    llm_max_positions=256, vision_hidden=32, vision_intermediate=64, vision_layers=2, vision_heads=2,
-    vision_image_size=32, vision_patch=8,
-    text_vocab=512, text_hidden=32, text_intermediate=64, text_layers=2, text_heads=2, text_max_length=16,
-    clip_hidden=32, clip_intermediate=64, clip_layers=2, clip_heads=2, clip_image_size=32, clip_patch=8,
-    clip_embed_dim=32,
+    llm_vocab=512, llm_hidden=128, llm_intermediate=256, llm_layers=4, llm_heads=4, llm_kv_heads=4,
+    llm_max_positions=256, vision_hidden=64, vision_intermediate=128, vision_layers=2, vision_heads=4,
+    vision_image_size=32, vision_patch=4,
+    text_vocab=512, text_hidden=64, text_intermediate=128, text_layers=2, text_heads=4, text_max_length=24,
+    clip_hidden=64, clip_intermediate=128, clip_layers=2, clip_heads=4, clip_image_size=32, clip_patch=4,
+    clip_embed_dim=64,
     unet_channels=(32, 64, 64), unet_layers_per_block=1, unet_head_dim=4, unet_norm_groups=8,
     unet_cross_attn_blocks=(False, True, True),
     vae_channels=(32, 64), vae_layers_per_block=1, vae_norm_groups=8, vae_scaling_factor=1.0,
     prediction_type="v_prediction", beta_schedule="squaredcos_cap_v2",
-    num_mm_tokens=8, qformer_layers=2, qformer_heads=2, qformer_ffn=64, bim_width=32, bim_heads=2,
-    iaa_tokens=4, vision_head_layer=1,
-    lora_rank=4, lora_alpha=8.0, lora_dropout=0.0,
-    resolution=32, batch_size=16, lr=3e-4, max_steps=2000, save_every=500, sample_every=500, num_workers=0,
+    num_mm_tokens=8, qformer_layers=2, qformer_heads=4, qformer_ffn=128, bim_width=64, bim_heads=4,
+    iaa_tokens=4, vision_head_layer=3,
+    lora_rank=8, lora_alpha=16.0, lora_dropout=0.0,
+    resolution=32, batch_size=32, lr=3e-4, max_steps=2000, save_every=500, sample_every=500, num_workers=0,
     steps=25, scheduler="DDIMScheduler", precision="fp32", warmup_ratio=0.01,
 )
 # The stage-1 learning rate of the papers (2e-4) differs from stages 2-3 (1e-5).
