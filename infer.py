@@ -1,0 +1,182 @@
+"""Edit an image with a trained minedit checkpoint.
+
+The shipped toy example (no flags):
+    python infer.py
+One image:
+    python infer.py --ckpt runs/toy-s3 --image photo.png --instruction "remove the shape with three corners"
+    python infer.py --ckpt runs/s3 --image photo.jpg --instruction "remove the object that tells the time" \
+        --out edited.png --steps 50 --seed 0 --text-guidance 7.5 --image-guidance 1.5
+A whole manifest (JSONL rows with "source" and "instruction"), batched:
+    python infer.py --ckpt runs/s3 --batch eval.jsonl --out-dir edits/
+
+The output keeps the input's size and aspect: the image is resized to the model's resolution (shorter side,
+keeping aspect, sides rounded to what the VAE and UNet need), edited, and resized back.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+from minedit.errors import UserError, run_cli
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TOY_CKPT = os.path.join(HERE, "assets", "toy", "insightedit")
+TOY_EXAMPLE = os.path.join(HERE, "assets", "toy", "example.json")
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    p.add_argument("--ckpt", help="run folder or checkpoint folder (default: the shipped toy checkpoint)")
+    p.add_argument("--image", help="the image to edit")
+    p.add_argument("--instruction", help="what to do to it")
+    p.add_argument("--out", help="output PNG (default: <image>-edited.png)")
+    p.add_argument("--mask", help="optional mask: edit only where it is white")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scheduler", help="a diffusers scheduler class name, e.g. DDIMScheduler")
+    p.add_argument("--text-guidance", type=float)
+    p.add_argument("--image-guidance", type=float)
+    p.add_argument("--ip-scale", type=float)
+    p.add_argument("--resolution", type=int, help="working resolution (default: the model's)")
+    p.add_argument("--batch", help="a JSONL manifest to edit row by row")
+    p.add_argument("--out-dir", help="with --batch: the folder for the edits")
+    p.add_argument("--batch-size", type=int, default=8, help="with --batch: edits per UNet batch")
+    p.add_argument("--device", help="cpu, cuda, ... (default: CUDA if present)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="default: bf16 on CUDA, fp32 on CPU")
+    return p.parse_args(argv)
+
+
+def check_args(a):
+    if a.steps is not None and a.steps <= 0:
+        raise UserError(f"--steps {a.steps}: must be at least 1")
+    for name in ("text_guidance", "image_guidance", "ip_scale"):
+        v = getattr(a, name)
+        if v is not None and v < 0:
+            raise UserError(f"--{name.replace('_', '-')} {v}: must be >= 0")
+    if a.batch_size <= 0:
+        raise UserError(f"--batch-size {a.batch_size}: must be at least 1")
+    if a.resolution is not None and a.resolution <= 0:
+        raise UserError(f"--resolution {a.resolution}: must be positive")
+    if a.batch and not a.out_dir:
+        raise UserError("--batch needs --out-dir — name the folder to write the edits to")
+    if not a.batch and (a.image is None) != (a.instruction is None):
+        raise UserError("give both --image and --instruction (or neither, for the shipped example)")
+    if a.instruction is not None and not a.instruction.strip():
+        raise UserError("--instruction is empty — say what to change, e.g. \"remove the red circle\"")
+
+
+def work_size(w: int, h: int, resolution: int, multiple: int) -> tuple[int, int]:
+    """Shorter side -> resolution, aspect kept, both sides rounded to `multiple`."""
+    s = resolution / min(w, h)
+    return (max(multiple, round(w * s / multiple) * multiple), max(multiple, round(h * s / multiple) * multiple))
+
+
+def check_out_path(path: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UserError(f"cannot write {path}: folder {folder} does not exist — create it or choose another --out")
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"cannot write {path}: folder {folder} is read-only — choose another --out")
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    check_args(a)
+    from PIL import Image
+
+    from minedit import runtime
+    from minedit.data import load_image, load_mask, read_manifest
+    from minedit.model import load_model
+    from minedit.sampler import edit, to_pil
+
+    jobs = []  # (image path, instruction, mask path or None, output path)
+    if a.batch:
+        rows, bad = read_manifest(a.batch, kind="infer")
+        for line, why in bad:
+            print(f"warning: {a.batch} line {line}: {why} (skipped)", file=sys.stderr)
+        if not rows:
+            raise UserError(f"{a.batch} has no usable rows — each row needs \"source\" and \"instruction\"")
+        os.makedirs(a.out_dir, exist_ok=True)
+        check_out_path(os.path.join(a.out_dir, "x.png"))
+        jobs = [(r["source"], r["instruction"], r.get("mask"), os.path.join(a.out_dir, f"{i:05d}.png"))
+                for i, r in enumerate(rows)]
+    else:
+        image, instruction = a.image, a.instruction
+        if image is None:
+            if not os.path.isfile(TOY_EXAMPLE):
+                raise UserError("no shipped toy example found — pass --ckpt, --image and --instruction")
+            ex = json.load(open(TOY_EXAMPLE))
+            image = os.path.join(os.path.dirname(TOY_EXAMPLE), ex["image"])
+            instruction = ex["instruction"]
+            print(f"editing the shipped example {image}: \"{instruction}\"")
+        out = a.out or os.path.splitext(image)[0] + "-edited.png"
+        if a.image is None and a.out is None:
+            out = os.path.join(os.getcwd(), "example-edited.png")
+        check_out_path(out)
+        jobs = [(image, instruction, a.mask, out)]
+
+    device = runtime.pick_device(a.device)
+    precision = a.precision or ("bf16" if device.type == "cuda" else "fp32")
+    rt = runtime.setup(precision, str(device))
+    model = load_model(a.ckpt or TOY_CKPT, rt.device, rt.frozen_dtype)
+    cfg = model.cfg
+    multiple = cfg.latent_factor * 2 ** (len(cfg.unet_channels) - 1)
+    resolution = a.resolution or cfg.resolution
+    settings = dict(steps=a.steps or cfg.steps, scheduler=a.scheduler or cfg.scheduler,
+                    text_guidance=cfg.text_guidance if a.text_guidance is None else a.text_guidance,
+                    image_guidance=cfg.image_guidance if a.image_guidance is None else a.image_guidance,
+                    ip_scale=cfg.ip_scale if a.ip_scale is None else a.ip_scale)
+
+    t0, done = time.perf_counter(), 0
+    # Batch edits that share a working size (a manifest of one resolution becomes a few big batches).
+    for start in range(0, len(jobs), a.batch_size if a.batch else 1):
+        group = jobs[start:start + (a.batch_size if a.batch else 1)]
+        pics = [load_image(path) for path, _, _, _ in group]
+        size = work_size(*pics[0].size, resolution, multiple)
+        same = [i for i, p in enumerate(pics) if work_size(*p.size, resolution, multiple) == size]
+        for sub in ([same] + [[i] for i in range(len(group)) if i not in same]):
+            x = torch.stack([_to_tensor(pics[i].resize(work_size(*pics[i].size, resolution, multiple),
+                                                       Image.BICUBIC)) for i in sub])
+            masks = None
+            if any(group[i][2] for i in sub):
+                masks = torch.stack([_mask_tensor(load_mask(group[i][2], x.shape[-1:-3:-1]) if group[i][2]
+                                                  else None, x.shape[-2:]) for i in sub])
+            with rt.autocast():
+                edited = edit(model, x, [group[i][1] for i in sub], seed=[a.seed + start + i for i in sub],
+                              mask=masks, progress=not a.batch, **settings)
+            for j, i in enumerate(sub):
+                out_path = group[i][3]
+                img = to_pil(edited[j]).resize(pics[i].size, Image.BICUBIC)
+                tmp = out_path + ".tmp.png"
+                img.save(tmp)
+                os.replace(tmp, out_path)
+                done += 1
+                if not a.batch:
+                    print(f"wrote {out_path}")
+    if a.batch:
+        print(f"wrote {done} edits to {a.out_dir}")
+    print(f"{(time.perf_counter() - t0) / max(1, done):.2f} s per edit on {rt.device}")
+    return 0
+
+
+def _to_tensor(img) -> torch.Tensor:
+    import numpy as np
+
+    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
+
+
+def _mask_tensor(mask, hw) -> torch.Tensor:
+    import numpy as np
+
+    if mask is None:
+        return torch.ones(1, *hw)
+    return torch.from_numpy((np.asarray(mask) > 127).astype(np.float32))[None]
+
+
+if __name__ == "__main__":
+    run_cli(main)
