@@ -87,12 +87,9 @@ def check_out_path(path: str) -> None:
 def main(argv=None) -> int:
     a = parse_args(argv)
     check_args(a)
-    from PIL import Image
-
     from minedit import runtime
-    from minedit.data import load_image, load_mask, read_manifest
+    from minedit.data import read_manifest
     from minedit.model import load_model
-    from minedit.sampler import edit, to_pil
 
     jobs = []  # (image path, instruction, mask path or None, output path)
     if a.batch:
@@ -125,43 +122,54 @@ def main(argv=None) -> int:
     rt = runtime.setup(precision, str(device))
     model = load_model(a.ckpt or TOY_CKPT, rt.device, rt.frozen_dtype)
     cfg = model.cfg
-    multiple = cfg.latent_factor * 2 ** (len(cfg.unet_channels) - 1)
-    resolution = a.resolution or cfg.resolution
     settings = dict(steps=a.steps or cfg.steps, scheduler=a.scheduler or cfg.scheduler,
                     text_guidance=cfg.text_guidance if a.text_guidance is None else a.text_guidance,
                     image_guidance=cfg.image_guidance if a.image_guidance is None else a.image_guidance,
                     ip_scale=cfg.ip_scale if a.ip_scale is None else a.ip_scale)
 
-    t0, done = time.perf_counter(), 0
-    # Batch edits that share a working size (a manifest of one resolution becomes a few big batches).
-    for start in range(0, len(jobs), a.batch_size if a.batch else 1):
-        group = jobs[start:start + (a.batch_size if a.batch else 1)]
-        pics = [load_image(path) for path, _, _, _ in group]
-        size = work_size(*pics[0].size, resolution, multiple)
-        same = [i for i, p in enumerate(pics) if work_size(*p.size, resolution, multiple) == size]
-        for sub in ([same] + [[i] for i in range(len(group)) if i not in same]):
-            x = torch.stack([_to_tensor(pics[i].resize(work_size(*pics[i].size, resolution, multiple),
-                                                       Image.BICUBIC)) for i in sub])
-            masks = None
-            if any(group[i][2] for i in sub):
-                masks = torch.stack([_mask_tensor(load_mask(group[i][2], x.shape[-1:-3:-1]) if group[i][2]
-                                                  else None, x.shape[-2:]) for i in sub])
-            with rt.autocast():
-                edited = edit(model, x, [group[i][1] for i in sub], seed=[a.seed + start + i for i in sub],
-                              mask=masks, progress=not a.batch, **settings)
-            for j, i in enumerate(sub):
-                out_path = group[i][3]
-                img = to_pil(edited[j]).resize(pics[i].size, Image.BICUBIC)
-                tmp = out_path + ".tmp.png"
-                img.save(tmp)
-                os.replace(tmp, out_path)
-                done += 1
-                if not a.batch:
-                    print(f"wrote {out_path}")
+    t0 = time.perf_counter()
+    done = edit_files(model, rt, jobs, settings, a.resolution or cfg.resolution, a.batch_size if a.batch else 1,
+                      [a.seed + i for i in range(len(jobs))], verbose=not a.batch)
     if a.batch:
         print(f"wrote {done} edits to {a.out_dir}")
     print(f"{(time.perf_counter() - t0) / max(1, done):.2f} s per edit on {rt.device}")
     return 0
+
+
+def edit_files(model, rt, jobs, settings: dict, resolution: int, batch_size: int, seeds: list[int],
+               verbose: bool = False) -> int:
+    """Edit (image, instruction, mask or None, output path) jobs, `batch_size` at a time; edits of one working
+    size share a batch. Job i uses seeds[i], whatever its batch. Returns the count."""
+    from PIL import Image
+
+    from minedit.data import load_image, load_mask
+    from minedit.sampler import edit, to_pil
+
+    cfg = model.cfg
+    multiple = cfg.latent_factor * 2 ** (len(cfg.unet_channels) - 1)
+    done = 0
+    for start in range(0, len(jobs), batch_size):
+        group = list(enumerate(jobs[start:start + batch_size], start))
+        pics = {i: load_image(job[0]) for i, job in group}
+        sizes = {i: work_size(*pics[i].size, resolution, multiple) for i, _ in group}
+        for size in dict.fromkeys(sizes.values()):
+            sub = [(i, job) for i, job in group if sizes[i] == size]
+            x = torch.stack([_to_tensor(pics[i].resize(size, Image.BICUBIC)) for i, _ in sub])
+            masks = None
+            if any(job[2] for _, job in sub):
+                masks = torch.stack([_mask_tensor(load_mask(job[2], size) if job[2] else None, x.shape[-2:])
+                                     for _, job in sub])
+            with rt.autocast():
+                out = edit(model, x, [job[1] for _, job in sub], seed=[seeds[i] for i, _ in sub], mask=masks,
+                           progress=verbose, **settings)
+            for (i, job), img in zip(sub, out):
+                tmp = job[3] + ".tmp.png"
+                to_pil(img).resize(pics[i].size, Image.BICUBIC).save(tmp)
+                os.replace(tmp, job[3])
+                done += 1
+                if verbose:
+                    print(f"wrote {job[3]}")
+    return done
 
 
 def _to_tensor(img) -> torch.Tensor:
