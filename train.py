@@ -5,6 +5,7 @@ CPU toy (tiny models built from the config; the toy world supplies data when --d
     python train.py --stage 2 --init runs/toy-s1 --out runs/toy-s2
     python train.py --stage 3 --init runs/toy-s2 --out runs/toy-s3
     python train.py --stage 2 --init runs/toy-s1 --out runs/toy-s2 --resume      # continue an interrupted run
+    python train.py --stage 2 --init runs/toy-s1 --out runs/toy-s2 --stop-after 500  # time-boxed: save, exit 0
 One GPU, real weights by hub id or local folder:
     python train.py --config full --stage 1 --data cc12m.jsonl --out runs/s1 --precision=bf16
     python train.py --config full --stage 2 --data ip2p.jsonl,magicbrush.jsonl:2 --init runs/s1 --out runs/s2
@@ -45,6 +46,8 @@ def parse_args(argv):
     p.add_argument("--init", help="the previous stage's run folder")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
+    p.add_argument("--stop-after", type=int, metavar="N", help="stop after N steps of this invocation and save "
+                   "(a time-boxed job; the schedule still spans max_steps) — continue later with --resume")
     p.add_argument("--dry-run", action="store_true", help="print the parameter table (built on meta) and exit")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: CUDA if present)")
     for f in FLAG_FIELDS:
@@ -158,6 +161,8 @@ def build_data(cfg, args, rt):
 def main(argv=None) -> int:
     args, overrides = parse_args(argv)
     cfg = resolve_config(args, overrides)
+    if args.stop_after is not None and args.stop_after <= 0:
+        raise UserError(f"--stop-after {args.stop_after}: must be a positive number of steps")
     if args.dry_run:
         return dry_run(cfg)
 
@@ -197,7 +202,6 @@ def main(argv=None) -> int:
         scheduler.load_state_dict(state["scheduler"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
-        training.set_rng_state(state["rng"])
         step, draw, skipped = state["step"], state["draw"], state["skipped"]
     if rt.is_main:
         print(format_param_table(table, f"{cfg.recipe} · {cfg.preset} · stage {cfg.stage}"))
@@ -213,6 +217,8 @@ def main(argv=None) -> int:
         num_workers=cfg.num_workers, pin_memory=rt.device.type == "cuda", persistent_workers=cfg.num_workers > 0))
     net = DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None) if rt.distributed \
         else model
+    if args.resume:  # restored last: making the DataLoader iterator draws from the global RNG
+        training.set_rng_state(state["rng"])
 
     # ---- signals: finish the step, save, exit 0 -----------------------------------------------------------------
     stop = {"signal": None}
@@ -231,8 +237,9 @@ def main(argv=None) -> int:
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not rt.is_main, dynamic_ncols=True)
     log = open(os.path.join(args.out, "log.jsonl"), "a") if rt.is_main else None
     in_a_row, t0 = 0, time.perf_counter()
+    end = min(cfg.max_steps, step + args.stop_after) if args.stop_after else cfg.max_steps
     model.train()
-    while step < cfg.max_steps and stop["signal"] is None:
+    while step < end and stop["signal"] is None:
         # ---- one optimizer step: grad_accum micro-batches, gradients synchronised on the last one only ----------
         sums = {}
         for micro in range(cfg.grad_accum):
@@ -263,7 +270,13 @@ def main(argv=None) -> int:
             bar.close()
             raise UserError(f"{in_a_row} non-finite losses in a row at step {step} — lower --lr or use "
                             f"--precision=fp32; the last good checkpoint in {args.out} is intact")
-        if rt.is_main and (step % cfg.log_every == 0 or step == cfg.max_steps):
+        log_now = step % cfg.log_every == 0 or step == cfg.max_steps
+        if log_now and rt.distributed:  # log the global batch's losses, not rank 0's slice of it
+            keys = list(sums)  # the same order on every rank
+            mean = torch.stack([sums[k].double() for k in keys]).to(rt.device)
+            torch.distributed.all_reduce(mean)
+            sums = dict(zip(keys, (mean / rt.world_size).tolist()))
+        if rt.is_main and log_now:
             rate = samples_per_step * cfg.log_every / (time.perf_counter() - t0)
             t0 = time.perf_counter()
             row = {"step": step, "lr": scheduler.get_last_lr()[0], "skipped": skipped,
@@ -285,7 +298,9 @@ def main(argv=None) -> int:
     save()
     if rt.is_main:
         log.close()
-        why = f"stopped by {stop['signal']} at step {step}" if stop["signal"] else f"finished {step} steps"
+        why = (f"stopped by {stop['signal']} at step {step}" if stop["signal"] else
+               f"stopped by --stop-after at step {step} of {cfg.max_steps}" if step < cfg.max_steps else
+               f"finished {step} steps")
         print(f"{why}; checkpoint in {ckpt.find_checkpoint(args.out)}"
               + (f"; {skipped} non-finite steps skipped" if skipped else ""))
     runtime.shutdown(rt)
