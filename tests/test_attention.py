@@ -11,6 +11,7 @@ from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from safetensors.torch import load_file, save_file
 
+from conftest import tiny_unet
 from minedit.attention import (
     DecoupledAttnProcessor,
     decoupled_parameters,
@@ -21,24 +22,6 @@ from minedit.attention import (
 )
 
 CROSS_DIM = 32
-
-
-def tiny_unet(seed: int = 0, **kw) -> UNet2DConditionModel:
-    torch.manual_seed(seed)
-    config = dict(
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=CROSS_DIM,
-        attention_head_dim=8,
-        norm_num_groups=8,
-    )
-    config.update(kw)
-    return UNet2DConditionModel(**config).eval()
 
 
 def inputs(seed: int = 1, batch: int = 2):

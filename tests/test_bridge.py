@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from torch import nn
 
+from conftest import tiny_unet as shared_tiny_unet
 from minedit.bim import BIM, ConvInWithResidual, conv_in_residual, sincos_2d, wrap_conv_in
 from minedit.iaa import IAA, iaa_loss
 from minedit.qformer import QFormer
@@ -155,19 +156,7 @@ def test_sincos_2d_rows_and_columns():
 
 
 def tiny_unet():
-    torch.manual_seed(0)
-    return UNet2DConditionModel(
-        sample_size=16,
-        in_channels=8,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=8,
-    ).eval()
+    return shared_tiny_unet(in_channels=8)
 
 
 @torch.no_grad()

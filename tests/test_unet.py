@@ -3,23 +3,8 @@
 import torch
 from diffusers import UNet2DConditionModel
 
+from conftest import tiny_unet
 from minedit.unet import expand_unet_in_channels
-
-
-def tiny_unet(seed: int = 0) -> UNet2DConditionModel:
-    torch.manual_seed(seed)
-    return UNet2DConditionModel(
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=8,
-    ).eval()
 
 
 def inputs():
