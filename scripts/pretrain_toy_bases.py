@@ -1,0 +1,449 @@
+"""Pretrain the toy world's base models: the stand-ins for SD's VAE, CLIP and LLaVA (DESIGN.md §10).
+
+    python scripts/pretrain_toy_bases.py --out assets/toy/base
+
+Measured: 27.1 min wall on 1 thread of a shared 2-core CPU (VAE 6.7, CLIP 3.7, MLLM 16.6 min), with the toy world
+already cached (generating it adds about 1 min); the folder is 13.5 MB. Its README.md and metrics.json hold the
+metrics (VAE 41.6 dB, CLIP retrieval 95 %, MLLM exact match 74 % simple / 23 % understanding / 63 % reasoning).
+
+No pretrained weights exist offline, so the toy world trains its own tiny bases from scratch, with the
+architecture sizes of `preset("insightedit", "toy")`, and saves them in the public layouts that the package loads
+by local path (`mllm_path`, `sd_path`, `clip_path`):
+
+  out/sd/      vae/ (trained), text_encoder/ (CLIP text tower), tokenizer/, unet/ (random, 8 channels), scheduler/
+  out/clip/    the whole CLIPModel (loads as CLIPModel and as CLIPVisionModelWithProjection) + tokenizer
+  out/mllm/    LlavaForConditionalGeneration + LlavaProcessor (word-level toy tokenizer, chat template)
+  out/metrics.json, out/README.md
+
+What each part learns, on the train split of `cached_world(seed, n)` (the eval split is only for reporting):
+  1. VAE: reconstruction, MSE on images in [-1, 1] of decode(sample()) + a small KL term (weight 1e-6), as
+     SD's autoencoder minus its perceptual and adversarial terms (flat-coloured shapes need neither). Its
+     `scaling_factor` is set to 1 / std of the training latents, as SD did, so the UNet sees unit-variance latents.
+  2. CLIP: the symmetric contrastive loss of CLIPModel on (image, caption) pairs. The text tower has the exact
+     config of `build_text_encoder` and becomes sd/text_encoder (the UNet's cross-attention space); the vision
+     tower has the config of `build_image_encoder`. The text tokenizer appends "</s>": CLIPTextModel with an
+     eos id other than 2 pools at the first eos, which must exist.
+  3. MLLM: next-token loss on the assistant answer (prompt masked) for two tasks mixed in every batch: image +
+     "describe the picture." -> caption, and image + instruction -> the explicit `optimized_instruction`
+     (the toy world's T_opt, e.g. "remove the green triangle"), so the MLLM grounds instructions in the image.
+     Prompts are built exactly as `EditModel.mllm_inputs` builds them (chat template, <image> x 64).
+
+Choices the brief left open:
+  * The LLaVA vision tower starts from the trained CLIP vision tower (same config), as LLaVA starts from CLIP;
+    then the whole MLLM trains. Note "describe" is not in the toy vocabulary: it becomes <unk>, which is harmless
+    as the caption prompt is one fixed string.
+  * Train rows whose simple instruction differs from the advanced one add a second (image, simple instruction)
+    -> optimized_instruction pair: free extra data for the same target.
+  * Adds are under-determined (the phrase fixes a region, not the drawn place, and often not the size), so
+    exact match on adds is bounded well below 100 %; accuracy is reported per category and per kind.
+  * The VAE trains on one random 16×16 crop per batch (it is convolutional, and a crop costs a quarter of a
+    whole image, so four times the steps fit the budget); it is evaluated on whole 32×32 eval images.
+  * Optimisation: AdamW, linear warm-up then cosine decay, gradient clipping at 1.0; images preloaded in memory.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python scripts/...` from a checkout
+
+from minedit import build  # noqa: E402
+from minedit.config import preset  # noqa: E402
+from minedit.toyworld import CATEGORIES, KINDS, cached_world, tokenize_words  # noqa: E402
+
+CAPTION_PROMPT = "describe the picture."
+EDIT_SHARE = 0.6  # fraction of each MLLM batch drawn from the instruction task (the rest: captions)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data
+def load_images(root: Path, paths: list[str]) -> torch.Tensor:
+    """N×3×H×W float in [-1, 1] (the toy world's PNGs are square RGB at the training size)."""
+    arr = np.stack([np.asarray(Image.open(root / p).convert("RGB")) for p in paths])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def text_tokenizer(cfg):
+    """The toy word-level tokenizer, wrapping every text as <s> ... </s> so CLIP's eos pooling is meaningful."""
+    from tokenizers.processors import TemplateProcessing
+
+    tok = build.toy_tokenizer(cfg.text_max_length, chat=False)
+    bos, eos = tok.bos_token, tok.eos_token
+    tok.backend_tokenizer.post_processor = TemplateProcessing(
+        single=f"{bos} $A {eos}", special_tokens=[(bos, tok.bos_token_id), (eos, tok.eos_token_id)])
+    return tok
+
+
+def schedule(opt, steps: int, warmup: int):
+    """Linear warm-up, then cosine decay to 0."""
+    def f(s):
+        if s < warmup:
+            return (s + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup)))
+    return torch.optim.lr_scheduler.LambdaLR(opt, f)
+
+
+def step(model, opt, sched, loss):
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    sched.step()
+
+
+def loss_ends(history: list[float]) -> dict:
+    """Mean loss over the first and the last tenth of the steps (at least one step each)."""
+    if not history:
+        return {}
+    k = max(1, len(history) // 10)
+    return {"loss_first": float(np.mean(history[:k])), "loss_last": float(np.mean(history[-k:]))}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# VAE
+@torch.no_grad()
+def vae_psnr(vae, images: torch.Tensor, batch: int = 128) -> float:
+    """Mean PSNR (dB, on [0, 1]) of decode(encode(x).mode()) over images."""
+    values = []
+    for i in range(0, len(images), batch):
+        x = images[i:i + batch]
+        rec = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
+        mse = ((rec - x) / 2).pow(2).mean(dim=(1, 2, 3)).clamp_min(1e-10)
+        values.append(10 * torch.log10(1 / mse))
+    return float(torch.cat(values).mean())
+
+
+def train_vae(cfg, images, eval_images, steps: int, batch: int, lr: float, crop: int, g: torch.Generator):
+    vae = build.build_vae(cfg)
+    psnr_init = vae_psnr(vae, eval_images)
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    sched, history = schedule(opt, steps, max(1, steps // 20)), []
+    vae.train()
+    for s in range(steps):
+        x = images[torch.randint(len(images), (batch,), generator=g)]
+        x = torch.where(torch.rand(batch, 1, 1, 1, generator=g) < 0.5, x, x.flip(-1))  # flips are free data
+        if crop:  # one random crop per batch: a quarter of the compute for the same number of steps
+            top, left = torch.randint(0, x.shape[-1] - crop + 1, (2,), generator=g).tolist()
+            x = x[..., top:top + crop, left:left + crop]
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample(generator=g)).sample
+        loss = F.mse_loss(rec, x) + 1e-6 * post.kl().mean()
+        step(vae, opt, sched, loss)
+        history.append(loss.item())
+        if (s + 1) % 100 == 0:
+            log(f"vae step {s + 1}/{steps} loss {np.mean(history[-100:]):.5f}")
+    vae.eval()
+    with torch.no_grad():  # SD's recipe: scale latents to unit variance (std over posterior samples)
+        z = torch.cat([vae.encode(images[i:i + 256]).latent_dist.sample(generator=g)
+                       for i in range(0, min(len(images), 1024), 256)])
+    std = float(z.std())
+    vae.register_to_config(scaling_factor=round(1.0 / std, 5))
+    metrics = {"eval_psnr_db": vae_psnr(vae, eval_images), "eval_psnr_db_at_init": psnr_init,
+               "latent_std": std, "scaling_factor": vae.config.scaling_factor, "steps": steps, "batch": batch,
+               "crop": crop, **loss_ends(history)}
+    return vae, metrics
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CLIP
+def build_clip(cfg):
+    """A CLIPModel whose towers have exactly the configs of build_text_encoder and build_image_encoder."""
+    from transformers import CLIPConfig, CLIPModel
+
+    base = dataclasses.replace(cfg, sd_path="", clip_path="")  # build from the architecture fields
+    text = build.build_text_encoder(base)[0].config
+    vision = build.build_image_encoder(base).config
+    conf = CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=cfg.clip_embed_dim)
+    return CLIPModel._from_config(conf)
+
+
+@torch.no_grad()
+def clip_retrieval(clip, tok, cfg, images, captions, batch: int = 32) -> float:
+    """Image -> caption top-1 accuracy within consecutive batches (a repeated caption string counts as right)."""
+    right = total = 0
+    for i in range(0, len(images) - batch + 1, batch):
+        caps = captions[i:i + batch]
+        enc = tok(caps, padding="max_length", max_length=cfg.text_max_length, truncation=True, return_tensors="pt")
+        out = clip(input_ids=enc.input_ids, attention_mask=enc.attention_mask,
+                   pixel_values=build.clip_pixels(images[i:i + batch], cfg.clip_image_size))
+        pick = out.logits_per_image.argmax(-1).tolist()
+        right += sum(caps[p] == caps[j] for j, p in enumerate(pick))
+        total += len(caps)
+    return right / max(1, total)
+
+
+def train_clip(cfg, tok, images, captions, eval_images, eval_captions, steps, batch, lr, g):
+    clip = build_clip(cfg)
+    enc = tok(captions, padding="max_length", max_length=cfg.text_max_length, truncation=True, return_tensors="pt")
+    truncated = float(np.mean([len(tokenize_words(c)) + 2 > cfg.text_max_length for c in captions]))
+    opt = torch.optim.AdamW(clip.parameters(), lr=lr, weight_decay=0.01)
+    sched, history = schedule(opt, steps, max(1, steps // 20)), []
+    clip.train()
+    for s in range(steps):
+        idx = torch.randperm(len(images), generator=g)[:batch]
+        out = clip(input_ids=enc.input_ids[idx], attention_mask=enc.attention_mask[idx],
+                   pixel_values=build.clip_pixels(images[idx], cfg.clip_image_size), return_loss=True)
+        step(clip, opt, sched, out.loss)
+        history.append(out.loss.item())
+        if (s + 1) % 100 == 0:
+            log(f"clip step {s + 1}/{steps} loss {np.mean(history[-100:]):.4f}")
+    clip.eval()
+    metrics = {"eval_image_to_caption_top1_in_32": clip_retrieval(clip, tok, cfg, eval_images, eval_captions),
+               "chance": 1 / 32, "captions_truncated": truncated, "steps": steps, "batch": batch,
+               **loss_ends(history)}
+    return clip, metrics
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# MLLM
+def prompt_ids(tok, n_image_tokens: int, text: str) -> list[int]:
+    """The chat prompt as EditModel.mllm_inputs builds it (without the [MM] tokens), ending in 'ASSISTANT:'."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+    p = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    p = p.replace(build.IMAGE_TOKEN, build.IMAGE_TOKEN * n_image_tokens, 1)
+    return tok(p, add_special_tokens=False).input_ids
+
+
+def mllm_examples(tok, n_img, rows, image_index, caption_rows):
+    """(image index, prompt ids, answer ids + eos) for the two tasks."""
+    eos = tok.eos_token_id
+    answer = lambda t: tok(t, add_special_tokens=False).input_ids + [eos]  # noqa: E731
+    cap_prompt = prompt_ids(tok, n_img, CAPTION_PROMPT)
+    caps = [(image_index[r["image"]], cap_prompt, answer(r["caption"])) for r in caption_rows]
+    edits = []
+    for r in rows:
+        texts = {r["instruction"], r.get("simple_instruction") or r["instruction"]}
+        edits += [(image_index[r["source"]], prompt_ids(tok, n_img, t), answer(r["optimized_instruction"]))
+                  for t in sorted(texts)]
+    return caps, edits
+
+
+def collate_mllm(batch, images, cfg, pad_id):
+    """Right-padded ids, attention mask, labels (-100 on prompt and padding), CLIP-normalised pixels."""
+    length = max(len(p) + len(a) for _, p, a in batch)
+    ids = torch.full((len(batch), length), pad_id)
+    labels = torch.full((len(batch), length), -100)
+    mask = torch.zeros((len(batch), length), dtype=torch.long)
+    for i, (_, p, a) in enumerate(batch):
+        seq = torch.tensor(p + a)
+        ids[i, :len(seq)], mask[i, :len(seq)] = seq, 1
+        labels[i, len(p):len(seq)] = torch.tensor(a)
+    pixels = build.clip_pixels(images[[b[0] for b in batch]], cfg.vision_image_size)
+    return ids, mask, labels, pixels
+
+
+@torch.no_grad()
+def mllm_eval_loss(mllm, examples, images, cfg, pad_id, batch: int = 64) -> float:
+    total = count = 0.0
+    for i in range(0, len(examples), batch):
+        ids, mask, labels, pixels = collate_mllm(examples[i:i + batch], images, cfg, pad_id)
+        n = int((labels[:, 1:] != -100).sum())
+        total += float(mllm(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=labels).loss) * n
+        count += n
+    return total / max(1, count)
+
+
+@torch.no_grad()
+def greedy_answers(mllm, tok, prompts: list[list[int]], pixels: torch.Tensor, max_new: int = 24) -> list[str]:
+    """Greedy decoding; prompts of equal length are decoded together, so no padding is ever needed."""
+    groups = defaultdict(list)
+    for i, p in enumerate(prompts):
+        groups[len(p)].append(i)
+    out = [""] * len(prompts)
+    for idx in groups.values():
+        for j in range(0, len(idx), 64):
+            part = idx[j:j + 64]
+            ids = torch.tensor([prompts[i] for i in part])
+            gen = mllm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels[part],
+                                max_new_tokens=max_new, do_sample=False, eos_token_id=tok.eos_token_id,
+                                pad_token_id=tok.pad_token_id)
+            for i, seq in zip(part, gen[:, ids.shape[1]:].tolist()):
+                out[i] = tok.decode(seq, skip_special_tokens=True)
+    return out
+
+
+def mllm_accuracy(mllm, tok, n_img, cfg, rows, images) -> tuple[dict, list]:
+    """Exact match (as word sequences) of the greedy answer to optimized_instruction, per category and kind."""
+    prompts = [prompt_ids(tok, n_img, r["instruction"]) for r in rows]
+    answers = greedy_answers(mllm, tok, prompts, build.clip_pixels(images, cfg.vision_image_size))
+    hits = [tokenize_words(a) == tokenize_words(r["optimized_instruction"]) for a, r in zip(answers, rows)]
+    acc = {"all": float(np.mean(hits))}
+    for key, values in (("category", CATEGORIES), ("kind", KINDS)):
+        for v in values:
+            sel = [h for h, r in zip(hits, rows) if r[key] == v]
+            acc[v] = float(np.mean(sel)) if sel else float("nan")
+    for c in CATEGORIES:  # without the under-determined adds
+        sel = [h for h, r in zip(hits, rows) if r["category"] == c and r["kind"] != "add"]
+        acc[f"{c}_remove_replace"] = float(np.mean(sel)) if sel else float("nan")
+    samples = [{"instruction": r["instruction"], "target": r["optimized_instruction"], "answer": a}
+               for r, a in list(zip(rows, answers))[:9]]
+    return acc, samples
+
+
+def train_mllm(cfg, clip, images, caps, edits, eval_sets, steps, batch, lr, g):
+    mllm, tok, n_img = build.build_mllm(cfg)
+    # LLaVA starts from CLIP's vision tower: here the toy CLIP trained just before (identical config).
+    vt = mllm.model.vision_tower
+    (vt.vision_model if hasattr(vt, "vision_model") else vt).load_state_dict(clip.vision_model.state_dict())
+    opt = torch.optim.AdamW(mllm.parameters(), lr=lr, weight_decay=0.01)
+    sched, history = schedule(opt, steps, max(1, steps // 20)), []
+    n_edit = round(batch * EDIT_SHARE)
+    mllm.train()
+    for s in range(steps):
+        pick = ([edits[i] for i in torch.randint(len(edits), (n_edit,), generator=g)]
+                + [caps[i] for i in torch.randint(len(caps), (batch - n_edit,), generator=g)])
+        ids, mask, labels, pixels = collate_mllm(pick, images, cfg, tok.pad_token_id)
+        loss = mllm(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=labels).loss
+        step(mllm, opt, sched, loss)
+        history.append(loss.item())
+        if (s + 1) % 100 == 0:
+            log(f"mllm step {s + 1}/{steps} loss {np.mean(history[-100:]):.4f}")
+    mllm.eval()
+    eval_rows, eval_images, eval_caps, eval_edits = eval_sets
+    acc, samples = mllm_accuracy(mllm, tok, n_img, cfg, eval_rows, eval_images)
+    metrics = {"eval_exact_match": acc, "eval_loss_caption": mllm_eval_loss(mllm, eval_caps, eval_images, cfg,
+                                                                             tok.pad_token_id),
+               "eval_loss_instruction": mllm_eval_loss(mllm, eval_edits, eval_images, cfg, tok.pad_token_id),
+               "eval_samples": samples, "steps": steps, "batch": batch, **loss_ends(history)}
+    return mllm, tok, n_img, metrics
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Saving
+def save_all(out: Path, cfg, vae, clip, mllm, mllm_tok, text_tok, unet, scheduler) -> dict:
+    """Everything in the layouts build.py loads; clip/ holds the whole CLIPModel, whose vision half loads as
+    CLIPVisionModelWithProjection (same parameter names, projection_dim set in the vision config)."""
+    from transformers import CLIPImageProcessor, CLIPTextModel
+
+    text_encoder = CLIPTextModel._from_config(clip.config.text_config)
+    text_encoder.load_state_dict(clip.text_model.state_dict())  # transformers 5: no text_model wrapper
+    paths = build.save_bases(str(out), cfg, mllm=mllm, tokenizer=mllm_tok, text_encoder=text_encoder,
+                             text_tokenizer=text_tok, vae=vae, unet=unet, scheduler=scheduler)
+    clip.save_pretrained(out / "clip")
+    text_tok.save_pretrained(out / "clip")
+    size = cfg.clip_image_size
+    CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                       image_mean=list(build.CLIP_MEAN), image_std=list(build.CLIP_STD)).save_pretrained(out / "clip")
+    return paths | {"clip_path": str(out / "clip")}
+
+
+def folder_mb(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
+
+
+def write_readme(out: Path, command: str, metrics: dict) -> None:
+    v, c, m = metrics["vae"], metrics["clip"], metrics["mllm"]
+    acc = m["eval_exact_match"]
+    lines = [
+        "# Toy base models", "",
+        "Tiny stand-ins for SD's VAE / CLIP and LLaVA, trained from scratch on the toy world (DESIGN.md §10) by",
+        "`scripts/pretrain_toy_bases.py`. Load them by path: `mllm_path=<this>/mllm`, `sd_path=<this>/sd`,",
+        "`clip_path=<this>/clip`. The UNet in sd/unet is random (the editing stages train it).", "",
+        f"    {command}", "",
+        f"Seed {metrics['seed']}, toy world n={metrics['world_n']} ({metrics['n_train']} train / "
+        f"{metrics['n_eval']} eval samples), {metrics['threads']} thread(s), wall time "
+        f"{metrics['wall_time_s'] / 60:.1f} min; folder {metrics['size_mb']:.1f} MB.", "",
+        "| part | steps × batch | eval metric |", "|---|---|---|",
+        f"| VAE | {v['steps']} × {v['batch']} | reconstruction PSNR {v['eval_psnr_db']:.2f} dB (init "
+        f"{v['eval_psnr_db_at_init']:.1f}); latent std {v['latent_std']:.3f} -> scaling_factor "
+        f"{v['scaling_factor']} |",
+        f"| CLIP | {c['steps']} × {c['batch']} | image->caption top-1 in batches of 32: "
+        f"{c['eval_image_to_caption_top1_in_32']:.1%} (chance 3.1 %) |",
+        f"| MLLM | {m['steps']} × {m['batch']} | optimized-instruction exact match: all {acc['all']:.1%}; " +
+        ", ".join(f"{k} {acc[k]:.1%}" for k in (*CATEGORIES, *KINDS)) + " |", "",
+        "Exact match without the under-determined adds (remove + replace): " +
+        ", ".join(f"{k} {acc[f'{k}_remove_replace']:.1%}" for k in CATEGORIES) + ".",
+        "All numbers, with loss curves' ends and sample answers, are in metrics.json.", ""]
+    (out / "README.md").write_text("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True, help="output folder (mllm/ sd/ clip/ are written inside)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--n", type=int, default=6000, help="toy world size (train + eval samples)")
+    ap.add_argument("--steps-vae", type=int, default=4000)
+    ap.add_argument("--steps-clip", type=int, default=3000)
+    ap.add_argument("--steps-mllm", type=int, default=3000)
+    ap.add_argument("--batch-vae", type=int, default=16)
+    ap.add_argument("--batch-clip", type=int, default=64)
+    ap.add_argument("--batch-mllm", type=int, default=32)
+    ap.add_argument("--vae-crop", type=int, default=16, help="train the VAE on random crops of this side (0: whole)")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    start = time.time()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    g = torch.Generator().manual_seed(args.seed)
+    cfg = preset("insightedit", "toy")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    root = Path(cached_world(seed=args.seed, n=args.n, size=cfg.resolution))
+    rows, eval_rows = read_jsonl(root / "train.jsonl"), read_jsonl(root / "eval.jsonl")
+    caption_rows = read_jsonl(root / "captions.jsonl")
+    paths = sorted({r["image"] for r in caption_rows})
+    image_index = {p: i for i, p in enumerate(paths)}
+    images = load_images(root, paths)
+    eval_images = load_images(root, [r["source"] for r in eval_rows])
+    eval_captions = [r["caption"] for r in eval_rows]
+    log(f"toy world {root}: {len(rows)} train rows, {len(eval_rows)} eval rows, {len(images)} train images")
+
+    vae, m_vae = train_vae(cfg, images, eval_images, args.steps_vae, args.batch_vae, 2e-3, args.vae_crop, g)
+    log(f"vae: {json.dumps(m_vae)}")
+    text_tok = text_tokenizer(cfg)
+    cap_images = images[[image_index[r["image"]] for r in caption_rows]]
+    clip, m_clip = train_clip(cfg, text_tok, cap_images, [r["caption"] for r in caption_rows], eval_images,
+                              eval_captions, args.steps_clip, args.batch_clip, 1e-3, g)
+    log(f"clip: {json.dumps(m_clip)}")
+
+    mllm_tok = build.toy_tokenizer(cfg.llm_max_positions, chat=True)
+    n_img = (cfg.vision_image_size // cfg.vision_patch) ** 2
+    caps, edits = mllm_examples(mllm_tok, n_img, rows, image_index, caption_rows)
+    eval_index = {r["source"]: i for i, r in enumerate(eval_rows)}
+    eval_caps, _ = mllm_examples(mllm_tok, n_img, [], eval_index,
+                                 [{"image": r["source"], "caption": r["caption"]} for r in eval_rows])
+    eval_edits = [(i, prompt_ids(mllm_tok, n_img, r["instruction"]),
+                   mllm_tok(r["optimized_instruction"], add_special_tokens=False).input_ids + [mllm_tok.eos_token_id])
+                  for i, r in enumerate(eval_rows)]
+    mllm, mllm_tok, n_img, m_mllm = train_mllm(cfg, clip, images, caps, edits,
+                                               (eval_rows, eval_images, eval_caps, eval_edits),
+                                               args.steps_mllm, args.batch_mllm, 1e-3, g)
+    log(f"mllm: {json.dumps(m_mllm['eval_exact_match'])}")
+
+    torch.manual_seed(args.seed)  # the random UNet depends on the seed only
+    saved = save_all(out, cfg, vae, clip, mllm, mllm_tok, text_tok, build.build_unet(cfg),
+                     build.build_noise_scheduler(cfg))
+    metrics = {"seed": args.seed, "world_n": args.n, "n_train": len(rows), "n_eval": len(eval_rows),
+               "threads": args.threads, "vae": m_vae, "clip": m_clip, "mllm": m_mllm,
+               "wall_time_s": time.time() - start, "paths": {k: os.path.relpath(v, out) for k, v in saved.items()}}
+    metrics["size_mb"] = folder_mb(out)
+    command = "python scripts/pretrain_toy_bases.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    write_readme(out, command, metrics)
+    log(f"wrote {out} ({metrics['size_mb']:.1f} MB) in {metrics['wall_time_s'] / 60:.1f} min")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

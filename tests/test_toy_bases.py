@@ -1,0 +1,118 @@
+"""scripts/pretrain_toy_bases.py: a smoke run (a few steps each) whose saved folder loads through the package's own
+path and through the public CLIP classes, a VAE that learned something, and prompts/decoding that agree with the
+model code."""
+import dataclasses
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer, CLIPModel, CLIPTextModel, CLIPVisionModelWithProjection
+
+from minedit.config import preset
+from minedit.model import EditModel
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "pretrain_toy_bases.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("pretrain_toy_bases", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bases")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MINEDIT_CACHE", str(tmp / "cache"))
+    try:
+        script = load_script()
+        out = tmp / "base"
+        metrics = script.main(["--out", str(out), "--n", "45", "--steps-vae", "12", "--steps-clip", "3",
+                               "--steps-mllm", "3", "--batch-vae", "8", "--batch-clip", "8", "--batch-mllm", "4"])
+    finally:
+        mp.undo()
+    return script, out, metrics
+
+
+@pytest.fixture(scope="module")
+def model(run):
+    _, out, _ = run
+    cfg = dataclasses.replace(preset("insightedit", "toy"), mllm_path=str(out / "mllm"), sd_path=str(out / "sd"),
+                              clip_path=str(out / "clip"))
+    return EditModel(cfg)
+
+
+def test_outputs_written_and_small(run):
+    _, out, metrics = run
+    assert json.loads((out / "metrics.json").read_text())["seed"] == 0
+    assert "python scripts/pretrain_toy_bases.py" in (out / "README.md").read_text()
+    assert metrics["size_mb"] < 15
+    for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        assert (out / "sd" / sub).is_dir(), sub
+
+
+def test_vae_reconstruction_improved_and_scaling_factor_saved(run, model):
+    _, _, metrics = run
+    v = metrics["vae"]
+    assert v["eval_psnr_db"] > v["eval_psnr_db_at_init"] + 1.0  # the eval reconstruction loss went down
+    assert model.vae.config.scaling_factor == pytest.approx(1 / v["latent_std"], rel=1e-3)
+
+
+def test_editmodel_loads_saved_bases_and_runs_a_step(model):
+    assert model.n_image_tokens == 64
+    model.set_stage(1)
+    g = torch.Generator().manual_seed(0)
+    batch = {"image": torch.rand(2, 3, 32, 32, generator=g) * 2 - 1, "caption": ["a red circle", "a blue star"]}
+    loss, parts = model(batch, 1)
+    assert torch.isfinite(loss) and {"llm", "qformer", "iaa"} <= set(parts)
+
+
+def test_clip_folder_loads_as_clipmodel_and_vision_with_projection(run):
+    _, out, _ = run
+    clip = CLIPModel.from_pretrained(out / "clip")
+    vision = CLIPVisionModelWithProjection.from_pretrained(out / "clip")
+    text = CLIPTextModel.from_pretrained(out / "sd", subfolder="text_encoder")
+    tok = AutoTokenizer.from_pretrained(out / "sd", subfolder="tokenizer")
+    pix = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        feats = clip.get_image_features(pixel_values=pix)
+        feats = feats if torch.is_tensor(feats) else feats.pooler_output
+        torch.testing.assert_close(vision(pixel_values=pix).image_embeds, feats)
+        ids = tok(["a red circle on a white background"], padding="max_length", max_length=24,
+                  return_tensors="pt").input_ids
+        assert ids[0, 0] == tok.bos_token_id and tok.eos_token_id in ids[0]  # eos present: CLIP pools there
+        torch.testing.assert_close(text(ids).pooler_output, clip.text_model(ids).pooler_output)
+        assert text(ids).last_hidden_state.shape == (1, 24, 64)
+
+
+def test_prompt_matches_editmodel_mllm_inputs(run, model):
+    script, _, _ = run
+    text = "remove the shape with three corners"
+    ids, _, _ = model.mllm_inputs(torch.zeros(1, 3, 32, 32), [text])
+    ours = script.prompt_ids(model.tokenizer, model.n_image_tokens, text)
+    assert ids[0, :-model.cfg.num_mm_tokens].tolist() == ours
+    assert ours.count(4) == 64  # <image> id 4, expanded to the 64 patch tokens
+
+
+def test_greedy_decoding_equals_argmax_loop(run):
+    script, out, _ = run
+    from transformers import LlavaForConditionalGeneration
+    mllm = LlavaForConditionalGeneration.from_pretrained(out / "mllm").eval()
+    tok = AutoTokenizer.from_pretrained(out / "mllm")
+    prompts = [script.prompt_ids(tok, 64, t) for t in ("remove the red circle", "describe the picture.",
+                                                       "add a blue star")]
+    pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    got = script.greedy_answers(mllm, tok, prompts, pixels, max_new=5)
+    for p, px, answer in zip(prompts, pixels, got):  # reference: full forward, argmax, no cache
+        ids = torch.tensor([p])
+        for _ in range(5):
+            with torch.no_grad():
+                nxt = mllm(input_ids=ids, pixel_values=px[None]).logits[0, -1].argmax()
+            if nxt == tok.eos_token_id:
+                break
+            ids = torch.cat([ids, nxt.view(1, 1)], 1)
+        assert answer == tok.decode(ids[0, len(p):], skip_special_tokens=True)
