@@ -80,6 +80,7 @@ def main(argv=None) -> int:
         if not (r.get(a.instruction_field) or "").strip():
             raise UserError(f"{a.data}: a row has no {a.instruction_field!r} — choose --instruction-field "
                             "from the manifest's fields")
+    infer.check_inputs(a.ckpt, [])  # a bad checkpoint fails here, before any folder is made
     pred_dir = a.pred_dir or os.path.splitext(a.out)[0] + "-edits"
     os.makedirs(pred_dir, exist_ok=True)
     preds = [os.path.join(pred_dir, f"{i:05d}.png") for i in range(len(rows))]

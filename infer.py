@@ -42,6 +42,10 @@ def parse_args(argv):
     p.add_argument("--text-guidance", type=float)
     p.add_argument("--image-guidance", type=float)
     p.add_argument("--ip-scale", type=float)
+    p.add_argument("--no-topt", action="store_true", help="mindedit: condition on the raw instruction, not the "
+                   "MLLM's optimized one (MIND-Edit ablation #2)")
+    p.add_argument("--no-vinsight", action="store_true", help="mindedit: drop v_insight, i.e. --ip-scale 0 "
+                   "(MIND-Edit ablation #1)")
     p.add_argument("--resolution", type=int, help="working resolution (default: the model's)")
     p.add_argument("--batch", help="a JSONL manifest to edit row by row")
     p.add_argument("--out-dir", help="with --batch: the folder for the edits")
@@ -68,6 +72,31 @@ def check_args(a):
         raise UserError("give both --image and --instruction (or neither, for the shipped example)")
     if a.instruction is not None and not a.instruction.strip():
         raise UserError("--instruction is empty — say what to change, e.g. \"remove the red circle\"")
+    if a.instruction is not None:
+        a.instruction = clean_text(a.instruction, "--instruction")
+
+
+def clean_text(text: str, what: str) -> str:
+    """Bytes that are not UTF-8 reach sys.argv as lone surrogates (PEP 383); they become U+FFFD with a warning
+    rather than an error: the rest of the instruction is still meaningful."""
+    fixed = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    if fixed != text:
+        print(f"warning: {what} is not valid UTF-8; undecodable bytes were replaced by U+FFFD", file=sys.stderr)
+    return fixed
+
+
+def check_inputs(ckpt_path: str, jobs) -> None:
+    """Fail fast, before the model is built: every image and mask decodes, the checkpoint's files are sound."""
+    from minedit import checkpoint
+    from minedit.data import load_image, load_mask
+
+    for image, _, mask, _ in jobs:
+        load_image(image)
+        if mask:
+            load_mask(mask, load_image(image).size)
+    where = checkpoint.find_checkpoint(ckpt_path)
+    checkpoint.load_config(where)
+    checkpoint.check_weights(where)
 
 
 def work_size(w: int, h: int, resolution: int, multiple: int) -> tuple[int, int]:
@@ -89,7 +118,6 @@ def main(argv=None) -> int:
     check_args(a)
     from minedit import runtime
     from minedit.data import read_manifest
-    from minedit.model import load_model
 
     jobs = []  # (image path, instruction, mask path or None, output path)
     if a.batch:
@@ -100,7 +128,8 @@ def main(argv=None) -> int:
             raise UserError(f"{a.batch} has no usable rows — each row needs \"source\" and \"instruction\"")
         os.makedirs(a.out_dir, exist_ok=True)
         check_out_path(os.path.join(a.out_dir, "x.png"))
-        jobs = [(r["source"], r["instruction"], r.get("mask"), os.path.join(a.out_dir, f"{i:05d}.png"))
+        jobs = [(r["source"], clean_text(r["instruction"], f"{a.batch} line {r['_line']}: instruction"), r.get("mask"),
+                 os.path.join(a.out_dir, f"{i:05d}.png"))
                 for i, r in enumerate(rows)]
     else:
         image, instruction = a.image, a.instruction
@@ -117,15 +146,25 @@ def main(argv=None) -> int:
         check_out_path(out)
         jobs = [(image, instruction, a.mask, out)]
 
+    check_inputs(a.ckpt or TOY_CKPT, jobs if not a.batch else [])
     device = runtime.pick_device(a.device)
     precision = a.precision or ("bf16" if device.type == "cuda" else "fp32")
     rt = runtime.setup(precision, str(device))
+    from minedit.model import load_model
+
     model = load_model(a.ckpt or TOY_CKPT, rt.device, rt.frozen_dtype)
     cfg = model.cfg
     settings = dict(steps=a.steps or cfg.steps, scheduler=a.scheduler or cfg.scheduler,
                     text_guidance=cfg.text_guidance if a.text_guidance is None else a.text_guidance,
                     image_guidance=cfg.image_guidance if a.image_guidance is None else a.image_guidance,
                     ip_scale=cfg.ip_scale if a.ip_scale is None else a.ip_scale)
+    if (a.no_topt or a.no_vinsight) and not cfg.uses_vision_head:
+        raise UserError(f"--no-topt / --no-vinsight are MIND-Edit ablations; {a.ckpt or TOY_CKPT} is a "
+                        f"{cfg.recipe} model — drop the flag")
+    if a.no_vinsight:
+        settings["ip_scale"] = 0.0
+    if cfg.uses_vision_head:
+        settings["use_topt"] = not a.no_topt
 
     t0 = time.perf_counter()
     done = edit_files(model, rt, jobs, settings, a.resolution or cfg.resolution, a.batch_size if a.batch else 1,
@@ -134,6 +173,13 @@ def main(argv=None) -> int:
         print(f"wrote {done} edits to {a.out_dir}")
     print(f"{(time.perf_counter() - t0) / max(1, done):.2f} s per edit on {rt.device}")
     return 0
+
+
+def write_text(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def edit_files(model, rt, jobs, settings: dict, resolution: int, batch_size: int, seeds: list[int],
@@ -160,9 +206,13 @@ def edit_files(model, rt, jobs, settings: dict, resolution: int, batch_size: int
                 masks = torch.stack([_mask_tensor(load_mask(job[2], size) if job[2] else None, x.shape[-2:])
                                      for _, job in sub])
             with rt.autocast():
-                out = edit(model, x, [job[1] for _, job in sub], seed=[seeds[i] for i, _ in sub], mask=masks,
-                           progress=verbose, **settings)
-            for (i, job), img in zip(sub, out):
+                out, topts = edit(model, x, [job[1] for _, job in sub], seed=[seeds[i] for i, _ in sub],
+                                  mask=masks, progress=verbose, return_texts=True, **settings)
+            for k, ((i, job), img) in enumerate(zip(sub, out)):
+                if topts is not None:  # MIND-Edit: the optimized instruction, beside the image as <out>.txt
+                    write_text(os.path.splitext(job[3])[0] + ".txt", topts[k] + "\n")
+                    if verbose:
+                        print(f"optimized instruction: {topts[k]}")
                 tmp = job[3] + ".tmp.png"
                 to_pil(img).resize(pics[i].size, Image.BICUBIC).save(tmp)
                 os.replace(tmp, job[3])

@@ -52,8 +52,14 @@ def parse_args(argv):
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: CUDA if present)")
     for f in FLAG_FIELDS:
         p.add_argument("--" + f.replace("_", "-"), dest=f, default=None)
+    losses = p.add_mutually_exclusive_group()  # MIND-Edit stage 1: the independent models of Table 2 (#3-#5)
+    losses.add_argument("--text-only", dest="mind_losses", action="store_const", const="text",
+                        help="mindedit stage 1: train the text head only (= --mind_losses=text)")
+    losses.add_argument("--embed-only", dest="mind_losses", action="store_const", const="embed",
+                        help="mindedit stage 1: train the vision head only (= --mind_losses=embed)")
     args, rest = p.parse_known_args(argv)
-    overrides = [f"{f}={getattr(args, f)}" for f in FLAG_FIELDS if getattr(args, f) is not None] + rest
+    overrides = [f"{f}={getattr(args, f)}" for f in FLAG_FIELDS + ("mind_losses",) if getattr(args, f) is not None]
+    overrides += rest
     return args, overrides
 
 
@@ -66,6 +72,7 @@ def resolve_config(args, overrides):
         cfg = ckpt.load_config(args.out)
     elif args.init:
         cfg = ckpt.load_config(ckpt.find_checkpoint(args.init))
+        ckpt.check_weights(ckpt.find_checkpoint(args.init))  # a corrupt file fails before anything is built
         if args.recipe and args.recipe != cfg.recipe:
             raise UserError(f"--init {args.init} is a {cfg.recipe} run, not {args.recipe} — init from a "
                             f"{args.recipe} run or drop --recipe")
@@ -132,7 +139,7 @@ def build_data(cfg, args, rt):
     from minedit.data import EditDataset
     from minedit.training import Draws
 
-    kind = "caption" if cfg.stage == 1 else "edit"
+    kind = "caption" if cfg.stage == 1 and not cfg.uses_vision_head else "edit"  # MIND-Edit's stage 1 edits
     if args.data:
         manifests = []
         for item in args.data.split(","):
@@ -150,6 +157,12 @@ def build_data(cfg, args, rt):
     else:
         raise UserError("--data is required with --config full — pass one or more JSONL manifests")
     ds = EditDataset(manifests, cfg.resolution, kind=kind, max_bad_fraction=cfg.max_bad_fraction, seed=cfg.seed)
+    if cfg.uses_vision_head and cfg.stage == 1:
+        missing = [r for r in ds.rows if not str(r.get("optimized_instruction") or "").strip()]
+        if missing:
+            raise UserError(f"{missing[0]['_manifest']} line {missing[0]['_line']}: mindedit stage 1 needs "
+                            f"\"optimized_instruction\" on every row (the text head's target) — {len(missing)} of "
+                            f"{len(ds.rows)} rows lack it")
     if ds.bad and rt.is_main:
         print(f"warning: skipped {len(ds.bad)} bad manifest rows (first: line {ds.bad[0][0]}: {ds.bad[0][1]})",
               file=sys.stderr)
@@ -158,23 +171,73 @@ def build_data(cfg, args, rt):
     return Draws(ds, cfg.seed, latent, cfg.train_timesteps), ds.sample_weights()
 
 
+def elastic_restart(args) -> None:
+    """torchrun --max-restarts restarts every rank with the same command line: continue this run, do not refuse
+    the folder it already wrote. With a checkpoint -> --resume; killed before the first one -> start over."""
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) <= 0 or args.resume or not args.out:
+        return
+    if not os.path.isfile(os.path.join(args.out, "config.json")):
+        return
+    try:
+        ckpt.find_checkpoint(args.out)
+        args.resume = True
+    except UserError:
+        args.overwrite = True
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"restarted by torchrun (restart {os.environ['TORCHELASTIC_RESTART_COUNT']}): "
+              + ("resuming from the last checkpoint" if args.resume else "no checkpoint yet, starting over"),
+              file=sys.stderr)
+
+
+def join_restarted_group(device) -> None:
+    """After a torchrun restart, join the process group under a key prefix of this attempt: the agent's store
+    still holds the previous attempt's gloo/nccl addresses, and the new ranks would connect to dead ones.
+    (runtime.setup then finds the group initialised.)"""
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if restart <= 0 or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    store, rank, world = next(torch.distributed.rendezvous("env://"))
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world,
+                                         store=torch.distributed.PrefixStore(f"attempt-{restart}", store))
+
+
+def check_out(args) -> None:
+    """The refusals of prepare_out that need no process group: before anything heavy is imported or built."""
+    if not args.out:
+        raise UserError("--out is required — name the run folder to write, e.g. --out runs/stage2")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UserError(f"--out {args.out} is a file — name a folder")
+    if os.path.isfile(os.path.join(args.out, "config.json")) and not (args.resume or args.overwrite):
+        raise UserError(f"{args.out} already holds a run — pass --resume to continue it, --overwrite to replace "
+                        "it, or choose another --out")
+    parent = os.path.dirname(os.path.abspath(args.out))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.access(parent if not os.path.isdir(args.out) else args.out, os.W_OK):
+        raise UserError(f"cannot write to --out {args.out} (read-only) — choose a writable folder")
+
+
 def main(argv=None) -> int:
     args, overrides = parse_args(argv)
+    elastic_restart(args)
     cfg = resolve_config(args, overrides)
     if args.stop_after is not None and args.stop_after <= 0:
         raise UserError(f"--stop-after {args.stop_after}: must be a positive number of steps")
     if args.dry_run:
         return dry_run(cfg)
+    check_out(args)
 
     from torch.nn.parallel import DistributedDataParallel as DDP
     from tqdm import tqdm
 
     from minedit import runtime, training
     from minedit.data import collate
-    from minedit.model import EditModel, format_param_table
 
+    join_restarted_group(runtime.pick_device(args.device))
     rt = runtime.setup(cfg.precision, args.device)
+    data, weights = build_data(cfg, args, rt)  # a bad manifest fails before the folder or the model is made
     prepare_out(args, rt)
+    from minedit.model import EditModel, format_param_table
 
     # ---- model: build, take the previous stage's weights, apply the stage's trainable split ---------------------
     torch.manual_seed(cfg.seed)  # the same random init (toy bases, new modules) on every rank
@@ -187,7 +250,6 @@ def main(argv=None) -> int:
     model.to(rt.device)
     params = model.trainable_parameters()
 
-    data, weights = build_data(cfg, args, rt)
     optimizer = torch.optim.AdamW(training.param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
     warmup = max(1, round(cfg.warmup_ratio * cfg.max_steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, training.lr_lambda(warmup, cfg.max_steps))

@@ -29,6 +29,22 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+@contextlib.contextmanager
+def quiet_loading():
+    """Hide transformers' per-file progress bars and load reports (a CLIPModel folder loaded as its vision half
+    lists the text tower's keys as unexpected, which is expected); restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        hf_logging.enable_progress_bar()
+
+
 def _device_ctx(meta: bool):
     return torch.device("meta") if meta else contextlib.nullcontext()
 
@@ -86,13 +102,57 @@ def llava_config(cfg: Config):
                        vision_feature_layer=cfg.vision_feature_layer)
 
 
-def build_mllm(cfg: Config, dtype=torch.float32, meta: bool = False):
-    """-> (LlavaForConditionalGeneration, tokenizer or None under meta, number of image tokens per image)."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+def is_onevision(cfg: Config) -> bool:
+    """MIND-Edit's full-size MLLM is LLaVA-OneVision (Qwen2 + SigLIP, anyres image tiling)."""
+    return "onevision" in cfg.mllm_path.lower()
 
+
+def onevision_config(cfg: Config):
+    """LLaVA-OneVision's architecture from the config fields (Qwen2 text, SigLIP vision); the rest (anyres grid
+    pinpoints, projector) keeps transformers' LlavaOnevisionConfig defaults, which are the 7B checkpoint's."""
+    from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
+
+    text = Qwen2Config(vocab_size=cfg.llm_vocab, hidden_size=cfg.llm_hidden, intermediate_size=cfg.llm_intermediate,
+                       num_hidden_layers=cfg.llm_layers, num_attention_heads=cfg.llm_heads,
+                       num_key_value_heads=cfg.llm_kv_heads, max_position_embeddings=cfg.llm_max_positions,
+                       tie_word_embeddings=False)
+    vision = SiglipVisionConfig(hidden_size=cfg.vision_hidden, intermediate_size=cfg.vision_intermediate,
+                                num_hidden_layers=cfg.vision_layers, num_attention_heads=cfg.vision_heads,
+                                image_size=cfg.vision_image_size, patch_size=cfg.vision_patch)
+    return LlavaOnevisionConfig(text_config=text, vision_config=vision, vision_feature_layer=cfg.vision_feature_layer,
+                                vision_feature_select_strategy="full")
+
+
+def mllm_processor(path: str):
+    """The processor of a real MLLM (OneVision's expands anyres image tokens and returns `image_sizes`)."""
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(_pretrained(path, False))
+
+
+def build_mllm(cfg: Config, dtype=torch.float32, meta: bool = False):
+    """-> (LlavaForConditionalGeneration, tokenizer or None under meta, number of image tokens per image).
+
+    LLaVA-OneVision (MIND-Edit full size) returns None for the image-token count: its processor decides it per
+    image (anyres), see `mllm_processor`."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration, LlavaOnevisionForConditionalGeneration
+
+    if is_onevision(cfg):
+        if path := _pretrained(cfg.mllm_path, meta):
+            with quiet_loading():
+                model = LlavaOnevisionForConditionalGeneration.from_pretrained(path, dtype=dtype)
+            processor = mllm_processor(path)
+            tokenizer = processor.tokenizer
+            if getattr(processor, "chat_template", None) and not tokenizer.chat_template:
+                tokenizer.chat_template = processor.chat_template
+            return model, tokenizer, None
+        with _device_ctx(meta):
+            model = LlavaOnevisionForConditionalGeneration._from_config(onevision_config(cfg), dtype=dtype)
+        return model, None, None
     n_img = (cfg.vision_image_size // cfg.vision_patch) ** 2
     if path := _pretrained(cfg.mllm_path, meta):
-        model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype)
+        with quiet_loading():
+            model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype)
         processor = AutoProcessor.from_pretrained(path)
         tokenizer = processor.tokenizer
         if getattr(processor, "chat_template", None) and not tokenizer.chat_template:
@@ -113,7 +173,8 @@ def build_text_encoder(cfg: Config, dtype=torch.float32, meta: bool = False):
     from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel
 
     if path := _pretrained(cfg.sd_path, meta):
-        model = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype)
+        with quiet_loading():
+            model = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype)
         return model, AutoTokenizer.from_pretrained(path, subfolder="tokenizer")
     conf = CLIPTextConfig(vocab_size=cfg.text_vocab, hidden_size=cfg.text_hidden,
                           intermediate_size=cfg.text_intermediate, num_hidden_layers=cfg.text_layers,
@@ -129,7 +190,8 @@ def build_image_encoder(cfg: Config, dtype=torch.float32, meta: bool = False):
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     if path := _pretrained(cfg.clip_path, meta):
-        return CLIPVisionModelWithProjection.from_pretrained(path, dtype=dtype)
+        with quiet_loading():
+            return CLIPVisionModelWithProjection.from_pretrained(path, dtype=dtype)
     conf = CLIPVisionConfig(hidden_size=cfg.clip_hidden, intermediate_size=cfg.clip_intermediate,
                             num_hidden_layers=cfg.clip_layers, num_attention_heads=cfg.clip_heads,
                             image_size=cfg.clip_image_size, patch_size=cfg.clip_patch,

@@ -102,7 +102,8 @@ def find_checkpoint(path: str) -> str:
         return path
     latest = os.path.join(path, "latest")
     if os.path.isfile(latest):
-        name = open(latest).read().strip()
+        with open(latest) as f:
+            name = f.read().strip()
         if os.path.isfile(os.path.join(path, name, "weights.safetensors")):
             return os.path.join(path, name)
     done = sorted(d for d in os.listdir(path)
@@ -117,8 +118,23 @@ def load_config(ckpt: str) -> Config:
     try:
         with open(path) as f:
             return Config.from_dict(json.load(f))
-    except (OSError, json.JSONDecodeError, TypeError) as e:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, TypeError, AttributeError) as e:
         raise UserError(f"cannot read {path} ({e}) — the checkpoint is incomplete or corrupt") from None
+    except UserError as e:  # unknown keys: never guessed at, never executed
+        raise UserError(f"{path}: {e} — use a checkpoint written by this version of train.py") from None
+
+
+def check_weights(ckpt: str) -> None:
+    """Read only the safetensors header of the weights: a pickle, a truncated or corrupt file fails here, fast."""
+    from safetensors import safe_open
+
+    path = os.path.join(ckpt, "weights.safetensors")
+    try:
+        with safe_open(path, framework="pt") as f:
+            f.keys()
+    except (OSError, SafetensorError, ValueError) as e:
+        raise UserError(f"cannot read {path} ({e}) — the file is truncated or corrupt; "
+                        "use an earlier checkpoint or retrain") from None
 
 
 def load_weights(ckpt: str) -> dict:

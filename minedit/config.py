@@ -86,7 +86,12 @@ class Config:
     bim_width: int = 1024
     bim_heads: int = 16
     iaa_tokens: int = 4            # N
-    vision_head_layer: int = 21    # m (MIND-Edit)
+    vision_head_layer: int = 21    # m (MIND-Edit): hidden_states[m] feeds the vision head F_v
+
+    # --- MIND-Edit stage 1 (paper eq. 6: l_text + lambda * l_embed) ------------------------------------------
+    mind_losses: str = "joint"     # joint | text | embed: Table 2's independent models (train.py --text-only ...)
+    mind_embed_weight: float = 2.0  # lambda
+    topt_max_tokens: int = 77      # greedy T_opt decoding cap (CLIP's text length)
 
     # --- LoRA (paper: rank 16, alpha 27; SmartEdit's public code used 8/16) ---------------------------------
     lora_rank: int = 16
@@ -131,6 +136,14 @@ class Config:
         return self.recipe != "ip2p"
 
     @property
+    def uses_mm_tokens(self) -> bool:
+        return self.recipe in ("insightedit", "smartedit")
+
+    @property
+    def uses_vision_head(self) -> bool:
+        return self.recipe == "mindedit"
+
+    @property
     def uses_bim(self) -> bool:
         return self.recipe in ("insightedit", "smartedit")
 
@@ -159,6 +172,12 @@ class Config:
             bad("preset", f"choose one of {', '.join(PRESETS)}")
         if self.stage not in self.stages:
             bad("stage", f"recipe {self.recipe} has stages {', '.join(map(str, self.stages))}")
+        if self.mind_losses not in ("joint", "text", "embed"):
+            bad("mind_losses", "choose joint, text (--text-only) or embed (--embed-only)")
+        if self.uses_vision_head and not 0 <= self.vision_head_layer <= self.llm_layers:
+            bad("vision_head_layer", f"must index hidden_states: 0..{self.llm_layers}")
+        if self.topt_max_tokens <= 0:
+            bad("topt_max_tokens", "must be a positive integer")
         if self.precision not in ("bf16", "fp16", "fp32"):
             bad("precision", "choose bf16, fp16 or fp32")
         if self.prediction_type not in ("epsilon", "v_prediction"):
@@ -294,4 +313,4 @@ ARCH_FIELDS = tuple(f.name for f in fields(Config) if f.name not in {
     "clip_grad", "precision", "grad_checkpointing", "seed", "drop_text", "drop_image", "drop_both",
     "num_workers", "save_every", "sample_every", "log_every", "max_bad_fraction", "nan_patience", "steps",
     "text_guidance", "image_guidance", "ip_scale", "scheduler", "lora_dropout", "mllm_path", "sd_path",
-    "clip_path"})
+    "clip_path", "mind_losses", "mind_embed_weight", "topt_max_tokens"})

@@ -55,11 +55,19 @@ def read_manifest(path, kind: str = "edit") -> tuple[list[dict], list[tuple[int,
         raise ValueError(f"kind must be one of {list(FIELDS)}, got {kind!r}")
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"manifest {path} not found — check the path, or write one with "
-                        f"`python -m minedit.toyworld --out DIR`")
+        raise DataError(f"manifest {path} {'is a directory' if path.is_dir() else 'not found'} — check the path, "
+                        f"or write one with `python -m minedit.toyworld --out DIR`")
     rows, bad = [], []
-    lines = path.read_text(encoding="utf-8").splitlines()
-    for no, line in enumerate(lines, start=1):
+    try:
+        lines = path.read_bytes().splitlines()
+    except OSError as e:
+        raise DataError(f"cannot read manifest {path} ({e.strerror}) — check its permissions") from None
+    for no, raw in enumerate(lines, start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:  # a row, not the whole manifest: reported by line number like any bad row
+            bad.append((no, "not valid UTF-8"))
+            continue
         if not line.strip():
             continue
         try:
@@ -118,8 +126,8 @@ def _open(path, max_pixels: int) -> Image.Image:
     except DataError:
         raise
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
-        raise DataError(f"cannot read image {path}: above the pixel limit ({e}) — downscale it or raise "
-                        f"PIL.Image.MAX_IMAGE_PIXELS") from None
+        raise DataError(f"cannot read image {path}: above the pixel limit ({e}; minedit's limit is {max_pixels} "
+                        "pixels) — downscale it, or raise PIL.Image.MAX_IMAGE_PIXELS and max_pixels") from None
     except (OSError, SyntaxError, ValueError) as e:  # unidentified, truncated, corrupt
         raise DataError(f"cannot read image {path}: {e} — {fix}") from None
 

@@ -5,6 +5,10 @@
     h ──IAA──► e: B×D_img (vs CLIP_image), f_img: B×N×D_img  (decoupled cross-attention tokens)
     z_t ⊕ E(I_src) ──UNet(f_txt, v_txt, f_img)──► ε̂ (or v̂)
 
+MIND-Edit (`mindedit`, see mind.py, vision_head.py, ip_adapter.py) has no [MM] tokens or bridge:
+    I_src + c ──LLaVA(-OneVision) + LoRA──► T_opt (greedy, lm_head) and v_insight = F_v(h_m): B×D_img
+    CLIP_text(T_opt) = f_txt;  image_proj(v_insight) = f_img: B×N×D_txt ──► the same decoupled-attention UNet
+
 Which parts exist per recipe is read off the config (`uses_bim`, `uses_iaa`, ...); which parts train in which
 stage is the table `STAGE_TRAINABLE` (DESIGN §4), applied by `set_stage`, the one function that does it.
 
@@ -24,15 +28,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import build
+from . import build, mind
 from .attention import install_decoupled_attention
 from .bim import BIM, conv_in_residual, wrap_conv_in
 from .config import Config
 from .iaa import IAA, iaa_loss
+from .ip_adapter import image_projection
 from .lora import inject_lora
 from .errors import UserError
 from .mm_tokens import MM_TOKEN, add_mm_tokens, load_mm_rows, mask_original_rows, mm_forward, mm_rows_state_dict
 from .qformer import QFormer
+from .vision_head import VisionHead, embed_loss
 
 # The trainable parts per recipe and stage (DESIGN §4). Everything not listed is frozen.
 STAGE_TRAINABLE = {
@@ -42,6 +48,10 @@ STAGE_TRAINABLE = {
     ("smartedit", 1): {"mm_rows", "qformer"},
     ("smartedit", 2): {"lora", "mm_rows", "qformer", "bim", "unet"},
     ("ip2p", 2): {"unet"},
+    # MIND-Edit: stage 1 trains the MLLM's LoRA (text head = the LLM's own lm_head, frozen) and the vision head;
+    # stage 2 trains the generation module (see _forward_mind_edit for why the UNet trains too).
+    ("mindedit", 1): {"lora", "vision_head"},
+    ("mindedit", 2): {"unet", "unet.ip", "image_proj"},
 }
 
 
@@ -54,23 +64,28 @@ class Conditions:
     e: torch.Tensor | None = None        # B×D_img, the IAA mapper output
     h: torch.Tensor | None = None        # B×r×d
     loss_llm: torch.Tensor | None = None
+    v: torch.Tensor | None = None        # B×D_img, MIND-Edit's v_insight (or CLIP_image(I_tar) in stage 2)
+    texts: list | None = None            # MIND-Edit's decoded T_opt, one per edit
 
 
 class EditModel(nn.Module):
     def __init__(self, cfg: Config, meta: bool = False):
         super().__init__()
         self.cfg, self.meta = cfg, meta
-        # ---- comprehension: LLaVA + LoRA + r [MM] tokens -------------------------------------------------------
+        # ---- comprehension: LLaVA + LoRA + r [MM] tokens (MIND-Edit: LLaVA(-OneVision) + LoRA, no [MM]) -----------
         if cfg.uses_mllm:
             self.mllm, self.tokenizer, self.n_image_tokens = build.build_mllm(cfg, meta=meta)
-            if self.tokenizer is None:  # meta dry run of a hub model: the ids the tokenizer would hand out
+            if build.is_onevision(cfg) and not meta:  # anyres image tokens: the processor expands them
+                self.processor = build.mllm_processor(cfg.mllm_path)
+            if cfg.uses_mm_tokens and self.tokenizer is None:  # meta dry run of a hub model: the ids it would get
                 self.mm_ids = list(range(cfg.llm_vocab, cfg.llm_vocab + cfg.num_mm_tokens))
                 self.mllm.resize_token_embeddings(cfg.llm_vocab + cfg.num_mm_tokens, mean_resizing=False)
-            else:
+            elif cfg.uses_mm_tokens:
                 self.mm_ids = add_mm_tokens(self.tokenizer, self.mllm, cfg.num_mm_tokens)
             inject_lora(self.mllm, targets=tuple(cfg.lora_targets.split(",")), rank=cfg.lora_rank,
                         alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, include=r"language_model",
                         dtype=torch.float32)
+        if cfg.uses_mm_tokens:
             d = cfg.llm_hidden
             with self._ctx():
                 self.qformer = QFormer(in_dim=d, num_queries=cfg.text_max_length, hidden=cfg.text_hidden,
@@ -84,7 +99,10 @@ class EditModel(nn.Module):
                                heads=cfg.bim_heads, latent_channels=cfg.unet_channels[0])
             if cfg.uses_iaa:
                 self.iaa = IAA(in_dim=cfg.llm_hidden, embed_dim=cfg.clip_embed_dim, num_tokens=cfg.iaa_tokens)
-        if cfg.uses_iaa:
+            if cfg.uses_vision_head:  # MIND-Edit: F_v on layer m, IP-Adapter's image projection (N = iaa_tokens)
+                self.vision_head = VisionHead(cfg.llm_hidden, cfg.clip_embed_dim)
+                self.image_proj = image_projection(cfg.clip_embed_dim, cfg.text_hidden, cfg.iaa_tokens)
+        if cfg.uses_iaa or cfg.uses_vision_head:
             self.image_encoder = build.build_image_encoder(cfg, meta=meta)
         # ---- generation: VAE + 8-channel UNet (+ conv_in residual, + decoupled attention) ----------------------
         self.vae = build.build_vae(cfg, meta=meta)
@@ -112,7 +130,7 @@ class EditModel(nn.Module):
         if top == "mllm":
             if "lora_" in name:
                 return "lora"
-            if name in self._mm_matrix_names():
+            if self.cfg.uses_mm_tokens and name in self._mm_matrix_names():
                 return "mm_rows"
             return "mllm"
         if top == "unet":
@@ -132,7 +150,7 @@ class EditModel(nn.Module):
         Returns {part: (parameter count, trainable)}. The [MM] rows are counted as the 2·r·d new rows only;
         their matrices train whole with the original rows' gradient masked (mm_tokens.mask_original_rows).
         """
-        trainable = STAGE_TRAINABLE[(self.cfg.recipe, stage)]
+        trainable = self.trainable_parts(stage)
         for h in self._mask_hooks:
             h.remove()
         self._mask_hooks = []
@@ -158,6 +176,14 @@ class EditModel(nn.Module):
                 self.mllm.gradient_checkpointing_enable()
         return {k: tuple(v) for k, v in table.items()}
 
+    def trainable_parts(self, stage: int) -> set:
+        """STAGE_TRAINABLE's set; MIND-Edit's text-only stage 1 (Table 2's independent T_opt model) also freezes
+        the unused vision head."""
+        parts = set(STAGE_TRAINABLE[(self.cfg.recipe, stage)])
+        if self.cfg.uses_vision_head and stage == 1 and self.cfg.mind_losses == "text":
+            parts.discard("vision_head")
+        return parts
+
     def trainable_parameters(self):
         return [p for p in self.parameters() if p.requires_grad]
 
@@ -165,9 +191,15 @@ class EditModel(nn.Module):
     # Encoders
     def encode_text(self, texts: list[str]) -> torch.Tensor:
         """CLIP text encoder last hidden states: B×T×D_txt (SD's cross-attention context)."""
-        ids = self.text_tokenizer(texts, padding="max_length", max_length=self.cfg.text_max_length,
-                                  truncation=True, return_tensors="pt").input_ids.to(self.device)
-        return self.text_encoder(ids).last_hidden_state
+        enc = self.text_tokenizer(texts, padding="max_length", max_length=self.cfg.text_max_length,
+                                  truncation=True, return_tensors="pt")
+        if not getattr(self, "_warned_clip", False) and any(len(self.text_tokenizer(t).input_ids) >
+                                                            self.cfg.text_max_length for t in texts):
+            import warnings
+
+            warnings.warn(f"text longer than CLIP's {self.cfg.text_max_length} tokens truncated (warned once)")
+            self._warned_clip = True
+        return self.text_encoder(enc.input_ids.to(self.device)).last_hidden_state
 
     def null_text(self) -> torch.Tensor:
         """CLIP_text(""): 1×T×D_txt, computed once per process (the guidance null condition)."""
@@ -197,6 +229,7 @@ class EditModel(nn.Module):
         """The chat prompt (image placeholder, instruction, then the r [MM] tokens as the assistant turn)."""
         prompts = []
         for text in texts:
+            text = self._fit_instruction(text)
             messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
             p = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
             p = p.replace(build.IMAGE_TOKEN, build.IMAGE_TOKEN * self.n_image_tokens, 1)
@@ -206,6 +239,27 @@ class EditModel(nn.Module):
         vc = self.mllm.config.vision_config
         pixels = build.clip_pixels(images, vc.image_size).to(self.mllm.dtype)
         return enc.input_ids.to(self.device), enc.attention_mask.to(self.device), pixels
+
+    def _fit_instruction(self, text: str) -> str:
+        """Cut an instruction's tokens so the prompt (+ image tokens + r [MM] tokens) fits the LLM's positions;
+        warn once per model. The cut keeps the start: the instruction's verb and object come first."""
+        limit = min(self.tokenizer.model_max_length, self.mllm.config.text_config.max_position_embeddings)
+        ids = self.tokenizer(text, add_special_tokens=False).input_ids
+        if not hasattr(self, "_prompt_overhead"):
+            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": ""}]}]
+            empty = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            self._prompt_overhead = (len(self.tokenizer(empty).input_ids) + self.n_image_tokens - 1
+                                     + self.cfg.num_mm_tokens + 2)  # +2: slack for re-tokenising the cut text
+        budget = max(1, limit - self._prompt_overhead)
+        if len(ids) <= budget:
+            return text
+        if not getattr(self, "_warned_long", False):
+            import warnings
+
+            warnings.warn(f"instruction of {len(ids)} tokens truncated to {budget} to fit the LLM's {limit} "
+                          "positions (warned once)")
+            self._warned_long = True
+        return self.tokenizer.decode(ids[:budget])
 
     def comprehend(self, images: torch.Tensor, texts: list[str]):
         """One teacher-forced MLLM forward -> (h: B×r×d, L_LLM, v: B×P×D_vis patch features)."""
@@ -227,6 +281,8 @@ class EditModel(nn.Module):
         """The conditioning of one batch of edits; the MLLM runs once."""
         if not self.cfg.uses_mllm:
             return Conditions(f_txt=self.encode_text(texts))
+        if self.cfg.uses_vision_head:
+            return self.mind_conditions(images, texts, use_image_branch)
         h, loss_llm, v = self.comprehend(images, texts)
         q = self.qformer(h.float())
         c = Conditions(f_txt=q, h=h, loss_llm=loss_llm)
@@ -238,9 +294,22 @@ class EditModel(nn.Module):
                 c.f_img = self.iaa.tokens(c.e)
         return c
 
-    def null_image_tokens(self, like_h: torch.Tensor) -> torch.Tensor:
-        """The image branch's null condition: the IAA applied to zero [MM] states (DESIGN §4)."""
-        return self.iaa(torch.zeros_like(like_h, dtype=torch.float32))[1]
+    def mind_conditions(self, images: torch.Tensor, texts: list[str], use_image_branch: bool = True,
+                        use_topt: bool = True) -> Conditions:
+        """MIND-Edit inference: greedy T_opt and v_insight from one generation; f_txt = CLIP_text(T_opt) (the raw
+        instruction with `use_topt=False`: ablation #2), f_img = image_proj(v_insight) (None without the image
+        branch: ablation #1, identical to λ = 0)."""
+        topt, v = mind.generate(self, images, texts)
+        f_txt = self.encode_text(topt if use_topt else texts)
+        f_img = self.image_proj(v.to(self.image_proj.image_embeds.weight.dtype)) if use_image_branch else None
+        return Conditions(f_txt=f_txt, f_img=f_img, v=v, texts=topt)
+
+    def null_image_tokens(self, like: torch.Tensor) -> torch.Tensor:
+        """The image branch's null condition: the IAA applied to zero [MM] states (DESIGN §4); for MIND-Edit the
+        image projection of a zero embedding (IP-Adapter's own unconditional image prompt). `like`: h or v."""
+        if self.cfg.uses_vision_head:
+            return self.image_proj(torch.zeros_like(like, dtype=self.image_proj.image_embeds.weight.dtype))
+        return self.iaa(torch.zeros_like(like, dtype=torch.float32))[1]
 
     # ------------------------------------------------------------------------------------------------------------
     # UNet call and training forward
@@ -254,9 +323,46 @@ class EditModel(nn.Module):
 
     def forward(self, batch: dict, stage: int):
         """-> (total loss fp32, {name: detached fp32 loss}) for one batch (DESIGN §4)."""
+        if self.cfg.uses_vision_head and stage == 1:
+            return self._forward_mind_mllm(batch)
         if stage == 1:
             return self._forward_alignment(batch)
         return self._forward_edit(batch, stage)
+
+    def _forward_mind_mllm(self, batch):
+        """MIND-Edit stage 1 (eq. 6): ℓ_text + λ·ℓ_embed, or one of them (`mind_losses`: Table 2's independent
+        models). Logged parts: "text" = ℓ_text, "embed" = λ·ℓ_embed (so the parts sum to the loss)."""
+        cfg = self.cfg
+        optimized = batch.get("optimized_instruction")
+        if optimized is None or not all(t.strip() for t in optimized):
+            raise UserError("mindedit stage 1 needs an `optimized_instruction` for every row (the text head's "
+                            "target, MIND-Edit eq. 4) — add it to the manifest")
+        source, target = batch["source"].to(self.device), batch["target"].to(self.device)
+        loss_text, v = mind.teacher_forward(self, source, batch["instruction"], optimized,
+                                            need_text=cfg.mind_losses != "embed")
+        parts = {}
+        if cfg.mind_losses != "embed":
+            parts["text"] = loss_text
+        if cfg.mind_losses != "text":
+            with torch.no_grad():
+                target_img = self.encode_image_clip(target).float()
+            parts["embed"] = cfg.mind_embed_weight * embed_loss(v, target_img)
+        return self._total(parts)
+
+    def _mind_teacher_conditions(self, batch, target):
+        """MIND-Edit stage 2 (teacher forcing, as IP-Adapter is trained): f_txt = frozen CLIP_text of the
+        ground-truth optimized instruction (the raw instruction where a row has none), f_img = image_proj(
+        CLIP_image(I_tar)) — the inputs the stage-1 MLLM's T_opt and v_insight stand in for at inference.
+
+        Trainable here: the UNet, the projection and to_k_ip/to_v_ip. The paper keeps a pretrained SD +
+        IP-Adapter frozen; this package's generation module starts from an InstructPix2Pix UNet (or a random toy
+        one) whose cross-attention never saw image prompts, so it must learn to edit with them."""
+        texts = [o if o and o.strip() else raw for o, raw in
+                 zip(batch.get("optimized_instruction") or batch["instruction"], batch["instruction"])]
+        with torch.no_grad():
+            f_txt = self.encode_text(texts)
+            v = self.encode_image_clip(target)
+        return Conditions(f_txt=f_txt, f_img=self.image_proj(v.to(self.image_proj.image_embeds.weight.dtype)), v=v)
 
     def _forward_alignment(self, batch):
         images, captions = batch["image"].to(self.device), batch["caption"]
@@ -283,7 +389,10 @@ class EditModel(nn.Module):
         noise = rand("noise", lambda: torch.randn_like(z_tar)).to(z_tar.dtype)
         t = rand("t", lambda: torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (b,),
                                             device=self.device))
-        cond = self.conditions(source, batch["instruction"], tuple(z_src.shape[-2:]), image_branch)
+        if cfg.uses_vision_head:
+            cond = self._mind_teacher_conditions(batch, target)
+        else:
+            cond = self.conditions(source, batch["instruction"], tuple(z_src.shape[-2:]), image_branch)
         parts = {}
         if cond.loss_llm is not None and stage != 3:
             parts["llm"] = cond.loss_llm.float()
@@ -298,7 +407,8 @@ class EditModel(nn.Module):
         f_txt = torch.where(drop_txt[:, None, None], self.null_text().to(cond.f_txt.dtype), cond.f_txt)
         f_img = cond.f_img
         if f_img is not None:
-            f_img = torch.where(drop_txt[:, None, None], self.null_image_tokens(cond.h), f_img)
+            null_img = self.null_image_tokens(cond.v if cfg.uses_vision_head else cond.h)
+            f_img = torch.where(drop_txt[:, None, None], null_img, f_img)
         z_src = torch.where(drop_img[:, None, None, None], torch.zeros_like(z_src), z_src)
         # Diffusion loss (paper eq. 7): noise the target latent, predict ε (or v) from z_t ⊕ E(I_src).
         z_t = self.noise_scheduler.add_noise(z_tar, noise, t)
@@ -334,14 +444,14 @@ class EditModel(nn.Module):
                 continue
             if part in trained or from_config.get(part.split(".")[0], False) or part == "lora":
                 out[name] = p
-        if self.cfg.uses_mllm:
+        if self.cfg.uses_mm_tokens:
             out.update(mm_rows_state_dict(self.mllm, len(self.mm_ids)))
         return {k: v.detach() for k, v in out.items()}
 
     def load_checkpoint_state(self, sd: dict) -> None:
         """Load `checkpoint_state` output; unexpected keys or shapes are an error naming them."""
         sd = dict(sd)
-        if self.cfg.uses_mllm:
+        if self.cfg.uses_mm_tokens:
             rows = {k: sd.pop(k) for k in list(sd) if k.startswith("mm_tokens.")}
             whole = {n for n in self._mm_matrix_names() if n in sd}
             if rows and not whole:

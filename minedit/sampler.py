@@ -11,6 +11,12 @@ At s_T = s_I = 1 the formula reduces to ε_c, so only the conditional branch run
 step for step what diffusers' StableDiffusionInstructPix2PixPipeline computes (tests/test_sampler.py holds the
 two to 1e-4). The optional mask (MIND-Edit) keeps the latents outside it equal to the source latent noised to
 the current step, so the background comes back from the source.
+
+MIND-Edit (recipe `mindedit`): the MLLM decodes T_opt greedily and gives v_insight from the same generation;
+f_txt = CLIP_text(T_opt), f_img = image_proj(v_insight); the null image tokens are image_proj(0).
+`use_topt=False` conditions on the raw instruction instead (the paper's ablation #2), and `ip_scale=0` drops the
+image branch (ablation #1; the decoupled attention then equals the plain UNet exactly). `return_texts=True`
+also returns the decoded T_opt per edit (None for the other recipes).
 """
 from __future__ import annotations
 
@@ -26,7 +32,8 @@ from .attention import set_ip_scale
 @torch.no_grad()
 def edit(model, images: torch.Tensor, instructions: list[str], steps: int = 50, text_guidance: float = 7.5,
          image_guidance: float = 1.5, ip_scale: float = 1.0, scheduler: str | None = None,
-         seed: int | list[int] = 0, mask: torch.Tensor | None = None, progress: bool = False) -> torch.Tensor:
+         seed: int | list[int] = 0, mask: torch.Tensor | None = None, progress: bool = False,
+         use_topt: bool = True, return_texts: bool = False):
     """Edit B images (B×3×H×W in [-1, 1], H and W multiples of the VAE factor) -> B×3×H×W in [-1, 1].
 
     `seed` is one seed per image (an int means seed, seed+1, ...): every random draw of an edit comes from its
@@ -41,8 +48,11 @@ def edit(model, images: torch.Tensor, instructions: list[str], steps: int = 50, 
 
     # ---- conditioning: once per edit; the null conditions once per process -----------------------------------
     z_src = model.vae.encode(images.to(model.vae.dtype)).latent_dist.mode()      # B×4×h×w, unscaled
-    image_branch = cfg.uses_iaa and cfg.stage >= 3 and ip_scale > 0
-    cond = model.conditions(images, instructions, tuple(z_src.shape[-2:]), image_branch)
+    if cfg.uses_vision_head:
+        cond = model.mind_conditions(images, instructions, use_image_branch=ip_scale > 0, use_topt=use_topt)
+    else:
+        image_branch = cfg.uses_iaa and cfg.stage >= 3 and ip_scale > 0
+        cond = model.conditions(images, instructions, tuple(z_src.shape[-2:]), image_branch)
     guided = not (text_guidance == 1 and image_guidance == 1)
     f_txt, v_txt, f_img = cond.f_txt, cond.v_txt, cond.f_img
     if guided:
@@ -51,7 +61,7 @@ def edit(model, images: torch.Tensor, instructions: list[str], steps: int = 50, 
         z_src = torch.cat([z_src, z_src, torch.zeros_like(z_src)])
         v_txt = None if v_txt is None else torch.cat([v_txt] * 3)
         if f_img is not None:
-            null_img = model.null_image_tokens(cond.h)
+            null_img = model.null_image_tokens(cond.v if cfg.uses_vision_head else cond.h)
             f_img = torch.cat([f_img, null_img, null_img])
     if cfg.uses_decoupled_attention:
         set_ip_scale(model.unet, ip_scale)
@@ -79,7 +89,8 @@ def edit(model, images: torch.Tensor, instructions: list[str], steps: int = 50, 
             bg = sched.add_noise(src_scaled, bg_noise, nxt.expand(b)) if len(nxt) else src_scaled
             latents = keep * latents + (1 - keep) * bg
     out = model.vae.decode((latents / model.vae.config.scaling_factor).to(model.vae.dtype)).sample
-    return out.float().clamp(-1, 1)
+    out = out.float().clamp(-1, 1)
+    return (out, cond.texts) if return_texts else out
 
 
 def _progress(items, on: bool):

@@ -1,0 +1,115 @@
+"""MIND-Edit's MLLM side: one forward gives both heads (MIND-Edit §3.3–3.5).
+
+    I_src + T_raw ──LLaVA (+LoRA)──► h_N (last layer) ──lm_head F_t──► T_opt        (text head, eq. 3)
+                                  └► h_m (layer m)    ──VisionHead F_v──► v_insight  (vision head, eq. 2)
+
+Training (stage 1) is one teacher-forced forward over prompt ⊕ T_opt ⊕ eos:
+    ℓ_text  = mean cross-entropy of the T_opt tokens and eos given everything before them (eq. 4; prompt masked)
+    ℓ_embed = 1 − cos(F_v(h_m), CLIP_image(I_tar))                                           (eq. 5)
+Inference decodes T_opt greedily (`generate`), and v_insight comes from the hidden states of that generation's
+first (prefill) forward: the head pools the prompt positions only (see vision_head.py), which causal attention
+makes identical to the training forward's.
+
+Prompt: the MLLM's own chat template (image first, raw instruction, generation prompt), as the other recipes'
+`EditModel.mllm_inputs` but without [MM] tokens; the toy base MLLM was pretrained on exactly this prompt to
+write `optimized_instruction`. Training pads on the right, decoding on the left; pooling and the loss ignore
+padding, and RoPE attention depends only on relative positions, so the two agree (tests check it).
+LLaVA-OneVision (full size) goes through its processor, which expands the anyres image tokens per image.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from . import build
+
+
+class MindInputs(NamedTuple):
+    input_ids: torch.Tensor       # B×L
+    attention_mask: torch.Tensor  # B×L
+    prompt_mask: torch.Tensor     # B×L, 1 on the prompt's own tokens (what F_v pools)
+    labels: torch.Tensor          # B×L, -100 except the answer tokens (T_opt ⊕ eos)
+    vision: dict                  # pixel_values (+ image_sizes for OneVision)
+
+
+def _prompt_text(model, text: str) -> str:
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+    p = model.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    if model.n_image_tokens is not None:  # LLaVA-1.5 style: the placeholder becomes the fixed image-token run
+        p = p.replace(build.IMAGE_TOKEN, build.IMAGE_TOKEN * model.n_image_tokens, 1)
+    return p
+
+
+def _vision_and_prompts(model, images: torch.Tensor, texts: list[str]):
+    """-> (list of prompt id lists, vision kwargs). OneVision: its processor expands the image tokens."""
+    prompts = [_prompt_text(model, t) for t in texts]
+    processor = getattr(model, "processor", None)
+    if processor is not None:
+        pil = [(((x.float().cpu() + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy())
+               for x in images]
+        enc = processor(images=pil, text=prompts, return_tensors="pt", padding=True)
+        ids = [row[m.bool()].tolist() for row, m in zip(enc.input_ids, enc.attention_mask)]
+        vision = {"pixel_values": enc.pixel_values.to(model.device, model.mllm.dtype),
+                  "image_sizes": enc.image_sizes.to(model.device)}
+        return ids, vision
+    ids = [model.tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
+    pixels = build.clip_pixels(images, model.mllm.config.vision_config.image_size).to(model.mllm.dtype)
+    return ids, {"pixel_values": pixels.to(model.device)}
+
+
+def mind_inputs(model, images: torch.Tensor, texts: list[str], answers: list[str] | None = None,
+                left_pad: bool = False) -> MindInputs:
+    """Token ids of prompt (⊕ answer ⊕ eos when `answers` are given), padded to one length."""
+    tok = model.tokenizer
+    prompts, vision = _vision_and_prompts(model, images, texts)
+    answer_ids = [[] for _ in prompts] if answers is None else \
+        [tok(a, add_special_tokens=False).input_ids + [tok.eos_token_id] for a in answers]
+    length = max(len(p) + len(a) for p, a in zip(prompts, answer_ids))
+    b = len(prompts)
+    ids = torch.full((b, length), tok.pad_token_id)
+    attn, prompt_mask = torch.zeros(b, length, dtype=torch.long), torch.zeros(b, length, dtype=torch.long)
+    labels = torch.full((b, length), -100)
+    for i, (p, a) in enumerate(zip(prompts, answer_ids)):
+        n = len(p) + len(a)
+        start = length - n if left_pad else 0
+        ids[i, start:start + n] = torch.tensor(p + a)
+        attn[i, start:start + n] = 1
+        prompt_mask[i, start:start + len(p)] = 1
+        if a:
+            labels[i, start + len(p):start + n] = torch.tensor(a)
+    dev = model.device
+    return MindInputs(ids.to(dev), attn.to(dev), prompt_mask.to(dev), labels.to(dev), vision)
+
+
+def teacher_forward(model, images: torch.Tensor, texts: list[str], answers: list[str],
+                    need_text: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """One forward over prompt ⊕ T_opt -> (ℓ_text fp32 or None, v_insight B×D)."""
+    x = mind_inputs(model, images, texts, answers)
+    out = model.mllm.model(input_ids=x.input_ids, attention_mask=x.attention_mask, use_cache=False,
+                           output_hidden_states=True, **x.vision)
+    v = model.vision_head(out.hidden_states[model.cfg.vision_head_layer], x.prompt_mask)
+    if not need_text:
+        return None, v
+    # Position j predicts token j+1: logits only where the next token is an answer token (never B×L×V).
+    nxt = x.labels[:, 1:]
+    where = nxt != -100
+    logits = model.mllm.get_output_embeddings()(out.last_hidden_state[:, :-1][where])  # K×V
+    return F.cross_entropy(logits.float(), nxt[where]), v
+
+
+@torch.no_grad()
+def generate(model, images: torch.Tensor, texts: list[str]) -> tuple[list[str], torch.Tensor]:
+    """Greedy T_opt (at most cfg.topt_max_tokens tokens, stops at eos) and v_insight from the same generation.
+    Batch-safe: rows are left-padded, so each row decodes exactly as it would alone."""
+    x = mind_inputs(model, images, texts, left_pad=True)
+    tok = model.tokenizer
+    out = model.mllm.generate(input_ids=x.input_ids, attention_mask=x.attention_mask, **x.vision,
+                              max_new_tokens=model.cfg.topt_max_tokens, do_sample=False, num_beams=1,
+                              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                              output_hidden_states=True, return_dict_in_generate=True)
+    prefill = out.hidden_states[0][model.cfg.vision_head_layer]  # B×L×d: the prompt's forward
+    v = model.vision_head(prefill, x.prompt_mask)
+    new = out.sequences[:, x.input_ids.shape[1]:]
+    return [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)], v
