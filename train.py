@@ -297,7 +297,10 @@ def main(argv=None) -> int:
 
     samples_per_step = cfg.batch_size * cfg.grad_accum * rt.world_size
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not rt.is_main, dynamic_ncols=True)
-    log = open(os.path.join(args.out, "log.jsonl"), "a") if rt.is_main else None
+    log_path = os.path.join(args.out, "log.jsonl")
+    if rt.is_main and step and os.path.isfile(log_path):  # resuming: drop rows logged after the checkpoint
+        keep_log_until(log_path, step)
+    log = open(log_path, "a") if rt.is_main else None
     in_a_row, t0 = 0, time.perf_counter()
     end = min(cfg.max_steps, step + args.stop_after) if args.stop_after else cfg.max_steps
     model.train()
@@ -367,6 +370,17 @@ def main(argv=None) -> int:
               + (f"; {skipped} non-finite steps skipped" if skipped else ""))
     runtime.shutdown(rt)
     return 0
+
+
+def keep_log_until(path: str, step: int) -> None:
+    """Rewrite log.jsonl without the rows of steps after `step` (a run killed between a log and a save would
+    otherwise log those steps twice after --resume); atomic, like every other write of a run."""
+    with open(path) as f:
+        rows = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(rows)
+    os.replace(tmp, path)
 
 
 def write_samples(model, dataset, cfg, rt, path, rows: int = 4):

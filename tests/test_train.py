@@ -277,6 +277,7 @@ def test_sigkill_during_save_keeps_previous_checkpoint(world, tmp_path, kill_at)
     assert (out / "latest").read_text().strip() == "ckpt-0000004"
     assert not list(out.glob(".ckpt-*"))  # the half-written folder was cleared by the next save
     assert ckpt.load_state(ckpt.find_checkpoint(str(out)))["step"] == 4
+    assert [r["step"] for r in read_log(out)] == [1, 2, 3, 4]  # step 2, logged before the kill, not twice
 
 
 # ---------------------------------------------------------------------------------------------------------------
