@@ -188,7 +188,7 @@ def edit_files(model, rt, jobs, settings: dict, resolution: int, batch_size: int
     size share a batch. Job i uses seeds[i], whatever its batch. Returns the count."""
     from PIL import Image
 
-    from minedit.data import load_image, load_mask
+    from minedit.data import load_image, load_mask, to_tensor
     from minedit.sampler import edit, to_pil
 
     cfg = model.cfg
@@ -200,7 +200,7 @@ def edit_files(model, rt, jobs, settings: dict, resolution: int, batch_size: int
         sizes = {i: work_size(*pics[i].size, resolution, multiple) for i, _ in group}
         for size in dict.fromkeys(sizes.values()):
             sub = [(i, job) for i, job in group if sizes[i] == size]
-            x = torch.stack([_to_tensor(pics[i].resize(size, Image.BICUBIC)) for i, _ in sub])
+            x = torch.stack([to_tensor(pics[i].resize(size, Image.BICUBIC)) for i, _ in sub])
             masks = None
             if any(job[2] for _, job in sub):
                 masks = torch.stack([_mask_tensor(load_mask(job[2], size) if job[2] else None, x.shape[-2:])
@@ -220,12 +220,6 @@ def edit_files(model, rt, jobs, settings: dict, resolution: int, batch_size: int
                 if verbose:
                     print(f"wrote {job[3]}")
     return done
-
-
-def _to_tensor(img) -> torch.Tensor:
-    import numpy as np
-
-    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
 
 
 def _mask_tensor(mask, hw) -> torch.Tensor:

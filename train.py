@@ -109,15 +109,9 @@ def dry_run(cfg) -> int:
 
 
 def prepare_out(args, rt) -> None:
-    """Refuse to write over another run unless --resume or --overwrite; create the folder."""
-    if not args.out:
-        raise UserError("--out is required — name the run folder to write, e.g. --out runs/stage2")
+    """Create the run folder (emptying the old run's files under --overwrite) and prove it writable; the
+    refusals themselves ran earlier, in check_out."""
     holds_run = os.path.isfile(os.path.join(args.out, "config.json"))
-    if holds_run and not (args.resume or args.overwrite):
-        raise UserError(f"{args.out} already holds a run — pass --resume to continue it, --overwrite to replace "
-                        "it, or choose another --out")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise UserError(f"--out {args.out} is a file — name a folder")
     if rt.is_main:
         if holds_run and args.overwrite and not args.resume:
             for name in os.listdir(args.out):
@@ -202,7 +196,8 @@ def join_restarted_group(device) -> None:
 
 
 def check_out(args) -> None:
-    """The refusals of prepare_out that need no process group: before anything heavy is imported or built."""
+    """Refuse a missing, file, read-only or already-used --out (unless --resume/--overwrite): before anything
+    heavy is imported or built."""
     if not args.out:
         raise UserError("--out is required — name the run folder to write, e.g. --out runs/stage2")
     if os.path.exists(args.out) and not os.path.isdir(args.out):

@@ -177,8 +177,8 @@ def _resize_crop(im: Image.Image, r: int, resample) -> Image.Image:
     return im.crop((left, top, left + r, top + r))
 
 
-def _to_tensor(im: Image.Image) -> torch.Tensor:
-    """RGB PIL -> 3xRxR float in [-1, 1]."""
+def to_tensor(im: Image.Image) -> torch.Tensor:
+    """RGB PIL -> 3×H×W float in [-1, 1] (the model's image convention; infer.py uses it too)."""
     return torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1).contiguous()
 
 
@@ -244,7 +244,7 @@ class EditDataset(Dataset):
         row, r = self.rows[index], self.resolution
         if self.kind == "caption":
             image = _resize_crop(self._load(row, load_image, row["image"]), r, Image.BICUBIC)
-            t = _to_tensor(image)
+            t = to_tensor(image)
             if self._flip(index, epoch, [row["caption"]]):
                 t = t.flip(-1)
             return {"image": t, "caption": row["caption"], "index": index}
@@ -255,7 +255,7 @@ class EditDataset(Dataset):
             target = target.resize(source.size, Image.BICUBIC)
         mask = self._load(row, load_mask, row["mask"], source.size) if row.get("mask") else None
         # One geometry for all three: same resize/crop here, same flip below.
-        src, tgt = (_to_tensor(_resize_crop(im, r, Image.BICUBIC)) for im in (source, target))
+        src, tgt = (to_tensor(_resize_crop(im, r, Image.BICUBIC)) for im in (source, target))
         if mask is None:
             m = torch.ones(1, r, r)
         else:
