@@ -12,7 +12,9 @@ Instructions follow the Reason-Edit levels that InsightEdit evaluates on (the ro
                  "Is there anything round? Replace it with a blue square.").
 Every referring expression is checked to fit exactly one shape, with positions compared at a margin of
 0.15 x image side, so the target is well defined. Adds are under-determined by nature: the phrase fixes shape,
-colour (size when it says one) and a region, and one free place in that region is drawn.
+colour (size when it says one) and a region, and one free place in that region is drawn; the row's
+`add_region` records the freedom (free sizes, box of centres) so that evaluation can accept any valid answer
+(`valid_targets`, `nearest_target`).
 
 Row texts: `instruction` (what trains: the simple phrasing on simple rows, the advanced one otherwise),
 `simple_instruction` (colour+shape phrasing, plus size or position where colour+shape is not unique),
@@ -50,7 +52,7 @@ RADIUS = {"small": 0.14, "large": 0.23}  # circumradius as a fraction of the ima
 CATEGORIES = ("simple", "understanding", "reasoning")
 KINDS = ("remove", "add", "replace")
 NUMBERS, ORDINALS = {2: "two", 3: "three"}, ("first", "second", "third")
-VERSION = 1  # bump when the generator's output changes: cached worlds are keyed by it
+VERSION = 2  # bump when the generator's output changes: cached worlds are keyed by it
 
 # World knowledge for the reasoning level.
 COLOUR_OF = {"red": ("a ripe tomato", "a strawberry", "a fire truck"), "green": ("grass", "a leaf", "a frog"),
@@ -355,7 +357,7 @@ def _edit_add(rng, size, bg, objs, category, margin):
     shape, size_word = _pick(rng, SHAPES), _pick(rng, RADIUS)
     colour = _pick(rng, [c for c in COLOURS if c != bg])
     said_size = size_word if rng.random() < 0.5 else None
-    box, where = _side_box(None, size), ""
+    box, where, copied = _side_box(None, size), "", False
     if category == "simple" or (category == "reasoning" and (not objs or rng.random() < 0.5)):
         side = _pick(rng, (None, "left", "right", "top", "bottom"))
         box, where = _side_box(side, size), SIDE_WHERE.get(side, "")
@@ -394,18 +396,21 @@ def _edit_add(rng, size, bg, objs, category, margin):
             colour = ao["colour"]
             desc = _pick(rng, SAME_COLOUR).format(z=said_size + " " if said_size else "", s=shape, a=anchor)
         else:
-            shape, size_word = ao["shape"], ao["size"]
+            shape, size_word, copied = ao["shape"], ao["size"], True
             colour = _pick(rng, [c for c in COLOURS if c not in (bg, ao["colour"])])
             desc = _pick(rng, COPY).format(c=colour, a=anchor)
     new = _place(rng, size, objs, shape, size_word, box)
     if new is None:
         return None
     new["colour"] = colour
+    # What the instruction leaves free (see valid_targets): the size unless it is said or copied, the centre in box.
+    free = {"sizes": [size_word] if said_size or copied else list(RADIUS), "box": list(box)}
     advanced = _pick(rng, ADD).format(n=desc, w=where)
     at = _where(new, size)
     simple = advanced if category == "simple" else _pick(rng, ADD).format(n=_new_desc(rng, shape, colour), w=" " + at)
     optimized = OPTIMIZED["add"].format(z=size_word, c=colour, s=shape, w=at)
-    return dict(objects=objs + [new], old=None, new=new, advanced=advanced, simple=simple, optimized=optimized)
+    return dict(objects=objs + [new], old=None, new=new, advanced=advanced, simple=simple, optimized=optimized,
+                free=free)
 
 
 def _scene(rng, size):
@@ -451,7 +456,51 @@ def sample(rng: np.random.Generator, size: int = 32, category: str | None = None
             "instruction": advanced or simple, "simple_instruction": simple, "advanced_instruction": advanced,
             "optimized_instruction": _articles(e["optimized"]), "category": category, "kind": kind,
             "caption": caption(rng, bg, objs, size), "target_caption": caption(rng, bg, e["objects"], size),
-            "background": bg, "objects": objs, "target_objects": e["objects"]}
+            "background": bg, "objects": objs, "target_objects": e["objects"],
+            **({"add_region": e["free"]} if "free" in e else {})}
+
+
+# ---------------------------------------------------------------- scoring under-determined adds
+def valid_targets(row: dict, size: int) -> list[dict]:
+    """Every added shape that fulfils an add row's `instruction`: each free size x each centre in the row's
+    `add_region` box that touches nothing (the placements `_place` could have drawn). Rows of other kinds have
+    exactly one valid target, the stored one, and give []."""
+    free = row.get("add_region")
+    if not free:
+        return []
+    new, others = row["target_objects"][-1], row["objects"]
+    out = []
+    for size_word in free["sizes"]:
+        lo, hi = math.ceil(RADIUS[size_word] * size) + 1, size - 2 - math.ceil(RADIUS[size_word] * size)
+        x0, x1, y0, y1 = free["box"]
+        for y in range(max(lo, y0), min(hi, y1) + 1):
+            for x in range(max(lo, x0), min(hi, x1) + 1):
+                o = {"shape": new["shape"], "size": size_word, "x": x, "y": y}
+                if _fits(o, others, size):
+                    out.append(dict(o, colour=new["colour"]))
+    return out
+
+
+def nearest_target(row: dict, pred: np.ndarray) -> tuple[Image.Image, Image.Image, int] | None:
+    """For an add row: the valid target (and its mask) closest to `pred` (H x W x 3 in [0, 1]) in mean squared
+    error, and how many valid targets there were. "Add a star at the top" has many right answers; an edit that
+    draws the star anywhere the instruction allows is scored against that answer, not the one place the generator
+    happened to draw. None for rows without an `add_region`."""
+    size = pred.shape[0]
+    options = valid_targets(row, size)
+    if not options:
+        return None
+    base = np.asarray(render(row["background"], row["objects"], size), np.float32) / 255
+    best, best_err = None, float("inf")
+    for o in options:
+        fp = _footprint(o, size)
+        # Only the footprint differs from the source scene, so the error is the source's plus the change there.
+        err = ((pred - np.where(fp[..., None], np.float32(COLOURS[o["colour"]]) / 255, base)) ** 2).sum()
+        if err < best_err:
+            best, best_err = o, err
+    target = render(row["background"], row["objects"] + [best], size)
+    mask = Image.fromarray(_dilate(_footprint(best, size)).astype(np.uint8) * 255, "L")
+    return target, mask, len(options)
 
 
 # ---------------------------------------------------------------- writer and CLI

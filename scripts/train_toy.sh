@@ -10,17 +10,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/toy}
-STEPS=${STEPS:-2500}          # stage-2 steps (the editing stage) per recipe
+STEPS=${STEPS:-4000}          # stage-2 steps (the editing stage) per recipe
 ALIGN=${ALIGN:-300}           # stage-1 steps
 IMAGE=${IMAGE:-400}           # insightedit stage-3 steps
 RECIPES=${RECIPES:-"insightedit ip2p smartedit"}
 EVAL_N=${EVAL_N:-3000}        # eval split = 10 % of this world: 300 held-out edits
+TOY_SAMPLES=${TOY_SAMPLES:-24000}  # training world size (drawn once per seed, cached): ~5 epochs at 4000 steps
 BASE=assets/toy/base
 mkdir -p "$OUT"
 
 [ -f $BASE/metrics.json ] || python3 scripts/pretrain_toy_bases.py --out $BASE
 BASES="--mllm_path=$BASE/mllm --sd_path=$BASE/sd --clip_path=$BASE/clip"
-COMMON="--toy_samples=6000 --sample_every=500 --save_every=500 --log_every=50"
+COMMON="--toy_samples=$TOY_SAMPLES --sample_every=500 --save_every=500 --log_every=50"
 
 python3 -m minedit.toyworld --out "$OUT/eval-world" --n "$EVAL_N" --seed 777   # held-out seed
 for r in $RECIPES; do

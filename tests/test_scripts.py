@@ -87,6 +87,34 @@ def test_evaluate_writes_table_json_and_sheet(ckpt, world, tmp_path):
     assert json.load(open(tmp_path / "again.json"))["summary"] == res["summary"]
 
 
+def test_evaluate_accepts_any_valid_place_for_an_add(ckpt, world, tmp_path):
+    """An add drawn at another place the instruction allows succeeds; scored against the one stored target (as
+    --instruction-field simple_instruction does, whose region differs) the same edit fails."""
+    rows = [json.loads(line) for line in open(world / "eval.jsonl")]
+    preds = tmp_path / "edits"
+    preds.mkdir()
+    moved = []
+    for i, row in enumerate(rows):
+        target = Image.open(world / row["target"])
+        if row["kind"] == "add":
+            new = row["target_objects"][-1]
+            far = max(toyworld.valid_targets(row, 32), key=lambda o: abs(o["x"] - new["x"]) + abs(o["y"] - new["y"]))
+            if abs(far["x"] - new["x"]) + abs(far["y"] - new["y"]) > 6:  # clearly elsewhere
+                target = toyworld.render(row["background"], row["objects"] + [far], 32)
+                moved.append(i)
+        target.save(preds / f"{i:05d}.png")
+    assert moved
+    for field, expect in (("instruction", True), ("simple_instruction", False)):
+        out = tmp_path / f"{field}.json"
+        r = run("evaluate.py", "--ckpt", ckpt, "--data", world / "eval.jsonl", "--out", out, "--pred-dir", preds,
+                "--instruction-field", field)
+        assert r.returncode == 0, r.stderr
+        samples = json.load(open(out))["samples"]
+        assert all(samples[i]["success"] is expect for i in moved), [samples[i] for i in moved]
+        assert all(s["success"] for i, s in enumerate(samples) if i not in moved)
+        assert all(samples[i]["valid_targets"] > 1 for i in moved) is expect
+
+
 @pytest.mark.parametrize("args,needle", [
     (["--steps", "0"], "--steps"),
     (["--text-guidance", "-1"], "--text-guidance"),

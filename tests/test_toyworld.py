@@ -189,3 +189,25 @@ def test_cached_world_is_made_once(tmp_path, monkeypatch):
     assert tw.cached_world(seed=2, n=9, size=32, root=tmp_path) == path
     with pytest.raises(RuntimeError, match="main process"):
         tw.cached_world(seed=3, n=9, size=32, root=tmp_path, main=False)
+
+
+def test_add_region_holds_the_drawn_target_and_only_valid_ones(toyset):
+    out, _, rows, _ = toyset
+    adds = [r for r in rows if r["kind"] == "add"]
+    assert adds and all("add_region" in r for r in adds) and not any("add_region" in r for r in rows
+                                                                       if r["kind"] != "add")
+    for r in adds:
+        options = tw.valid_targets(r, 32)
+        new = r["target_objects"][-1]
+        assert new in options  # the generator's own placement is one of the valid answers
+        for o in options:
+            assert (o["shape"], o["colour"]) == (new["shape"], new["colour"])
+            assert tw._fits(o, r["objects"], 32)
+            x0, x1, y0, y1 = r["add_region"]["box"]
+            assert x0 <= o["x"] <= x1 and y0 <= o["y"] <= y1
+        # The exact target is its own nearest valid target, with the stored mask.
+        target, mask = (np.asarray(Image.open(out / r[k])) for k in ("target", "mask"))
+        got = tw.nearest_target(r, target.astype(np.float32) / 255)
+        assert np.array_equal(np.asarray(got[0]), target) and np.array_equal(np.asarray(got[1]), mask)
+    # Some adds leave real freedom (else the scoring rule would change nothing).
+    assert max(len(tw.valid_targets(r, 32)) for r in adds) > 10
