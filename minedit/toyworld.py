@@ -35,108 +35,26 @@ import math
 import os
 import re
 import shutil
-import string
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
-SHAPES = ("circle", "square", "triangle", "diamond", "star")
-COLOURS = {"red": (220, 20, 20), "green": (20, 160, 40), "blue": (30, 70, 230), "yellow": (250, 210, 0),
-           "purple": (140, 40, 180), "orange": (250, 130, 0), "white": (255, 255, 255)}
-BACKGROUNDS = {"white": (255, 255, 255), "gray": (170, 170, 170), "black": (0, 0, 0)}
-BG_WEIGHTS = (0.6, 0.2, 0.2)
-RADIUS = {"small": 0.14, "large": 0.23}  # circumradius as a fraction of the image side
-CATEGORIES = ("simple", "understanding", "reasoning")
-KINDS = ("remove", "add", "replace")
-NUMBERS, ORDINALS = {2: "two", 3: "three"}, ("first", "second", "third")
-VERSION = 2  # bump when the generator's output changes: cached worlds are keyed by it
-
-# World knowledge for the reasoning level.
-COLOUR_OF = {"red": ("a ripe tomato", "a strawberry", "a fire truck"), "green": ("grass", "a leaf", "a frog"),
-             "blue": ("the sky", "the sea"), "yellow": ("the sun", "a banana", "a lemon"),
-             "purple": ("grapes", "a plum"), "orange": ("a carrot", "a pumpkin"), "white": ("snow", "milk")}
-SHAPE_CLUES = (("that is round", {"circle"}), ("with no corners", {"circle"}), ("that could roll", {"circle"}),
-               ("that looks like a ball", {"circle"}), ("with three corners", {"triangle"}),
-               ("with three sides", {"triangle"}), ("with 3 corners", {"triangle"}),
-               ("with four corners", {"square", "diamond"}), ("with four sides", {"square", "diamond"}),
-               ("with a flat top and four sides", {"square"}), ("that stands on one corner", {"diamond"}),
-               ("with five points", {"star"}), ("that you could see in the night sky", {"star"}))
-NEW_SHAPE_CLUES = {"circle": ("{c}shape with no corners", "round {c}shape", "{c}shape that could roll"),
-                   "triangle": ("{c}shape with three corners", "{c}shape with three sides"),
-                   "square": ("{c}shape with a flat top and four sides",),
-                   "diamond": ("{c}shape that stands on one corner",), "star": ("{c}shape with five points",)}
-COLOUR_CLAUSES = ("with the colour of {}", "that has the colour of {}", "that is the colour of {}",
-                  "coloured like {}")
-NEW_COLOUR_CLAUSES = ("that has the colour of {}", "in the colour of {}", "coloured like {}")
-COLOUR_OF_PHRASE = "the colour of {}"
-
-# Phrasing templates: {r} referent, {q} question, {n} new shape, {c} colour, {w} where.
-REMOVE = ("remove {r}", "delete {r}", "erase {r}", "take away {r}", "get rid of {r}", "please remove {r}",
-          "remove {r} from the picture", "make {r} disappear")
-REMOVE_Q = ("{q} Remove it.", "{q} Delete it.", "{q} Erase it.", "{q} Take it away.")
-REPLACE = ("replace {r} with {n}", "turn {r} into {n}", "change {r} into {n}", "change {r} to {n}",
-           "swap {r} for {n}", "make {r} into {n}")
-REPLACE_Q = ("{q} Replace it with {n}.", "{q} Turn it into {n}.", "{q} Change it into {n}.")
-RESHAPE = ("turn {r} into {n}", "change {r} into {n}", "reshape {r} into {n}", "make {r} into {n}")
-RESHAPE_Q = ("{q} Turn it into {n}.", "{q} Change it into {n}.")
-RECOLOUR = ("make {r} {c}", "paint {r} {c}", "colour {r} {c}", "color {r} {c}", "turn {r} {c}",
-            "change the colour of {r} to {c}", "change the color of {r} to {c}")
-RECOLOUR_Q = ("{q} Make it {c}.", "{q} Paint it {c}.")
-ADD = ("add {n}{w}", "put {n}{w}", "place {n}{w}", "draw {n}{w}", "insert {n}{w}", "please add {n}{w}")
-OPTIMIZED = {"remove": "remove {r}", "replace": "replace {r} with a {c} {s}", "add": "add a {z} {c} {s} {w}"}
-QUESTIONS = ("Is there anything {}?", "Is there a shape {}?", "Can you find the shape {}?")
-HEADS = ("the shape {}", "the thing {}", "the object {}")
-NAMED_HEAD, COLOURED_HEAD = "the {s} {k}", "the {c} shape {k}"
-
-# Understanding: {n} the noun of the group the target is compared within.
-RELATIVE = {("x", 0): ("the left {n}", "the leftmost {n}", "the {n} on the left"),
-            ("x", 1): ("the right {n}", "the rightmost {n}", "the {n} on the right"),
-            ("y", 0): ("the top {n}", "the upper {n}", "the topmost {n}", "the highest {n}", "the {n} at the top"),
-            ("y", 1): ("the bottom {n}", "the lower {n}", "the lowest {n}", "the {n} at the bottom")}
-SIDE = {("x", 0): "left", ("x", 1): "right", ("y", 0): "top", ("y", 1): "bottom"}
-BIGGER = ("the bigger {n}", "the larger {n}", "the biggest {n}", "the large {n}")
-SMALLER = ("the smaller {n}", "the smallest {n}", "the small {n}", "the little {n}")
-ALIKE = ("the {c} one of the {k} {p}", "the {c} one among the {p}")
-COUNTING = ("the only shape that is not a {s}", "the shape that is not a {s}")
-ORDINAL = "the {o} shape from the {side}"
-EXPLICIT = {"left": "the {b} on the left", "right": "the {b} on the right", "top": "the {b} at the top",
-            "bottom": "the {b} at the bottom"}
-SIDE_WHERE = {"left": " on the left", "right": " on the right", "top": " at the top", "bottom": " at the bottom"}
-RELATIONS = {"left": " to the left of {a}", "right": " to the right of {a}", "top": " above {a}",
-             "bottom": " below {a}"}
-CORNER = " in the {v} {h} corner"
-SAME_COLOUR = ("a {z}{s} with the same colour as {a}", "a {z}{s} in the same colour as {a}")
-COPY = ("a {c} copy of {a}", "a copy of {a} in {c}")
-WHERE = ("in the middle", "on the {h}", "at the {v}", "at the {v} {h}")
-CAPTIONS = ("{l} on a {b} background", "a {b} background with {l}", "a picture of {l} on a {b} background",
-            "{l} in front of a {b} background")
-EMPTY_CAPTIONS = ("an empty {b} background", "a plain {b} background", "nothing but a {b} background")
-LIST_JOINS = (", ", " and ")
-
-
-def tokenize_words(text: str) -> list[str]:
-    """Lower-case words (letters/digits) and single punctuation marks: the unit VOCAB is defined in."""
-    return re.findall(r"[a-z0-9]+|[^\sa-z0-9]", text.lower())
-
-
-def _literal_words(obj) -> set[str]:
-    """Words of every string in a nested structure of templates, leaving out the {fields}."""
-    if isinstance(obj, str):
-        return set(tokenize_words(" ".join(lit for lit, *_ in string.Formatter().parse(obj))))
-    if isinstance(obj, dict):  # string keys are words too (colour names); tuple keys are only indices
-        obj = [*(k for k in obj if isinstance(k, str)), *obj.values()]
-    return set().union(*(_literal_words(x) for x in obj if not isinstance(x, (int, float))))
-
-
-VOCAB: list[str] = sorted(_literal_words([
-    SHAPES, [s + "s" for s in SHAPES], COLOURS, BACKGROUNDS, RADIUS, NUMBERS, ORDINALS, COLOUR_OF, SHAPE_CLUES,
+from minedit.toyphrases import (  # noqa: F401  (VOCAB, tokenize_words: used by the toy bases' script)
+    SHAPES, COLOURS, BACKGROUNDS, BG_WEIGHTS, RADIUS, CATEGORIES, KINDS, NUMBERS, ORDINALS, COLOUR_OF, SHAPE_CLUES,
     NEW_SHAPE_CLUES, COLOUR_CLAUSES, NEW_COLOUR_CLAUSES, COLOUR_OF_PHRASE, REMOVE, REMOVE_Q, REPLACE, REPLACE_Q,
-    RESHAPE, RESHAPE_Q, RECOLOUR, RECOLOUR_Q, ADD, OPTIMIZED, QUESTIONS, HEADS, NAMED_HEAD, COLOURED_HEAD,
-    RELATIVE, SIDE, BIGGER, SMALLER, ALIKE, COUNTING, ORDINAL, EXPLICIT, SIDE_WHERE, RELATIONS, CORNER,
-    SAME_COLOUR, COPY, WHERE, CAPTIONS, EMPTY_CAPTIONS, LIST_JOINS, "middle an a"]))
+    RESHAPE, RESHAPE_Q, RECOLOUR, RECOLOUR_Q, ADD, OPTIMIZED, QUESTIONS, HEADS, NAMED_HEAD, COLOURED_HEAD, RELATIVE,
+    SIDE, BIGGER, SMALLER, ALIKE, COUNTING, ORDINAL, EXPLICIT, SIDE_WHERE, RELATIONS, CORNER, SAME_COLOUR, COPY,
+    WHERE, CAPTIONS, EMPTY_CAPTIONS, tokenize_words, VOCAB,
+)
+
+from minedit.toydraw import (  # noqa: F401  (render, valid_targets, nearest_target: this module's API)
+    dilate, fits, footprint, nearest_target, place, render, valid_targets,
+)
+
+VERSION = 2  # bump when the generator's output changes: cached worlds are keyed by it
 
 
 def _pick(rng, seq):
@@ -148,61 +66,7 @@ def _articles(text: str) -> str:
     return re.sub(r"\b([Aa]) (?=[aeiou])", r"\1n ", text)
 
 
-# ---------------------------------------------------------------- rendering
-def _draw(draw: ImageDraw.ImageDraw, o: dict, size: int, fill) -> None:
-    r, x, y = RADIUS[o["size"]] * size, o["x"], o["y"]
-    if o["shape"] == "circle":
-        draw.ellipse((x - r, y - r, x + r, y + r), fill=fill)
-    elif o["shape"] == "square":
-        h = 0.8 * r  # a little inside the circumcircle so the areas of the shapes look alike
-        draw.rectangle((x - h, y - h, x + h, y + h), fill=fill)
-    else:
-        n, inner = {"triangle": (3, 1.0), "diamond": (4, 1.0), "star": (10, 0.45)}[o["shape"]]
-        pts = [(x + r * (1 if k % 2 == 0 else inner) * math.sin(2 * math.pi * k / n),
-                y - r * (1 if k % 2 == 0 else inner) * math.cos(2 * math.pi * k / n)) for k in range(n)]
-        draw.polygon(pts, fill=fill)
-
-
-def render(background: str, objects: list[dict], size: int) -> Image.Image:
-    """RGB image of a scene description, drawn in list order with exact palette colours."""
-    img = Image.new("RGB", (size, size), BACKGROUNDS[background])
-    draw = ImageDraw.Draw(img)
-    for o in objects:
-        _draw(draw, o, size, COLOURS[o["colour"]])
-    return img
-
-
-def _footprint(o: dict, size: int) -> np.ndarray:
-    img = Image.new("L", (size, size), 0)
-    _draw(ImageDraw.Draw(img), o, size, 255)
-    return np.asarray(img) > 0
-
-
-def _dilate(m: np.ndarray) -> np.ndarray:
-    """3x3 binary dilation (1 px, 8-neighbourhood)."""
-    p, (h, w) = np.pad(m, 1), m.shape
-    return np.logical_or.reduce([p[dy:dy + h, dx:dx + w] for dy in range(3) for dx in range(3)])
-
-
-def _fits(o: dict, others: list[dict], size: int) -> bool:
-    """The shape lies apart from every other one: not even its 1-px border touches them."""
-    grown = _dilate(_footprint(o, size))
-    return not any((grown & _footprint(p, size)).any() for p in others)
-
-
-def _place(rng, size, others, shape, size_word, box=(0, 10**9, 0, 10**9), tries=30):
-    """A shape with its centre drawn in box = (x0, x1, y0, y1) (inclusive) that touches nothing, else None."""
-    lo, hi = math.ceil(RADIUS[size_word] * size) + 1, size - 2 - math.ceil(RADIUS[size_word] * size)
-    x0, x1, y0, y1 = max(lo, box[0]), min(hi, box[1]), max(lo, box[2]), min(hi, box[3])
-    if x0 > x1 or y0 > y1:
-        return None
-    for _ in range(tries):
-        o = {"shape": shape, "size": size_word, "x": int(rng.integers(x0, x1 + 1)), "y": int(rng.integers(y0, y1 + 1))}
-        if _fits(o, others, size):
-            return o
-    return None
-
-
+# ---------------------------------------------------------------- positions and captions
 def _where(o: dict, size: int) -> str:
     """Canonical absolute position from the centre: thirds split at 0.4 and 0.6 of the side."""
     h = "left" if o["x"] < 0.4 * size else "right" if o["x"] > 0.6 * size else None
@@ -334,7 +198,7 @@ def _edit_existing(rng, size, bg, objs, category, kind, margin):
         shape = o["shape"] if mode == "colour" else _pick(rng, [s for s in SHAPES if s != o["shape"]])
         new = dict(o, shape=shape, colour=colour)
         targets = objs[:t] + [new] + objs[t + 1:]
-        if not _fits(new, objs[:t] + objs[t + 1:], size):
+        if not fits(new, objs[:t] + objs[t + 1:], size):
             return None
         by_shape, by_colour = (False, False)
         if category == "reasoning" and rng.random() < 0.5:
@@ -399,7 +263,7 @@ def _edit_add(rng, size, bg, objs, category, margin):
             shape, size_word, copied = ao["shape"], ao["size"], True
             colour = _pick(rng, [c for c in COLOURS if c not in (bg, ao["colour"])])
             desc = _pick(rng, COPY).format(c=colour, a=anchor)
-    new = _place(rng, size, objs, shape, size_word, box)
+    new = place(rng, size, objs, shape, size_word, box)
     if new is None:
         return None
     new["colour"] = colour
@@ -422,7 +286,7 @@ def _scene(rng, size):
         colour = _pick(rng, [c for c in COLOURS if c != bg])
         if objs and rng.random() < 0.25 and objs[-1]["colour"] != bg:
             colour = objs[-1]["colour"]
-        o = _place(rng, size, objs, shape, _pick(rng, RADIUS))
+        o = place(rng, size, objs, shape, _pick(rng, RADIUS))
         if o is not None:
             objs.append(dict(o, colour=colour))
     return bg, objs
@@ -448,59 +312,16 @@ def sample(rng: np.random.Generator, size: int = 32, category: str | None = None
     region = np.zeros((size, size), bool)
     for o in (e["old"], e["new"]):
         if o is not None:
-            region |= _footprint(o, size)
+            region |= footprint(o, size)
     simple = _articles(e["simple"])
     advanced = "" if category == "simple" else _articles(e["advanced"])
     return {"source": render(bg, objs, size), "target": render(bg, e["objects"], size),
-            "mask": Image.fromarray(_dilate(region).astype(np.uint8) * 255, "L"),
+            "mask": Image.fromarray(dilate(region).astype(np.uint8) * 255, "L"),
             "instruction": advanced or simple, "simple_instruction": simple, "advanced_instruction": advanced,
             "optimized_instruction": _articles(e["optimized"]), "category": category, "kind": kind,
             "caption": caption(rng, bg, objs, size), "target_caption": caption(rng, bg, e["objects"], size),
             "background": bg, "objects": objs, "target_objects": e["objects"],
             **({"add_region": e["free"]} if "free" in e else {})}
-
-
-# ---------------------------------------------------------------- scoring under-determined adds
-def valid_targets(row: dict, size: int) -> list[dict]:
-    """Every added shape that fulfils an add row's `instruction`: each free size x each centre in the row's
-    `add_region` box that touches nothing (the placements `_place` could have drawn). Rows of other kinds have
-    exactly one valid target, the stored one, and give []."""
-    free = row.get("add_region")
-    if not free:
-        return []
-    new, others = row["target_objects"][-1], row["objects"]
-    out = []
-    for size_word in free["sizes"]:
-        lo, hi = math.ceil(RADIUS[size_word] * size) + 1, size - 2 - math.ceil(RADIUS[size_word] * size)
-        x0, x1, y0, y1 = free["box"]
-        for y in range(max(lo, y0), min(hi, y1) + 1):
-            for x in range(max(lo, x0), min(hi, x1) + 1):
-                o = {"shape": new["shape"], "size": size_word, "x": x, "y": y}
-                if _fits(o, others, size):
-                    out.append(dict(o, colour=new["colour"]))
-    return out
-
-
-def nearest_target(row: dict, pred: np.ndarray) -> tuple[Image.Image, Image.Image, int] | None:
-    """For an add row: the valid target (and its mask) closest to `pred` (H x W x 3 in [0, 1]) in mean squared
-    error, and how many valid targets there were. "Add a star at the top" has many right answers; an edit that
-    draws the star anywhere the instruction allows is scored against that answer, not the one place the generator
-    happened to draw. None for rows without an `add_region`."""
-    size = pred.shape[0]
-    options = valid_targets(row, size)
-    if not options:
-        return None
-    base = np.asarray(render(row["background"], row["objects"], size), np.float32) / 255
-    best, best_err = None, float("inf")
-    for o in options:
-        fp = _footprint(o, size)
-        # Only the footprint differs from the source scene, so the error is the source's plus the change there.
-        err = ((pred - np.where(fp[..., None], np.float32(COLOURS[o["colour"]]) / 255, base)) ** 2).sum()
-        if err < best_err:
-            best, best_err = o, err
-    target = render(row["background"], row["objects"] + [best], size)
-    mask = Image.fromarray(_dilate(_footprint(best, size)).astype(np.uint8) * 255, "L")
-    return target, mask, len(options)
 
 
 # ---------------------------------------------------------------- writer and CLI

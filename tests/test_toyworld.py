@@ -202,7 +202,7 @@ def test_add_region_holds_the_drawn_target_and_only_valid_ones(toyset):
         assert new in options  # the generator's own placement is one of the valid answers
         for o in options:
             assert (o["shape"], o["colour"]) == (new["shape"], new["colour"])
-            assert tw._fits(o, r["objects"], 32)
+            assert tw.fits(o, r["objects"], 32)
             x0, x1, y0, y1 = r["add_region"]["box"]
             assert x0 <= o["x"] <= x1 and y0 <= o["y"] <= y1
         # The exact target is its own nearest valid target, with the stored mask.

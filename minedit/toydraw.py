@@ -1,0 +1,110 @@
+"""Drawing toy scenes, placing shapes, and the set of right answers to an add (DESIGN.md §10).
+
+A scene object is a dict {shape, colour, size ("small"/"large"), x, y} with its centre in pixels; shapes are
+drawn without anti-aliasing in exact palette colours, so a target image is exact and a mask is a footprint.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from minedit.toyphrases import BACKGROUNDS, COLOURS, RADIUS
+
+
+def draw_shape(draw: ImageDraw.ImageDraw, o: dict, size: int, fill) -> None:
+    r, x, y = RADIUS[o["size"]] * size, o["x"], o["y"]
+    if o["shape"] == "circle":
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=fill)
+    elif o["shape"] == "square":
+        h = 0.8 * r  # a little inside the circumcircle so the areas of the shapes look alike
+        draw.rectangle((x - h, y - h, x + h, y + h), fill=fill)
+    else:
+        n, inner = {"triangle": (3, 1.0), "diamond": (4, 1.0), "star": (10, 0.45)}[o["shape"]]
+        pts = [(x + r * (1 if k % 2 == 0 else inner) * math.sin(2 * math.pi * k / n),
+                y - r * (1 if k % 2 == 0 else inner) * math.cos(2 * math.pi * k / n)) for k in range(n)]
+        draw.polygon(pts, fill=fill)
+
+
+def render(background: str, objects: list[dict], size: int) -> Image.Image:
+    """RGB image of a scene description, drawn in list order with exact palette colours."""
+    img = Image.new("RGB", (size, size), BACKGROUNDS[background])
+    draw = ImageDraw.Draw(img)
+    for o in objects:
+        draw_shape(draw, o, size, COLOURS[o["colour"]])
+    return img
+
+
+def footprint(o: dict, size: int) -> np.ndarray:
+    img = Image.new("L", (size, size), 0)
+    draw_shape(ImageDraw.Draw(img), o, size, 255)
+    return np.asarray(img) > 0
+
+
+def dilate(m: np.ndarray) -> np.ndarray:
+    """3x3 binary dilation (1 px, 8-neighbourhood)."""
+    p, (h, w) = np.pad(m, 1), m.shape
+    return np.logical_or.reduce([p[dy:dy + h, dx:dx + w] for dy in range(3) for dx in range(3)])
+
+
+def fits(o: dict, others: list[dict], size: int) -> bool:
+    """The shape lies apart from every other one: not even its 1-px border touches them."""
+    grown = dilate(footprint(o, size))
+    return not any((grown & footprint(p, size)).any() for p in others)
+
+
+def place(rng, size, others, shape, size_word, box=(0, 10**9, 0, 10**9), tries=30):
+    """A shape with its centre drawn in box = (x0, x1, y0, y1) (inclusive) that touches nothing, else None."""
+    lo, hi = math.ceil(RADIUS[size_word] * size) + 1, size - 2 - math.ceil(RADIUS[size_word] * size)
+    x0, x1, y0, y1 = max(lo, box[0]), min(hi, box[1]), max(lo, box[2]), min(hi, box[3])
+    if x0 > x1 or y0 > y1:
+        return None
+    for _ in range(tries):
+        o = {"shape": shape, "size": size_word, "x": int(rng.integers(x0, x1 + 1)), "y": int(rng.integers(y0, y1 + 1))}
+        if fits(o, others, size):
+            return o
+    return None
+
+
+# ---------------------------------------------------------------- the right answers to an add
+def valid_targets(row: dict, size: int) -> list[dict]:
+    """Every added shape that fulfils an add row's `instruction`: each free size x each centre in the row's
+    `add_region` box that touches nothing (the placements `place` could have drawn). Rows of other kinds have
+    exactly one valid target, the stored one, and give []."""
+    free = row.get("add_region")
+    if not free:
+        return []
+    new, others = row["target_objects"][-1], row["objects"]
+    out = []
+    for size_word in free["sizes"]:
+        lo, hi = math.ceil(RADIUS[size_word] * size) + 1, size - 2 - math.ceil(RADIUS[size_word] * size)
+        x0, x1, y0, y1 = free["box"]
+        for y in range(max(lo, y0), min(hi, y1) + 1):
+            for x in range(max(lo, x0), min(hi, x1) + 1):
+                o = {"shape": new["shape"], "size": size_word, "x": x, "y": y}
+                if fits(o, others, size):
+                    out.append(dict(o, colour=new["colour"]))
+    return out
+
+
+def nearest_target(row: dict, pred: np.ndarray) -> tuple[Image.Image, Image.Image, int] | None:
+    """For an add row: the valid target (and its mask) closest to `pred` (H x W x 3 in [0, 1]) in mean squared
+    error, and how many valid targets there were. "Add a star at the top" has many right answers; an edit that
+    draws the star anywhere the instruction allows is scored against that answer, not the one place the generator
+    happened to draw. None for rows without an `add_region`."""
+    size = pred.shape[0]
+    options = valid_targets(row, size)
+    if not options:
+        return None
+    base = np.asarray(render(row["background"], row["objects"], size), np.float32) / 255
+    best, best_err = None, float("inf")
+    for o in options:
+        fp = footprint(o, size)
+        # Only the footprint differs from the source scene, so the error is the source's plus the change there.
+        err = ((pred - np.where(fp[..., None], np.float32(COLOURS[o["colour"]]) / 255, base)) ** 2).sum()
+        if err < best_err:
+            best, best_err = o, err
+    target = render(row["background"], row["objects"] + [best], size)
+    mask = Image.fromarray(dilate(footprint(best, size)).astype(np.uint8) * 255, "L")
+    return target, mask, len(options)
