@@ -136,7 +136,11 @@ def main(argv=None) -> int:
 
     summary = metrics.aggregate(results, by="category")
     print(format_table(summary))
+    by_kind = metrics.aggregate(results, by="kind") if any(r["kind"] for r in results) else None
+    if by_kind:  # remove / add / replace: which kind of edit fails says which part is short (README, toy results)
+        print(format_table(by_kind, "kind"))
     out = {"ckpt": a.ckpt, "data": a.data, "seed": a.seed, "count": len(results), "summary": summary,
+           "summary_by_kind": by_kind,
            "latency_s": latency, "samples": results, "clip": clip_path or None}
     tmp = a.out + ".tmp"
     with open(tmp, "w") as f:
@@ -188,10 +192,10 @@ def add_viescore(url, model_name, images, results):
         r["viescore"] = judge.score(png(src), png(pred), text)["viescore"]
 
 
-def format_table(summary: dict) -> str:
+def format_table(summary: dict, by: str = "category") -> str:
     groups = {**summary["groups"], "overall": summary["overall"]}
     cols = [c for c in COLUMNS if any(c in g for g in groups.values())]
-    lines = [f"{'category':<14}" + "".join(f"{c:>13}" for c in cols)]
+    lines = [f"{by:<14}" + "".join(f"{c:>13}" for c in cols)]
     for name, g in groups.items():
         cells = []
         for c in cols:

@@ -109,7 +109,10 @@ def test_evaluate_accepts_any_valid_place_for_an_add(ckpt, world, tmp_path):
         r = run("evaluate.py", "--ckpt", ckpt, "--data", world / "eval.jsonl", "--out", out, "--pred-dir", preds,
                 "--instruction-field", field)
         assert r.returncode == 0, r.stderr
-        samples = json.load(open(out))["samples"]
+        res = json.load(open(out))
+        samples, by_kind = res["samples"], res["summary_by_kind"]["groups"]
+        assert by_kind["add"]["success_rate"] == (1.0 if expect else 1 - len(moved) / by_kind["add"]["count"])
+        assert any(line.split()[:2] == ["kind", "count"] for line in r.stdout.splitlines())  # the per-kind table
         assert all(samples[i]["success"] is expect for i in moved), [samples[i] for i in moved]
         assert all(s["success"] for i, s in enumerate(samples) if i not in moved)
         assert all(samples[i]["valid_targets"] > 1 for i in moved) is expect
