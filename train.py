@@ -339,7 +339,7 @@ def main(argv=None) -> int:
         if rt.is_main and log_now:
             rate = samples_per_step * cfg.log_every / (time.perf_counter() - t0)
             t0 = time.perf_counter()
-            row = {"step": step, "lr": scheduler.get_last_lr()[0], "skipped": skipped,
+            row = {"step": step, "lr": scheduler.get_last_lr()[0], "skipped": skipped, "samples_s": round(rate, 3),
                    **{k: float(v) for k, v in sums.items()}}
             row["loss"] = sum(v for k, v in row.items() if k in sums)
             log.write(json.dumps(row) + "\n")
