@@ -146,8 +146,11 @@ def main(argv=None) -> int:
     with open(tmp, "w") as f:
         json.dump(out, f, indent=1, default=float)
     os.replace(tmp, a.out)
-    sheet = contact_sheet(images[:8], os.path.splitext(a.out)[0] + ".png")
-    print(f"wrote {a.out} and {sheet}")
+    stem = os.path.splitext(a.out)[0]
+    sheets = [contact_sheet(images[:8], stem + ".png")]
+    if any(r["category"] for r in results):
+        sheets.append(category_grid(images, results, stem + "-grid.png"))
+    print(f"wrote {a.out} and {' and '.join(sheets)}")
     return 0
 
 
@@ -218,6 +221,37 @@ def contact_sheet(items, path: str) -> str:
         for c, img in enumerate((src, tgt, pred)):
             sheet.paste(img.convert("RGB").resize((cell, cell), Image.NEAREST), (c * cell, y))
         draw.text((2, y + cell + 1), text[:48], fill="black")
+    tmp = path + ".tmp.png"
+    sheet.save(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def category_grid(images, results, path: str, per_row: int = 4) -> str:
+    """One row per category: its first `per_row` edits, each as source | edit | target over its instruction."""
+    import textwrap
+
+    from PIL import Image, ImageDraw
+
+    cell, text_h, label_w = 64, 12, 96
+    rows = {}
+    for (src, tgt, pred, text), r in zip(images, results):
+        rows.setdefault(r["category"] or "(none)", [])
+        if len(rows[r["category"] or "(none)"]) < per_row:
+            rows[r["category"] or "(none)"].append((src, pred, tgt, text, r.get("success")))
+    width = label_w + per_row * (3 * cell + 8)
+    sheet = Image.new("RGB", (width, len(rows) * (cell + 2 * text_h + 6)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (name, items) in enumerate(sorted(rows.items())):
+        y = i * (cell + 2 * text_h + 6)
+        draw.text((4, y + cell // 2 - 6), name, fill="black")
+        for j, (src, pred, tgt, text, ok) in enumerate(items):
+            x = label_w + j * (3 * cell + 8)
+            for k, img in enumerate((src, pred, tgt)):
+                sheet.paste(img.convert("RGB").resize((cell, cell), Image.NEAREST), (x + k * cell, y))
+            mark = "" if ok is None else ("ok: " if ok else "miss: ")
+            for n, line in enumerate(textwrap.wrap(mark + text, 34)[:2]):
+                draw.text((x, y + cell + 1 + n * text_h), line, fill="black")
     tmp = path + ".tmp.png"
     sheet.save(tmp)
     os.replace(tmp, path)

@@ -80,6 +80,8 @@ def test_evaluate_writes_table_json_and_sheet(ckpt, world, tmp_path):
     assert res["count"] == 3 and len(res["samples"]) == 3
     assert {"psnr_bg", "ssim_bg", "psnr_in", "success"} <= set(res["samples"][0])
     assert os.path.isfile(tmp_path / "res.png")
+    grid = Image.open(tmp_path / "res-grid.png")  # one row per category present in the 3 rows scored
+    assert grid.height == len({s["category"] for s in res["samples"]}) * (64 + 2 * 12 + 6)
     # Scoring the edits already made (--pred-dir) gives the same numbers without running the model.
     r2 = run("evaluate.py", "--ckpt", ckpt, "--data", world / "eval.jsonl", "--out", tmp_path / "again.json",
              "--limit", 3, "--pred-dir", tmp_path / "res-edits")
