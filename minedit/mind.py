@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from . import build
+from .errors import UserError
+from .vision_head import embed_loss
 
 
 class MindInputs(NamedTuple):
@@ -113,3 +115,51 @@ def generate(model, images: torch.Tensor, texts: list[str]) -> tuple[list[str], 
     v = model.vision_head(prefill, x.prompt_mask)
     new = out.sequences[:, x.input_ids.shape[1]:]
     return [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)], v
+
+
+# ---------------------------------------------------------------- the recipe's conditions and stage-1 loss
+def conditions(model, images: torch.Tensor, texts: list[str], use_image_branch: bool = True, use_topt: bool = True):
+    """Inference: greedy T_opt and v_insight from one generation -> (f_txt, f_img, v_insight, T_opt).
+    f_txt = CLIP_text(T_opt) (the raw instruction with `use_topt=False`: Table 2 ablation #2); f_img =
+    image_proj(v_insight), None without the image branch (ablation #1, identical to λ = 0)."""
+    topt, v = generate(model, images, texts)
+    f_txt = model.encode_text(topt if use_topt else texts)
+    f_img = model.image_proj(v.to(model.image_proj.image_embeds.weight.dtype)) if use_image_branch else None
+    return f_txt, f_img, v, topt
+
+
+def stage1_losses(model, batch) -> dict:
+    """Stage 1 (eq. 6): {"text": ℓ_text, "embed": λ·ℓ_embed}, or one of them (`mind_losses`: Table 2's
+    independent models); the parts sum to the loss."""
+    cfg = model.cfg
+    optimized = batch.get("optimized_instruction")
+    if optimized is None or not all(t.strip() for t in optimized):
+        raise UserError("mindedit stage 1 needs an `optimized_instruction` for every row (the text head's "
+                        "target, MIND-Edit eq. 4) — add it to the manifest")
+    source, target = batch["source"].to(model.device), batch["target"].to(model.device)
+    loss_text, v = teacher_forward(model, source, batch["instruction"], optimized,
+                                   need_text=cfg.mind_losses != "embed")
+    parts = {}
+    if cfg.mind_losses != "embed":
+        parts["text"] = loss_text
+    if cfg.mind_losses != "text":
+        with torch.no_grad():
+            target_img = model.encode_image_clip(target).float()
+        parts["embed"] = cfg.mind_embed_weight * embed_loss(v, target_img)
+    return parts
+
+
+def teacher_conditions(model, batch, target: torch.Tensor):
+    """Stage 2 (teacher forcing, as IP-Adapter is trained) -> (f_txt, f_img, v): f_txt = frozen CLIP_text of the
+    ground-truth optimized instruction (the raw instruction where a row has none), f_img = image_proj(
+    CLIP_image(I_tar)) — the inputs the stage-1 MLLM's T_opt and v_insight stand in for at inference.
+
+    Trainable here: the UNet, the projection and to_k_ip/to_v_ip. The paper keeps a pretrained SD + IP-Adapter
+    frozen; this package's generation module starts from an InstructPix2Pix UNet (or a random toy one) whose
+    cross-attention never saw image prompts, so it must learn to edit with them."""
+    texts = [o if o and o.strip() else raw for o, raw in
+             zip(batch.get("optimized_instruction") or batch["instruction"], batch["instruction"])]
+    with torch.no_grad():
+        f_txt = model.encode_text(texts)
+        v = model.encode_image_clip(target)
+    return f_txt, model.image_proj(v.to(model.image_proj.image_embeds.weight.dtype)), v

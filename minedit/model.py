@@ -38,7 +38,7 @@ from .lora import inject_lora
 from .errors import UserError
 from .mm_tokens import MM_TOKEN, add_mm_tokens, load_mm_rows, mask_original_rows, mm_forward, mm_rows_state_dict
 from .qformer import QFormer
-from .vision_head import VisionHead, embed_loss
+from .vision_head import VisionHead
 
 # The trainable parts per recipe and stage (DESIGN §4). Everything not listed is frozen.
 STAGE_TRAINABLE = {
@@ -49,7 +49,7 @@ STAGE_TRAINABLE = {
     ("smartedit", 2): {"lora", "mm_rows", "qformer", "bim", "unet"},
     ("ip2p", 2): {"unet"},
     # MIND-Edit: stage 1 trains the MLLM's LoRA (text head = the LLM's own lm_head, frozen) and the vision head;
-    # stage 2 trains the generation module (see _forward_mind_edit for why the UNet trains too).
+    # stage 2 trains the generation module (see mind.teacher_conditions for why the UNet trains too).
     ("mindedit", 1): {"lora", "vision_head"},
     ("mindedit", 2): {"unet", "unet.ip", "image_proj"},
 }
@@ -296,12 +296,8 @@ class EditModel(nn.Module):
 
     def mind_conditions(self, images: torch.Tensor, texts: list[str], use_image_branch: bool = True,
                         use_topt: bool = True) -> Conditions:
-        """MIND-Edit inference: greedy T_opt and v_insight from one generation; f_txt = CLIP_text(T_opt) (the raw
-        instruction with `use_topt=False`: ablation #2), f_img = image_proj(v_insight) (None without the image
-        branch: ablation #1, identical to λ = 0)."""
-        topt, v = mind.generate(self, images, texts)
-        f_txt = self.encode_text(topt if use_topt else texts)
-        f_img = self.image_proj(v.to(self.image_proj.image_embeds.weight.dtype)) if use_image_branch else None
+        """MIND-Edit inference conditions (mind.conditions): f_txt = CLIP_text(T_opt), f_img = image_proj(v)."""
+        f_txt, f_img, v, topt = mind.conditions(self, images, texts, use_image_branch, use_topt)
         return Conditions(f_txt=f_txt, f_img=f_img, v=v, texts=topt)
 
     def null_image_tokens(self, like: torch.Tensor) -> torch.Tensor:
@@ -324,45 +320,10 @@ class EditModel(nn.Module):
     def forward(self, batch: dict, stage: int):
         """-> (total loss fp32, {name: detached fp32 loss}) for one batch (DESIGN §4)."""
         if self.cfg.uses_vision_head and stage == 1:
-            return self._forward_mind_mllm(batch)
+            return self._total(mind.stage1_losses(self, batch))
         if stage == 1:
             return self._forward_alignment(batch)
         return self._forward_edit(batch, stage)
-
-    def _forward_mind_mllm(self, batch):
-        """MIND-Edit stage 1 (eq. 6): ℓ_text + λ·ℓ_embed, or one of them (`mind_losses`: Table 2's independent
-        models). Logged parts: "text" = ℓ_text, "embed" = λ·ℓ_embed (so the parts sum to the loss)."""
-        cfg = self.cfg
-        optimized = batch.get("optimized_instruction")
-        if optimized is None or not all(t.strip() for t in optimized):
-            raise UserError("mindedit stage 1 needs an `optimized_instruction` for every row (the text head's "
-                            "target, MIND-Edit eq. 4) — add it to the manifest")
-        source, target = batch["source"].to(self.device), batch["target"].to(self.device)
-        loss_text, v = mind.teacher_forward(self, source, batch["instruction"], optimized,
-                                            need_text=cfg.mind_losses != "embed")
-        parts = {}
-        if cfg.mind_losses != "embed":
-            parts["text"] = loss_text
-        if cfg.mind_losses != "text":
-            with torch.no_grad():
-                target_img = self.encode_image_clip(target).float()
-            parts["embed"] = cfg.mind_embed_weight * embed_loss(v, target_img)
-        return self._total(parts)
-
-    def _mind_teacher_conditions(self, batch, target):
-        """MIND-Edit stage 2 (teacher forcing, as IP-Adapter is trained): f_txt = frozen CLIP_text of the
-        ground-truth optimized instruction (the raw instruction where a row has none), f_img = image_proj(
-        CLIP_image(I_tar)) — the inputs the stage-1 MLLM's T_opt and v_insight stand in for at inference.
-
-        Trainable here: the UNet, the projection and to_k_ip/to_v_ip. The paper keeps a pretrained SD +
-        IP-Adapter frozen; this package's generation module starts from an InstructPix2Pix UNet (or a random toy
-        one) whose cross-attention never saw image prompts, so it must learn to edit with them."""
-        texts = [o if o and o.strip() else raw for o, raw in
-                 zip(batch.get("optimized_instruction") or batch["instruction"], batch["instruction"])]
-        with torch.no_grad():
-            f_txt = self.encode_text(texts)
-            v = self.encode_image_clip(target)
-        return Conditions(f_txt=f_txt, f_img=self.image_proj(v.to(self.image_proj.image_embeds.weight.dtype)), v=v)
 
     def _forward_alignment(self, batch):
         images, captions = batch["image"].to(self.device), batch["caption"]
@@ -390,7 +351,8 @@ class EditModel(nn.Module):
         t = rand("t", lambda: torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (b,),
                                             device=self.device))
         if cfg.uses_vision_head:
-            cond = self._mind_teacher_conditions(batch, target)
+            f_txt, f_img, v = mind.teacher_conditions(self, batch, target)
+            cond = Conditions(f_txt=f_txt, f_img=f_img, v=v)
         else:
             cond = self.conditions(source, batch["instruction"], tuple(z_src.shape[-2:]), image_branch)
         parts = {}

@@ -297,8 +297,8 @@ def test_stage_hand_off_and_infer_end_to_end(chain, world, tmp_path):
     from minedit import checkpoint as ckpt
 
     logs = {s: [json.loads(r) for r in (chain / s / "log.jsonl").read_text().splitlines()] for s in ("s1", "s2")}
-    assert all(set(r) - {"step", "lr", "skipped", "loss"} == {"text", "embed"} for r in logs["s1"])
-    assert all(set(r) - {"step", "lr", "skipped", "loss"} == {"diff"} for r in logs["s2"])
+    assert all(set(r) - {"step", "lr", "skipped", "samples_s", "loss"} == {"text", "embed"} for r in logs["s1"])
+    assert all(set(r) - {"step", "lr", "skipped", "samples_s", "loss"} == {"diff"} for r in logs["s2"])
     w1, w2 = (ckpt.load_weights(ckpt.find_checkpoint(str(chain / s))) for s in ("s1", "s2"))
     carried = [k for k in w1 if "lora_" in k or k.startswith("vision_head.")]
     assert carried and all(torch.equal(w1[k], w2[k]) for k in carried)  # stage 1's parts, bit for bit
