@@ -3,7 +3,8 @@
 The mid-size config is the full architecture shrunk to what a CPU can time in minutes (#8): an SD1.5-shaped
 UNet (four blocks, two layers each, cross-attention in the first three) with every width divided by 4, run at
 256 px, and a 2-layer LLM. Everything is built from config with random weights: latency and memory do not
-depend on what the weights are.
+depend on what the weights are. `full` is the full preset's architecture built the same way (its fields, random
+weights, the toy word-level tokenizers: no hub access).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from minedit import runtime  # noqa: E402
 from minedit.config import apply_overrides, preset  # noqa: E402
 from minedit.errors import UserError  # noqa: E402
+from minedit.model import EditModel  # noqa: E402
 
 MID = dict(
     unet_channels=(80, 160, 320, 320), unet_layers_per_block=2, unet_head_dim=8, unet_norm_groups=16,
@@ -37,13 +39,28 @@ MID = dict(
 
 
 def config(size: str, recipe: str = "insightedit", stage: int | None = None, overrides: list[str] = ()):
-    """`toy` = the toy preset; `mid` = the toy preset with the MID widths above; `full` = the full preset."""
+    """`toy` = the toy preset; `mid` = the toy preset with the MID widths above; `full` = the full preset's
+    architecture and precision. All three are built from their fields (no *_path), like the toy preset."""
     cfg = preset(recipe, "full" if size == "full" else "toy", stage)
     if size == "mid":
         for k, v in MID.items():
             setattr(cfg, k, v)
-        cfg.preset = "toy"  # built from config (no *_path), like the toy preset
+    cfg.mllm_path = cfg.sd_path = cfg.clip_path = ""
+    cfg.preset = "toy"
     return apply_overrides(cfg, list(overrides)).validate()
+
+
+def build_model(cfg, size: str, device: torch.device) -> EditModel:
+    """EditModel(cfg) with random weights, initialised on `device` itself (a 7B model initialises in seconds on a
+    GPU). A `full` model's embedding matrices get the real vocabulary's rows (the toy tokenizer is small), so
+    every tensor has the full model's shape."""
+    torch.manual_seed(cfg.seed)
+    with torch.device(device):
+        model = EditModel(cfg)
+        if size == "full" and cfg.uses_mllm:
+            rows = cfg.llm_vocab + (cfg.num_mm_tokens if cfg.uses_mm_tokens else 0)
+            model.mllm.resize_token_embeddings(rows, mean_resizing=False)
+    return model.to(device)
 
 
 def median_time(fn, repeats: int, warmup: int = 1, sync=None) -> list[float]:

@@ -272,29 +272,24 @@ def meter_for(device: torch.device):
 # ----------------------------------------------------------------------------------------------------------------
 # The model to measure
 def measured_config(size: str, recipe: str, stage: int, ckpt: bool = False, precision: str | None = None):
-    """The size's config, built from its architecture fields (toy tokenizers: no hub access). `full` is the full
-    preset's architecture and precision; toy and mid take the full preset's precision too unless given."""
-    if size == "full":
-        cfg = preset(recipe, "full", stage)
-        cfg.mllm_path = cfg.sd_path = cfg.clip_path = ""
-        cfg.preset = "toy"  # built from config, with the toy word-level tokenizers
-    else:  # common.config("mid", "mindedit") keeps the toy vision_head_layer 3 with MID's 2 LLM layers
-        over = ["--vision_head_layer=2"] if size == "mid" and recipe == "mindedit" else []
-        cfg = common.config(size, recipe, stage, over)
+    """The size's config (common.config: built from its architecture fields, no hub access); toy and mid take the
+    full preset's precision too unless given."""
+    # common.config("mid", "mindedit") keeps the toy vision_head_layer 3 with MID's 2 LLM layers
+    over = ["--vision_head_layer=2"] if size == "mid" and recipe == "mindedit" else []
+    cfg = common.config(size, recipe, stage, over)
     cfg.grad_checkpointing = ckpt
     cfg.precision = precision or preset(recipe, "full").precision
     return cfg.validate()
 
 
 def materialize(cfg, size: str, stage: int, device: torch.device, meter, frozen_dtype: torch.dtype) -> EditModel:
-    """The model train.py would hold for the stage. `full` is built on meta and then given storage on the device
-    (uninitialised: memory does not depend on the values); the embedding matrices get the real vocabulary's rows
-    (the toy tokenizer is small), so every tensor has the full model's shape."""
-    if size != "full":
-        torch.manual_seed(cfg.seed)
-        model = EditModel(cfg)
+    """The model train.py would hold for the stage: random weights (common.build_model), except `full` on the CPU,
+    which is built on meta and then given uninitialised storage inside the Ledger (for shape-only steps); its
+    embedding matrices get the real vocabulary's rows, as common.build_model gives them."""
+    if size != "full" or device.type == "cuda":
+        model = common.build_model(cfg, size, device)
         stage_model(model, stage, frozen_dtype)
-        return model.to(device)
+        return model
     model = EditModel(cfg, meta=True)
     if cfg.uses_mllm:
         rows = cfg.llm_vocab + (cfg.num_mm_tokens if cfg.uses_mm_tokens else 0)
@@ -481,19 +476,24 @@ def measure_inference(device: torch.device, log) -> list[dict]:
 
 
 def check_rows(selection: dict, log) -> list[dict]:
-    """Toy size, fp32, batch 2: the same step computed and shape-only (the method's check)."""
+    """Toy size, fp32, batch 2: the same step computed and shape-only (the method's check), with checkpointing
+    too where set_stage applies it."""
     rows = []
     cpu = torch.device("cpu")
+    rt = runtime.Runtime(device=cpu, precision="fp32")
     for recipe, stages in selection.items():
         for stage in stages:
             for ckpt in (False, True):
                 got = {}
                 for compute in (True, False):
                     cfg = measured_config("toy", recipe, stage, ckpt, precision="fp32")
-                    rt = runtime.Runtime(device=cpu, precision="fp32")
                     model = materialize(cfg, "toy", stage, cpu, Ledger(), torch.float32).train()
+                    if ckpt and not checkpointing_applies(model):
+                        break
                     got[compute] = measure_step(model, stage, 2, Ledger(compute), rt)
-                rows.append(dict(recipe=recipe, stage=stage, ckpt=ckpt, computed=got[True], shape_only=got[False]))
+                if got:
+                    rows.append(dict(recipe=recipe, stage=stage, ckpt=ckpt, computed=got[True],
+                                     shape_only=got[False]))
             log(f"  check {recipe} stage {stage} done")
     return rows
 

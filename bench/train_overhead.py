@@ -2,7 +2,7 @@
 
     python bench/train_overhead.py                          # toy and mid size, CPU, 1 thread
     python bench/train_overhead.py --sizes mid --repeats 3
-    python bench/train_overhead.py --device cuda --sizes mid --batch-size 8 --precision bf16
+    python bench/train_overhead.py --device cuda --precision bf16 --sizes toy,mid,full     # on a GPU
 
 "train.py" is `train.main(...)` run in this process on a small toy world, its seconds per step read from the
 `samples_s` column of log.jsonl (the wall time between two log rows, so data loading, the per-sample random
@@ -11,6 +11,11 @@ warm-up and dropped). "bare" is the same model, built and frozen the same way, s
 beforehand and kept in memory: forward, backward, AdamW step, nothing else. Both run interleaved (repeats);
 the figure is the median of the per-repeat ratios. Target (#8): ≤ 1.10×.
 Stage 2 needs a stage-1 checkpoint (--init); one is trained for a single step first, outside the timing.
+
+`full` (CUDA only) is the full preset's architecture with random weights (bench/common.py) and times the bare
+step alone: its figures are stage-2 samples/s and the peak of torch.cuda's allocator (target #8: ≥ 25 samples/s
+on one H100). Building a 7B model from config inside train.py means an fp32 CPU initialisation (minutes), so the
+loop's overhead is taken from the mid size, whose step runs the same code.
 """
 from __future__ import annotations
 
@@ -35,7 +40,7 @@ from minedit.errors import UserError, run_cli
 from minedit.model import EditModel
 
 RECIPE, STAGE = "insightedit", 2
-SIZES = ("toy", "mid")
+SIZES = ("toy", "mid", "full")
 
 
 def overrides(size: str, args) -> list[str]:
@@ -65,6 +70,7 @@ def train_seconds_per_step(work: str, size: str, args, init: str) -> float:
 
 
 def bare_seconds_per_step(model, batches, optimizer, rt, n: int, sync) -> float:
+    """Seconds per bare step, after n warm-up steps."""
     it = itertools.cycle(batches)
 
     def step():
@@ -86,14 +92,18 @@ def bare_seconds_per_step(model, batches, optimizer, rt, n: int, sync) -> float:
     return (time.perf_counter() - t0) / n
 
 
-def make_bare(init: str, size: str, args, rt):
-    """The model train.py builds for the run (same config, init weights, stage split, device), and batches."""
-    cfg = train.resolve_config(*train.parse_args(
-        ["--recipe", RECIPE, "--stage", "2", "--init", init, "--out", "unused"]
-        + overrides(size, args)))
-    torch.manual_seed(cfg.seed)
-    model = EditModel(cfg)
-    model.load_checkpoint_state(ckpt.load_weights(ckpt.find_checkpoint(init)))
+def make_bare(init: str | None, size: str, args, rt):
+    """The model train.py builds for the run (same config, init weights, stage split, device), and batches;
+    `full`: random weights, built on the device (no init)."""
+    if size == "full":
+        cfg = common.config("full", RECIPE, STAGE, overrides(size, args))
+        model = common.build_model(cfg, size, rt.device)
+    else:
+        cfg = train.resolve_config(*train.parse_args(
+            ["--recipe", RECIPE, "--stage", "2", "--init", init, "--out", "unused"] + overrides(size, args)))
+        torch.manual_seed(cfg.seed)
+        model = EditModel(cfg)
+        model.load_checkpoint_state(ckpt.load_weights(ckpt.find_checkpoint(init)))
     model.set_stage(STAGE, rt.frozen_dtype)
     model.to(rt.device).train()
     data, _ = train.build_data(cfg, argparse.Namespace(data=None), rt)
@@ -112,25 +122,30 @@ def bench(size: str, args) -> dict:
 
 
 def bench_in(work: str, size: str, args) -> dict:
-    init = os.path.join(work, f"{size}-s1")
-    run_train(["--recipe", RECIPE, "--stage", "1", "--out", init, "--max-steps", "1", "--device", args.device]
-              + overrides(size, args))
+    init = None
+    if size != "full":
+        init = os.path.join(work, f"{size}-s1")
+        run_train(["--recipe", RECIPE, "--stage", "1", "--out", init, "--max-steps", "1", "--device", args.device]
+                  + overrides(size, args))
     rt = runtime.setup(args.precision, args.device)
     model, batches, optimizer = make_bare(init, size, args, rt)
     sync = common.sync_for(rt.device)
+    if rt.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(rt.device)
     loop, bare = [], []
     for r in range(args.repeats):  # interleaved, alternating which goes first
         order = ("train", "bare") if r % 2 == 0 else ("bare", "train")
         for which in order:
-            if which == "train":
-                loop.append(train_seconds_per_step(work, size, args, init))
-            else:
+            if which == "bare":
                 bare.append(bare_seconds_per_step(model, batches, optimizer, rt, args.steps, sync))
-        print(f"  {size} repeat {r + 1}: train.py {loop[-1] * 1e3:.1f} ms/step, bare {bare[-1] * 1e3:.1f} ms/step",
-              flush=True)
+            elif size != "full":
+                loop.append(train_seconds_per_step(work, size, args, init))
+        print(f"  {size} repeat {r + 1}: " + (f"train.py {loop[-1] * 1e3:.1f} ms/step, " if loop else "")
+              + f"bare {bare[-1] * 1e3:.1f} ms/step", flush=True)
+    peak = torch.cuda.max_memory_allocated(rt.device) if rt.device.type == "cuda" else None
     ratios = [a / b for a, b in zip(loop, bare)]
-    return dict(size=size, loop=common.median(loop), bare=common.median(bare), ratio=common.median(ratios),
-                ratios=ratios)
+    return dict(size=size, loop=common.median(loop) if loop else None, bare=common.median(bare),
+                ratio=common.median(ratios) if ratios else None, peak=peak)
 
 
 def check_args(args) -> list[str]:
@@ -148,7 +163,7 @@ def check_args(args) -> list[str]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
-    p.add_argument("--sizes", default=",".join(SIZES))
+    p.add_argument("--sizes", default="toy,mid", help="toy, mid, full (full: CUDA only), comma-separated")
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--batch-size", type=int, default=None, help="default: 32 toy, 2 mid on CPU (8 on CUDA)")
@@ -162,6 +177,8 @@ def main(argv=None) -> int:
     device = common.pick_device(args.device)
     torch.set_num_threads(args.threads)
     args.device = str(device)
+    if "full" in sizes and device.type != "cuda":
+        raise UserError("--sizes full needs --device cuda (a 7B model's training steps take minutes on a CPU)")
     if args.workers is None:
         args.workers = 4 if device.type == "cuda" else 0
     print(common.machine(device))
@@ -173,10 +190,15 @@ def main(argv=None) -> int:
         results.append(bench(size, a) | {"batch": a.batch_size})
     print(f"\nstage 2 insightedit, {args.precision}, {device.type}, DataLoader workers {args.workers}; "
           f"{args.steps} timed steps per repeat")
-    print(f"\n| size | batch | train.py ms/step | bare ms/step | ratio (median of {args.repeats}) |")
-    print("|---|---|---|---|---|")
+    print(f"\n| size | batch | train.py ms/step | bare ms/step | ratio (median of {args.repeats}) | "
+          "bare samples/s | peak GB |")
+    print("|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['size']} | {r['batch']} | {r['loop'] * 1e3:.1f} | {r['bare'] * 1e3:.1f} | {r['ratio']:.3f}× |")
+        loop = f"{r['loop'] * 1e3:.1f}" if r["loop"] else "–"
+        ratio = f"{r['ratio']:.3f}×" if r["ratio"] else "–"
+        peak = f"{r['peak'] / 2 ** 30:.2f}" if r["peak"] is not None else "–"
+        print(f"| {r['size']} | {r['batch']} | {loop} | {r['bare'] * 1e3:.1f} | {ratio} | "
+              f"{r['batch'] / r['bare']:.2f} | {peak} |")
     return 0
 
 
