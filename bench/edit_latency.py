@@ -35,6 +35,7 @@ import time
 from collections import Counter
 
 import torch
+from diffusers.utils import logging as diffusers_logging
 
 import common
 
@@ -231,6 +232,7 @@ def main(argv=None) -> int:
         raise UserError("--sizes full needs --device cuda (a 7B model's edits take minutes on a CPU, and its fp32 "
                         "initialisation needs 30 GB of RAM)")
     torch.set_num_threads(args.threads)
+    diffusers_logging.set_verbosity_error()  # casting the stock UNet to bf16 warns about from_pretrained
     print(common.machine(device))
     results = []
     for size in sizes:

@@ -25,7 +25,9 @@ Two figures per step, in bytes of tensor storage:
   * held: what is alive at the end of the forward beyond the weights = what autograd keeps for backward
     (attributed to parts by forward hooks; deduplicated by storage) + anything else still referenced;
   * peak: the most bytes alive at any moment of forward + backward (gradients included, as they appear).
-Per sample = (batch 2) − (batch 1); fixed = batch 1 − per sample. `--check` runs the toy model both ways
+Per sample = (batch 2) − (batch 1); fixed = batch 1 − per sample. With --device cuda the steps are computed
+for real, on random weights built on the GPU (bench/common.py), and the peaks come from torch.cuda's allocator
+counters (the ladder also stops where the GPU runs out of memory). `--check` runs the toy model both ways
 (computed and shape-only, fp32) and prints the two peaks: they agree to < 1 % (oneDNN returns channels-last
 outputs for some CPU convolutions where the meta kernel — like cuDNN for contiguous inputs — does not).
 Attention: the CPU runs SDPA's flash kernel (`_scaled_dot_product_flash_attention_for_cpu`), which saves the
