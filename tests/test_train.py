@@ -65,7 +65,11 @@ def user_error(p: subprocess.CompletedProcess | tuple, *words: str) -> str:
 
 
 def read_log(run_dir) -> list[dict]:
-    return [json.loads(line) for line in Path(run_dir, "log.jsonl").read_text().splitlines()]
+    """log.jsonl's rows without `samples_s`: a timing, which differs between runs that compute the same."""
+    rows = [json.loads(line) for line in Path(run_dir, "log.jsonl").read_text().splitlines()]
+    for row in rows:
+        assert row.pop("samples_s") > 0
+    return rows
 
 
 def final_weights(run_dir) -> dict:
