@@ -234,12 +234,28 @@ def unet_kwargs(cfg: Config) -> dict:
                 attention_head_dim=cfg.unet_head_dim, norm_num_groups=cfg.unet_norm_groups)
 
 
+def _check_loaded_unet(cfg: Config, loaded) -> None:
+    """A UNet loaded from sd_path keeps its own architecture; the config's unet_* fields must describe it (BIM
+    and the conditioning are sized from them), so an override that disagrees is an error, not silently ignored."""
+    want = unet_kwargs(cfg)
+    fields = {"block_out_channels": "unet_channels", "down_block_types": "unet_cross_attn_blocks",
+              "layers_per_block": "unet_layers_per_block", "cross_attention_dim": "text_hidden"}
+    bad = [f"{name}={getattr(cfg, name)} (the loaded UNet has {key}={loaded[key]})" for key, name in fields.items()
+           if (tuple(loaded[key]) if isinstance(loaded[key], list) else loaded[key]) != want[key]]
+    if bad:
+        from .errors import UserError
+
+        raise UserError(f"the UNet in {cfg.sd_path} does not match the config: {'; '.join(bad)} — a loaded UNet "
+                        "keeps its own architecture: drop the override, or set the fields to the loaded ones")
+
+
 def build_unet(cfg: Config, dtype=torch.float32, meta: bool = False):
     """The 8-channel editing UNet (noisy target latent ⊕ source latent). A 4-channel SD UNet is expanded."""
     from diffusers import UNet2DConditionModel
 
     if path := _pretrained(cfg.sd_path, meta):
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", dtype=dtype)
+        _check_loaded_unet(cfg, unet.config)
         return expand_unet_in_channels(unet, 8)
     with _device_ctx(meta):
         unet = UNet2DConditionModel(**unet_kwargs(cfg))

@@ -10,7 +10,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer, CLIPModel, CLIPTextModel, CLIPVisionModelWithProjection
 
-from minedit.config import preset
+from minedit import build
+from minedit.config import apply_overrides, preset
+from minedit.errors import UserError
 from minedit.model import EditModel
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "pretrain_toy_bases.py"
@@ -116,3 +118,12 @@ def test_greedy_decoding_equals_argmax_loop(run):
                 break
             ids = torch.cat([ids, nxt.view(1, 1)], 1)
         assert answer == tok.decode(ids[0, len(p):], skip_special_tokens=True)
+
+
+def test_architecture_override_that_the_loaded_unet_contradicts_is_an_error():
+    """--unet_cross_attn_blocks=... with a UNet loaded from sd_path would be silently ignored: refuse it."""
+    cfg = apply_overrides(preset("ip2p", "toy"), ["--sd_path=assets/toy/base/sd"]).validate()
+    assert build.build_unet(cfg).config.in_channels == 8  # the shipped base agrees with the toy preset
+    cfg = apply_overrides(cfg, ["--unet_cross_attn_blocks=True,True,True"]).validate()
+    with pytest.raises(UserError, match=r"unet_cross_attn_blocks=\(True, True, True\)"):
+        build.build_unet(cfg)
