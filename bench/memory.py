@@ -79,11 +79,7 @@ INSTRUCTION = ("replace the small red car parked on the left side of the quiet s
 # ----------------------------------------------------------------------------------------------------------------
 # Weights, gradients, AdamW state: exact, from the model built on meta
 def stage_model(model: EditModel, stage: int, frozen_dtype: torch.dtype) -> dict:
-    """model.set_stage, quickly: set_stage asks `_mm_matrix_names` once per parameter and that walks every
-    parameter again (quadratic: ~30 s for the full LLaVA), so the answer is computed once for this model."""
-    if model.cfg.uses_mm_tokens:
-        names = model._mm_matrix_names()
-        model._mm_matrix_names = lambda: names
+    """model.set_stage without transformers' deprecation notice for gradient_checkpointing_enable."""
     with warnings.catch_warnings():  # transformers' deprecation notice for gradient_checkpointing_enable
         warnings.simplefilter("ignore", FutureWarning)
         return model.set_stage(stage, frozen_dtype)

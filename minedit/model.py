@@ -140,9 +140,12 @@ class EditModel(nn.Module):
         return top
 
     def _mm_matrix_names(self) -> set:
-        names = {n for n, p in self.mllm.named_parameters(prefix="mllm")
-                 if p is self.mllm.get_input_embeddings().weight or p is self.mllm.get_output_embeddings().weight}
-        return names
+        """Names of the embedding and lm_head matrices, found once: part_of asks for every parameter, and a walk
+        per call would make set_stage quadratic (~30 s on the full LLaVA). Names never change after __init__."""
+        if getattr(self, "_mm_names", None) is None:
+            mats = (self.mllm.get_input_embeddings().weight, self.mllm.get_output_embeddings().weight)
+            self._mm_names = {n for n, p in self.mllm.named_parameters(prefix="mllm") if any(p is m for m in mats)}
+        return self._mm_names
 
     def set_stage(self, stage: int, frozen_dtype: torch.dtype = torch.float32) -> dict:
         """Apply the stage's trainable/frozen split; trainable parameters in fp32, frozen ones in `frozen_dtype`.
