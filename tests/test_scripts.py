@@ -138,3 +138,26 @@ def test_infer_bad_input_is_one_error_line(ckpt, tmp_path, args, needle):
     r = run("infer.py", *flags, *args)
     assert r.returncode == 2
     assert r.stderr.startswith("error: ") and needle in r.stderr and "Traceback" not in r.stderr
+
+
+def test_condition_gap_is_zero_exactly_when_the_text_has_no_path(world, tmp_path):
+    """scripts/condition_gap.py: with every cross-attention output zeroed the instruction cannot reach the UNet,
+    so the null-text loss equals the conditioned one; the untouched model's differ."""
+    gaps = {}
+    for name in ("plain", "no-text-path"):
+        torch.manual_seed(0)
+        cfg = preset("ip2p", "toy", 2)
+        model = EditModel(cfg)
+        if name == "no-text-path":
+            for mod_name, mod in model.unet.named_modules():
+                if mod_name.endswith("attn2.to_out.0"):
+                    torch.nn.init.zeros_(mod.weight), torch.nn.init.zeros_(mod.bias)
+        checkpoint.save_checkpoint(str(tmp_path / name), 1, cfg, model.checkpoint_state(2))
+        r = run("scripts/condition_gap.py", "--ckpt", tmp_path / name, "--data", world / "train.jsonl", "--rows", 8)
+        assert r.returncode == 0, r.stderr
+        table = json.loads(r.stdout.strip().splitlines()[-1])
+        assert [row["band"] for row in table] == ["0-250", "250-500", "500-750", "750-1000"]
+        assert all(row["null_both"] != row["cond"] for row in table)  # the source latent always matters
+        gaps[name] = [row["null_text"] - row["cond"] for row in table]
+    assert gaps["no-text-path"] == [0.0] * 4
+    assert all(g != 0 for g in gaps["plain"])
