@@ -10,12 +10,12 @@ Per sample, per category and overall (minedit/metrics.py defines each precisely)
     psnr_in            inside the mask vs the target
     success            edit success where targets are exact (≥ 90 % of in-mask pixels within 0.15 of the
                        target, L∞ over RGB in [0, 1], and background PSNR ≥ 25 dB)
-Toy-world add rows (`add_region`) have many right answers ("add a star at the top"): each is scored against the
-valid target nearest the edit (minedit.toyworld.nearest_target), and `valid_targets` says how many there were.
     lpips_bg           when the `lpips` package and its weights are installed
     clip_i, clip_score CLIP image–image (edit vs target) and 100·cos(edit, instruction), with a CLIPModel
                        (--clip, default the checkpoint's clip_path; skipped when it has none)
     viescore           ½(S_n/5 + S_i/5) from an MLLM judge (InsightEdit supp. eq. 1), with --judge-url
+Toy-world add rows (`add_region`) have many right answers ("add a star at the top"): each is scored against the
+valid target nearest the edit (minedit.toydraw.nearest_target), and `valid_targets` says how many there were.
 """
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     if a.steps is not None and a.steps <= 0:
         raise UserError(f"--steps {a.steps}: must be at least 1")
     import infer
-    from minedit import metrics, runtime, toyworld
+    from minedit import metrics, runtime, toydraw
     from minedit.data import load_image, load_mask, read_manifest
 
     infer.check_out_path(a.out)
@@ -113,15 +113,16 @@ def main(argv=None) -> int:
     for i, (row, pred_path) in enumerate(zip(rows, preds)):
         source, target, pred = (load_image(p) for p in (row["source"], row["target"], pred_path))
         size = target.size
+        edited = as_array(pred.resize(size))
         mask = load_mask(row["mask"], size) if row.get("mask") else None
         choices = 1
         # A toy-world add leaves size and place partly free: score against the valid answer nearest the edit.
         if a.instruction_field == "instruction" and row.get("add_region"):
-            nearest = toyworld.nearest_target(row, as_array(pred.resize(size)).astype(np.float32))
+            nearest = toydraw.nearest_target(row, edited.astype(np.float32))
             if nearest:
                 target, mask, choices = nearest
         mask = np.asarray(mask) > 127 if mask is not None else None
-        s = metrics.edit_scores(as_array(pred.resize(size)), as_array(target), as_array(source.resize(size)), mask,
+        s = metrics.edit_scores(edited, as_array(target), as_array(source.resize(size)), mask,
                                 lpips=metrics.LPIPS_AVAILABLE)
         s.update(index=i, category=row.get("category") or "", kind=row.get("kind") or "",
                  instruction=row[a.instruction_field], pred=pred_path, valid_targets=choices)
@@ -236,9 +237,9 @@ def category_grid(images, results, path: str, per_row: int = 4) -> str:
     cell, text_h, label_w = 64, 12, 96
     rows = {}
     for (src, tgt, pred, text), r in zip(images, results):
-        rows.setdefault(r["category"] or "(none)", [])
-        if len(rows[r["category"] or "(none)"]) < per_row:
-            rows[r["category"] or "(none)"].append((src, pred, tgt, text, r.get("success")))
+        row = rows.setdefault(r["category"] or "(none)", [])
+        if len(row) < per_row:
+            row.append((src, pred, tgt, text, r.get("success")))
     width = label_w + per_row * (3 * cell + 8)
     sheet = Image.new("RGB", (width, len(rows) * (cell + 2 * text_h + 6)), "white")
     draw = ImageDraw.Draw(sheet)

@@ -68,7 +68,7 @@ def toy_tokenizer(max_length: int, chat: bool):
     from tokenizers.models import WordLevel
     from transformers import PreTrainedTokenizerFast
 
-    from .toyworld import VOCAB
+    from .toyphrases import VOCAB
 
     specials = ["<unk>", "<pad>", "<s>", "</s>", IMAGE_TOKEN]
     vocab = {w: i for i, w in enumerate(specials + sorted(set(VOCAB) - set(specials)))}

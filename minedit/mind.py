@@ -118,13 +118,18 @@ def generate(model, images: torch.Tensor, texts: list[str]) -> tuple[list[str], 
 
 
 # ---------------------------------------------------------------- the recipe's conditions and stage-1 loss
+def _image_tokens(model, v: torch.Tensor) -> torch.Tensor:
+    """f_img = IP-Adapter's image projection of an image embedding v: B×D_img -> B×N×D_txt."""
+    return model.image_proj(v.to(model.image_proj.image_embeds.weight.dtype))
+
+
 def conditions(model, images: torch.Tensor, texts: list[str], use_image_branch: bool = True, use_topt: bool = True):
     """Inference: greedy T_opt and v_insight from one generation -> (f_txt, f_img, v_insight, T_opt).
     f_txt = CLIP_text(T_opt) (the raw instruction with `use_topt=False`: Table 2 ablation #2); f_img =
     image_proj(v_insight), None without the image branch (ablation #1, identical to λ = 0)."""
     topt, v = generate(model, images, texts)
     f_txt = model.encode_text(topt if use_topt else texts)
-    f_img = model.image_proj(v.to(model.image_proj.image_embeds.weight.dtype)) if use_image_branch else None
+    f_img = _image_tokens(model, v) if use_image_branch else None
     return f_txt, f_img, v, topt
 
 
@@ -162,4 +167,4 @@ def teacher_conditions(model, batch, target: torch.Tensor):
     with torch.no_grad():
         f_txt = model.encode_text(texts)
         v = model.encode_image_clip(target)
-    return f_txt, model.image_proj(v.to(model.image_proj.image_embeds.weight.dtype)), v
+    return f_txt, _image_tokens(model, v), v

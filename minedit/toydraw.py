@@ -54,10 +54,15 @@ def fits(o: dict, others: list[dict], size: int) -> bool:
     return not any((grown & footprint(p, size)).any() for p in others)
 
 
+def centre_range(size_word: str, size: int, box) -> tuple[int, int, int, int]:
+    """box = (x0, x1, y0, y1) (inclusive) cut to the centres where a shape of this size stays 1 px inside."""
+    lo, hi = math.ceil(RADIUS[size_word] * size) + 1, size - 2 - math.ceil(RADIUS[size_word] * size)
+    return max(lo, box[0]), min(hi, box[1]), max(lo, box[2]), min(hi, box[3])
+
+
 def place(rng, size, others, shape, size_word, box=(0, 10**9, 0, 10**9), tries=30):
     """A shape with its centre drawn in box = (x0, x1, y0, y1) (inclusive) that touches nothing, else None."""
-    lo, hi = math.ceil(RADIUS[size_word] * size) + 1, size - 2 - math.ceil(RADIUS[size_word] * size)
-    x0, x1, y0, y1 = max(lo, box[0]), min(hi, box[1]), max(lo, box[2]), min(hi, box[3])
+    x0, x1, y0, y1 = centre_range(size_word, size, box)
     if x0 > x1 or y0 > y1:
         return None
     for _ in range(tries):
@@ -78,10 +83,9 @@ def valid_targets(row: dict, size: int) -> list[dict]:
     new, others = row["target_objects"][-1], row["objects"]
     out = []
     for size_word in free["sizes"]:
-        lo, hi = math.ceil(RADIUS[size_word] * size) + 1, size - 2 - math.ceil(RADIUS[size_word] * size)
-        x0, x1, y0, y1 = free["box"]
-        for y in range(max(lo, y0), min(hi, y1) + 1):
-            for x in range(max(lo, x0), min(hi, x1) + 1):
+        x0, x1, y0, y1 = centre_range(size_word, size, free["box"])
+        for y in range(y0, y1 + 1):
+            for x in range(x0, x1 + 1):
                 o = {"shape": new["shape"], "size": size_word, "x": x, "y": y}
                 if fits(o, others, size):
                     out.append(dict(o, colour=new["colour"]))
@@ -89,7 +93,7 @@ def valid_targets(row: dict, size: int) -> list[dict]:
 
 
 def nearest_target(row: dict, pred: np.ndarray) -> tuple[Image.Image, Image.Image, int] | None:
-    """For an add row: the valid target (and its mask) closest to `pred` (H x W x 3 in [0, 1]) in mean squared
+    """For an add row: the valid target (and its mask) closest to `pred` (H x W x 3 in [0, 1]) in squared
     error, and how many valid targets there were. "Add a star at the top" has many right answers; an edit that
     draws the star anywhere the instruction allows is scored against that answer, not the one place the generator
     happened to draw. None for rows without an `add_region`."""
@@ -101,7 +105,7 @@ def nearest_target(row: dict, pred: np.ndarray) -> tuple[Image.Image, Image.Imag
     best, best_err = None, float("inf")
     for o in options:
         fp = footprint(o, size)
-        # Only the footprint differs from the source scene, so the error is the source's plus the change there.
+        # A candidate target is the source scene with the new shape's footprint painted: no render per candidate.
         err = ((pred - np.where(fp[..., None], np.float32(COLOURS[o["colour"]]) / 255, base)) ** 2).sum()
         if err < best_err:
             best, best_err = o, err

@@ -14,7 +14,7 @@ Every referring expression is checked to fit exactly one shape, with positions c
 0.15 x image side, so the target is well defined. Adds are under-determined by nature: the phrase fixes shape,
 colour (size when it says one) and a region, and one free place in that region is drawn; the row's
 `add_region` records the freedom (free sizes, box of centres) so that evaluation can accept any valid answer
-(`valid_targets`, `nearest_target`).
+(`minedit.toydraw.valid_targets`, `nearest_target`).
 
 Row texts: `instruction` (what trains: the simple phrasing on simple rows, the advanced one otherwise),
 `simple_instruction` (colour+shape phrasing, plus size or position where colour+shape is not unique),
@@ -24,7 +24,7 @@ T_opt), `caption` and `target_caption`. Rows also carry the scene descriptions (
 Choices the design left open: no anti-aliasing (exact palette pixels); sample i draws from numpy's
 default_rng([seed, i]), so a file never depends on n; category = i mod 3 and kind = (i div 3) mod 3, balanced
 exactly; the last round(n x eval_fraction) samples are the eval split; captions.jsonl holds the source and target
-images of the train split only. VOCAB is every word a template can emit, as split by `tokenize_words`.
+images of the train split only. The words and templates live in toyphrases.py (with VOCAB), drawing in toydraw.py.
 `cached_world` keeps one generated world per (VERSION, seed, n, size) for training runs to reuse.
 """
 from __future__ import annotations
@@ -42,17 +42,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from minedit.toyphrases import (  # noqa: F401  (VOCAB, tokenize_words: used by the toy bases' script)
+from minedit.toyphrases import (
     SHAPES, COLOURS, BACKGROUNDS, BG_WEIGHTS, RADIUS, CATEGORIES, KINDS, NUMBERS, ORDINALS, COLOUR_OF, SHAPE_CLUES,
     NEW_SHAPE_CLUES, COLOUR_CLAUSES, NEW_COLOUR_CLAUSES, COLOUR_OF_PHRASE, REMOVE, REMOVE_Q, REPLACE, REPLACE_Q,
     RESHAPE, RESHAPE_Q, RECOLOUR, RECOLOUR_Q, ADD, OPTIMIZED, QUESTIONS, HEADS, NAMED_HEAD, COLOURED_HEAD, RELATIVE,
     SIDE, BIGGER, SMALLER, ALIKE, COUNTING, ORDINAL, EXPLICIT, SIDE_WHERE, RELATIONS, CORNER, SAME_COLOUR, COPY,
-    WHERE, CAPTIONS, EMPTY_CAPTIONS, tokenize_words, VOCAB,
+    WHERE, CAPTIONS, EMPTY_CAPTIONS,
 )
 
-from minedit.toydraw import (  # noqa: F401  (render, valid_targets, nearest_target: this module's API)
-    dilate, fits, footprint, nearest_target, place, render, valid_targets,
-)
+from minedit.toydraw import dilate, fits, footprint, place, render
 
 VERSION = 2  # bump when the generator's output changes: cached worlds are keyed by it
 

@@ -61,7 +61,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python scripts/
 
 from minedit import build  # noqa: E402
 from minedit.config import preset  # noqa: E402
-from minedit.toyworld import CATEGORIES, KINDS, cached_world, tokenize_words  # noqa: E402
+from minedit.toyphrases import CATEGORIES, KINDS, tokenize_words  # noqa: E402
+from minedit.toyworld import cached_world  # noqa: E402
 
 CAPTION_PROMPT = "describe the picture."
 EDIT_SHARE = 0.6  # fraction of each MLLM batch drawn from the instruction task (the rest: captions)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from minedit import checkpoint, toyworld
+from minedit import checkpoint, toydraw, toyworld
 from minedit.config import preset
 from minedit.model import EditModel
 
@@ -100,9 +100,9 @@ def test_evaluate_accepts_any_valid_place_for_an_add(ckpt, world, tmp_path):
         target = Image.open(world / row["target"])
         if row["kind"] == "add":
             new = row["target_objects"][-1]
-            far = max(toyworld.valid_targets(row, 32), key=lambda o: abs(o["x"] - new["x"]) + abs(o["y"] - new["y"]))
+            far = max(toydraw.valid_targets(row, 32), key=lambda o: abs(o["x"] - new["x"]) + abs(o["y"] - new["y"]))
             if abs(far["x"] - new["x"]) + abs(far["y"] - new["y"]) > 6:  # clearly elsewhere
-                target = toyworld.render(row["background"], row["objects"] + [far], 32)
+                target = toydraw.render(row["background"], row["objects"] + [far], 32)
                 moved.append(i)
         target.save(preds / f"{i:05d}.png")
     assert moved

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from minedit import toydraw, toyphrases
 from minedit import toyworld as tw
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,18 +115,18 @@ def test_referents_pick_out_exactly_the_edited_shape(toyset):
 
 def test_every_text_word_is_in_vocab(toyset):
     _, _, rows, _ = toyset
-    vocab = set(tw.VOCAB)
-    assert tw.tokenize_words("Is there anything round? Replace it, now.") == [
+    vocab = set(toyphrases.VOCAB)
+    assert toyphrases.tokenize_words("Is there anything round? Replace it, now.") == [
         "is", "there", "anything", "round", "?", "replace", "it", ",", "now", "."]
     for row in rows:
         for field in TEXT_FIELDS:
-            assert set(tw.tokenize_words(row[field])) <= vocab, (field, row[field])
+            assert set(toyphrases.tokenize_words(row[field])) <= vocab, (field, row[field])
     rng = np.random.default_rng(0)  # and at 64 px, every category x kind
     for c in tw.CATEGORIES:
         for k in tw.KINDS:
             s = tw.sample(rng, 64, c, k)
             assert s["source"].size == (64, 64) and s["category"] == c and s["kind"] == k
-            assert all(set(tw.tokenize_words(s[f])) <= vocab for f in TEXT_FIELDS)
+            assert all(set(toyphrases.tokenize_words(s[f])) <= vocab for f in TEXT_FIELDS)
             changed = (np.asarray(s["source"]) != np.asarray(s["target"])).any(-1)
             assert changed.any() and not (changed & (np.asarray(s["mask"]) == 0)).any()
 
@@ -197,17 +198,17 @@ def test_add_region_holds_the_drawn_target_and_only_valid_ones(toyset):
     assert adds and all("add_region" in r for r in adds) and not any("add_region" in r for r in rows
                                                                        if r["kind"] != "add")
     for r in adds:
-        options = tw.valid_targets(r, 32)
+        options = toydraw.valid_targets(r, 32)
         new = r["target_objects"][-1]
         assert new in options  # the generator's own placement is one of the valid answers
         for o in options:
             assert (o["shape"], o["colour"]) == (new["shape"], new["colour"])
-            assert tw.fits(o, r["objects"], 32)
+            assert toydraw.fits(o, r["objects"], 32)
             x0, x1, y0, y1 = r["add_region"]["box"]
             assert x0 <= o["x"] <= x1 and y0 <= o["y"] <= y1
         # The exact target is its own nearest valid target, with the stored mask.
         target, mask = (np.asarray(Image.open(out / r[k])) for k in ("target", "mask"))
-        got = tw.nearest_target(r, target.astype(np.float32) / 255)
+        got = toydraw.nearest_target(r, target.astype(np.float32) / 255)
         assert np.array_equal(np.asarray(got[0]), target) and np.array_equal(np.asarray(got[1]), mask)
     # Some adds leave real freedom (else the scoring rule would change nothing).
-    assert max(len(tw.valid_targets(r, 32)) for r in adds) > 10
+    assert max(len(toydraw.valid_targets(r, 32)) for r in adds) > 10
