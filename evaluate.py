@@ -46,6 +46,10 @@ def parse_args(argv):
     p.add_argument("--text-guidance", type=float)
     p.add_argument("--image-guidance", type=float)
     p.add_argument("--ip-scale", type=float)
+    p.add_argument("--no-topt", action="store_true", help="mindedit: condition on the raw instruction, not the "
+                   "MLLM's optimized one (MIND-Edit Table 2 #2, v_insight only)")
+    p.add_argument("--no-vinsight", action="store_true", help="mindedit: drop v_insight, i.e. --ip-scale 0 "
+                   "(MIND-Edit Table 2 #1, T_opt only)")
     p.add_argument("--instruction-field", default="instruction",
                    help="which manifest field to edit with (e.g. simple_instruction, optimized_instruction)")
     p.add_argument("--clip", help="CLIPModel id or folder for CLIP-I and CLIPScore")
@@ -90,16 +94,13 @@ def main(argv=None) -> int:
     rt = runtime.setup("bf16" if runtime.pick_device(a.device).type == "cuda" else "fp32", a.device)
     model = None
     todo = [i for i, p in enumerate(preds) if not os.path.isfile(p)]
-    latency = None
+    latency, settings = None, None  # (None when every edit was already in --pred-dir)
     if todo:
         from minedit.model import load_model
 
         model = load_model(a.ckpt, rt.device, rt.frozen_dtype)
         cfg = model.cfg
-        settings = dict(steps=a.steps or cfg.steps, scheduler=cfg.scheduler,
-                        text_guidance=cfg.text_guidance if a.text_guidance is None else a.text_guidance,
-                        image_guidance=cfg.image_guidance if a.image_guidance is None else a.image_guidance,
-                        ip_scale=cfg.ip_scale if a.ip_scale is None else a.ip_scale)
+        settings = infer.sampling_settings(cfg, a, a.ckpt)
         jobs = [(rows[i]["source"], rows[i][a.instruction_field], None, preds[i]) for i in todo]
         t0 = time.perf_counter()
         # Row i always uses seed + i: scoring a subset or completing a folder gives the same edits.
@@ -142,7 +143,7 @@ def main(argv=None) -> int:
         print(format_table(by_kind, "kind"))
     out = {"ckpt": a.ckpt, "data": a.data, "seed": a.seed, "count": len(results), "summary": summary,
            "summary_by_kind": by_kind,
-           "latency_s": latency, "samples": results, "clip": clip_path or None}
+           "latency_s": latency, "settings": settings, "samples": results, "clip": clip_path or None}
     tmp = a.out + ".tmp"
     with open(tmp, "w") as f:
         json.dump(out, f, indent=1, default=float)

@@ -154,17 +154,7 @@ def main(argv=None) -> int:
 
     model = load_model(a.ckpt or TOY_CKPT, rt.device, rt.frozen_dtype)
     cfg = model.cfg
-    settings = dict(steps=a.steps or cfg.steps, scheduler=a.scheduler or cfg.scheduler,
-                    text_guidance=cfg.text_guidance if a.text_guidance is None else a.text_guidance,
-                    image_guidance=cfg.image_guidance if a.image_guidance is None else a.image_guidance,
-                    ip_scale=cfg.ip_scale if a.ip_scale is None else a.ip_scale)
-    if (a.no_topt or a.no_vinsight) and not cfg.uses_vision_head:
-        raise UserError(f"--no-topt / --no-vinsight are MIND-Edit ablations; {a.ckpt or TOY_CKPT} is a "
-                        f"{cfg.recipe} model — drop the flag")
-    if a.no_vinsight:
-        settings["ip_scale"] = 0.0
-    if cfg.uses_vision_head:
-        settings["use_topt"] = not a.no_topt
+    settings = sampling_settings(cfg, a, a.ckpt or TOY_CKPT)
 
     t0 = time.perf_counter()
     done = edit_files(model, rt, jobs, settings, a.resolution or cfg.resolution, a.batch_size if a.batch else 1,
@@ -173,6 +163,22 @@ def main(argv=None) -> int:
         print(f"wrote {done} edits to {a.out_dir}")
     print(f"{(time.perf_counter() - t0) / max(1, done):.2f} s per edit on {rt.device}")
     return 0
+
+
+def sampling_settings(cfg, a, ckpt: str) -> dict:
+    """The sampler's settings: the checkpoint's config, overridden by the flags given (infer and evaluate)."""
+    pick = lambda flag, default: default if getattr(a, flag, None) is None else getattr(a, flag)  # noqa: E731
+    settings = dict(steps=a.steps or cfg.steps, scheduler=pick("scheduler", cfg.scheduler),
+                    text_guidance=pick("text_guidance", cfg.text_guidance),
+                    image_guidance=pick("image_guidance", cfg.image_guidance), ip_scale=pick("ip_scale", cfg.ip_scale))
+    if (a.no_topt or a.no_vinsight) and not cfg.uses_vision_head:
+        raise UserError(f"--no-topt / --no-vinsight are MIND-Edit ablations; {ckpt} is a {cfg.recipe} model "
+                        "— drop the flag")
+    if a.no_vinsight:
+        settings["ip_scale"] = 0.0
+    if cfg.uses_vision_head:
+        settings["use_topt"] = not a.no_topt
+    return settings
 
 
 def write_text(path: str, text: str) -> None:

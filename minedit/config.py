@@ -83,6 +83,7 @@ class Config:
     qformer_layers: int = 6
     qformer_heads: int = 12
     qformer_ffn: int = 3072
+    bim: bool = True               # False: SmartEdit Table 2 "plain", the Q-Former output goes straight to the UNet
     bim_width: int = 1024
     bim_heads: int = 16
     iaa_tokens: int = 4            # N
@@ -145,7 +146,7 @@ class Config:
 
     @property
     def uses_bim(self) -> bool:
-        return self.recipe in ("insightedit", "smartedit")
+        return self.bim and self.recipe in ("insightedit", "smartedit")
 
     @property
     def uses_iaa(self) -> bool:
@@ -172,6 +173,8 @@ class Config:
             bad("preset", f"choose one of {', '.join(PRESETS)}")
         if self.stage not in self.stages:
             bad("stage", f"recipe {self.recipe} has stages {', '.join(map(str, self.stages))}")
+        if not self.bim and self.recipe not in ("insightedit", "smartedit"):
+            bad("bim", f"recipe {self.recipe} has no BIM to drop — use it with smartedit or insightedit")
         if self.mind_losses not in ("joint", "text", "embed"):
             bad("mind_losses", "choose joint, text (--text-only) or embed (--embed-only)")
         if self.uses_vision_head and not 0 <= self.vision_head_layer <= self.llm_layers:

@@ -15,7 +15,7 @@ OUT=${OUT:-runs/toy}
 STEPS=${STEPS:-4000}          # stage-2 steps (the editing stage) per recipe
 ALIGN=${ALIGN:-300}           # stage-1 steps
 IMAGE=${IMAGE:-400}           # insightedit stage-3 steps
-RECIPES=${RECIPES:-"insightedit ip2p smartedit mindedit"}
+RECIPES=${RECIPES:-"insightedit ip2p smartedit smartedit-plain mindedit"}
 EVAL_N=${EVAL_N:-3000}        # eval split = 10 % of this world: 300 held-out edits
 TOY_SAMPLES=${TOY_SAMPLES:-24000}  # training world size (drawn once per seed, cached): ~5 epochs at 4000 steps
 BASE=assets/toy/base
@@ -39,6 +39,12 @@ for r in $RECIPES; do
           python3 train.py --recipe smartedit --stage 1 --out "$OUT/smartedit-s1" --max-steps "$ALIGN" $BASES $COMMON
           python3 train.py --stage 2 --init "$OUT/smartedit-s1" --out "$OUT/smartedit-s2" --max-steps "$STEPS" $COMMON
           evaluate "$OUT/smartedit-s2" smartedit ;;
+    smartedit-plain)  # SmartEdit Table 2 "plain": no BIM, the Q-Former output straight into the UNet
+          python3 train.py --recipe smartedit --stage 1 --bim=false --out "$OUT/smartedit-plain-s1" \
+            --max-steps "$ALIGN" $BASES $COMMON
+          python3 train.py --stage 2 --init "$OUT/smartedit-plain-s1" --out "$OUT/smartedit-plain-s2" \
+            --max-steps "$STEPS" $COMMON
+          evaluate "$OUT/smartedit-plain-s2" smartedit-plain ;;
     insightedit)
           python3 train.py --recipe insightedit --stage 1 --out "$OUT/insightedit-s1" --max-steps "$ALIGN" $BASES $COMMON
           python3 train.py --stage 2 --init "$OUT/insightedit-s1" --out "$OUT/insightedit-s2" --max-steps "$STEPS" $COMMON
@@ -50,7 +56,8 @@ for r in $RECIPES; do
           python3 train.py --recipe mindedit --stage 1 --out "$OUT/mindedit-s1" --max-steps "$ALIGN" $BASES $COMMON
           python3 train.py --stage 2 --init "$OUT/mindedit-s1" --out "$OUT/mindedit-s2" --max-steps "$STEPS" $COMMON
           evaluate "$OUT/mindedit-s2" mindedit                                # T_opt + v_insight (Table 2 #6)
-          evaluate "$OUT/mindedit-s2" mindedit-topt-only --ip-scale 0 ;;      # T_opt alone (#1)
-    *) echo "error: unknown recipe $r — choose from insightedit ip2p smartedit mindedit" >&2; exit 2 ;;
+          evaluate "$OUT/mindedit-s2" mindedit-topt-only --no-vinsight        # T_opt alone (#1)
+          evaluate "$OUT/mindedit-s2" mindedit-vinsight-only --no-topt ;;     # v_insight + raw text (#2)
+    *) echo "error: unknown recipe $r — choose from insightedit ip2p smartedit smartedit-plain mindedit" >&2; exit 2 ;;
   esac
 done

@@ -326,6 +326,16 @@ def test_infer_ablation_flags(chain, world, tmp_path, in_process):
     assert np.array_equal(outs["nov"], outs["zero"])
     assert not np.array_equal(outs["nov"], outs["full"])
     assert (tmp_path / "not.txt").read_text() == (tmp_path / "full.txt").read_text()  # T_opt still reported
+    # evaluate.py takes the same flags (the README's Table 2 rows) and records the settings it sampled with.
+    import evaluate
+
+    manifest = str(world / "batch-train.jsonl")
+    for name, extra, ip, topt in (("ev-not", ["--no-topt"], 1.0, False), ("ev-nov", ["--no-vinsight"], 0.0, True)):
+        out = tmp_path / f"{name}.json"
+        assert evaluate.main(["--ckpt", str(chain / "s2"), "--data", manifest, "--out", str(out), "--limit", "2",
+                              "--steps", "2", *extra]) == 0
+        settings = json.loads(out.read_text())["settings"]
+        assert (settings["ip_scale"], settings["use_topt"]) == (ip, topt)
 
 
 def test_stage1_manifest_without_optimized_instruction_is_refused(world, tmp_path, in_process, capsys):

@@ -152,3 +152,36 @@ def test_checkpoint_from_another_recipe_is_refused(models):
     sd = models("smartedit").checkpoint_state(2)
     with pytest.raises(UserError, match="another recipe or config"):
         models("ip2p").load_checkpoint_state(sd)
+
+
+def test_plain_smartedit_feeds_the_qformer_straight_to_the_unet(models):
+    """--bim=false is SmartEdit Table 2's "plain" model: no BIM weights, no conv_in residual, f_txt = Q-Former(h);
+    its checkpoints do not load into a BIM config, and recipes without a BIM refuse the flag."""
+    from minedit import checkpoint
+    from minedit.config import ConfigError
+    from minedit.errors import UserError
+
+    torch.manual_seed(0)
+    cfg = preset("smartedit", "toy")
+    cfg.bim = False
+    model = EditModel(cfg.validate())
+    assert not any(model.part_of(n) == "bim" for n, _ in model.named_parameters())
+    table = model.set_stage(2)
+    assert {part for part, (_, on) in table.items() if on} == STAGE_TRAINABLE[("smartedit", 2)] - {"bim"}
+    batch = toy_batch(cfg, 2)
+    with torch.no_grad():
+        c = model.conditions(batch["source"], batch["instruction"], (16, 16), use_image_branch=False)
+        assert c.v_txt is None and torch.equal(c.f_txt, model.qformer(c.h.float()))
+    loss, parts = model(batch, 2)
+    loss.backward()
+    assert set(parts) == {"llm", "diff"}
+    assert next(model.qformer.parameters()).grad.abs().sum() > 0  # the diffusion loss reaches the Q-Former
+    with pytest.raises(UserError, match="bim"):
+        checkpoint.check_compatible(cfg, preset("smartedit", "toy"))
+    with pytest.raises(UserError, match="another recipe or config"):  # BIM weights have nowhere to go
+        model.load_checkpoint_state(models("smartedit").checkpoint_state(2))
+    for recipe in ("ip2p", "mindedit"):
+        other = preset(recipe, "toy")
+        other.bim = False
+        with pytest.raises(ConfigError, match="no BIM to drop"):
+            other.validate()
