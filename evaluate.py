@@ -86,21 +86,20 @@ def main(argv=None) -> int:
         if not (r.get(a.instruction_field) or "").strip():
             raise UserError(f"{a.data}: a row has no {a.instruction_field!r} — choose --instruction-field "
                             "from the manifest's fields")
-    infer.check_inputs(a.ckpt, [])  # a bad checkpoint fails here, before any folder is made
+    infer.check_inputs(a.ckpt, [])  # a bad checkpoint or flag fails here, before any folder is made
+    cfg = _ckpt_config(a.ckpt)
+    settings = infer.sampling_settings(cfg, a, a.ckpt)
     pred_dir = a.pred_dir or os.path.splitext(a.out)[0] + "-edits"
     os.makedirs(pred_dir, exist_ok=True)
     preds = [os.path.join(pred_dir, f"{i:05d}.png") for i in range(len(rows))]
 
     rt = runtime.setup("bf16" if runtime.pick_device(a.device).type == "cuda" else "fp32", a.device)
-    model = None
     todo = [i for i, p in enumerate(preds) if not os.path.isfile(p)]
-    latency, settings = None, None  # (None when every edit was already in --pred-dir)
+    latency = None
     if todo:
         from minedit.model import load_model
 
         model = load_model(a.ckpt, rt.device, rt.frozen_dtype)
-        cfg = model.cfg
-        settings = infer.sampling_settings(cfg, a, a.ckpt)
         jobs = [(rows[i]["source"], rows[i][a.instruction_field], None, preds[i]) for i in todo]
         t0 = time.perf_counter()
         # Row i always uses seed + i: scoring a subset or completing a folder gives the same edits.
@@ -130,7 +129,7 @@ def main(argv=None) -> int:
         results.append(s)
         images.append((source, target, pred, row[a.instruction_field]))
 
-    clip_path = a.clip or (model.cfg.clip_path if model is not None else _ckpt_clip(a.ckpt))
+    clip_path = a.clip or cfg.clip_path
     if clip_path:
         add_clip_scores(clip_path, images, results, rt.device)
     if a.judge_url:
@@ -143,7 +142,7 @@ def main(argv=None) -> int:
         print(format_table(by_kind, "kind"))
     out = {"ckpt": a.ckpt, "data": a.data, "seed": a.seed, "count": len(results), "summary": summary,
            "summary_by_kind": by_kind,
-           "latency_s": latency, "settings": settings, "samples": results, "clip": clip_path or None}
+           "latency_s": latency, "settings": settings if todo else None, "samples": results, "clip": clip_path or None}
     tmp = a.out + ".tmp"
     with open(tmp, "w") as f:
         json.dump(out, f, indent=1, default=float)
@@ -156,10 +155,10 @@ def main(argv=None) -> int:
     return 0
 
 
-def _ckpt_clip(ckpt: str) -> str:
+def _ckpt_config(ckpt: str):
     from minedit import checkpoint
 
-    return checkpoint.load_config(checkpoint.find_checkpoint(ckpt)).clip_path
+    return checkpoint.load_config(checkpoint.find_checkpoint(ckpt))
 
 
 def add_clip_scores(path, images, results, device):

@@ -108,9 +108,10 @@ def dry_run(cfg) -> int:
     return 0
 
 
-def prepare_out(args, rt) -> None:
+def prepare_out(args, rt) -> bool:
     """Create the run folder (emptying the old run's files under --overwrite) and prove it writable; the
-    refusals themselves ran earlier, in check_out."""
+    refusals themselves ran earlier, in check_out. -> whether this call made the folder."""
+    made = not os.path.exists(args.out)
     holds_run = os.path.isfile(os.path.join(args.out, "config.json"))
     if rt.is_main:
         if holds_run and args.overwrite and not args.resume:
@@ -126,6 +127,15 @@ def prepare_out(args, rt) -> None:
         except OSError as e:
             raise UserError(f"cannot write to --out {args.out} ({e.strerror}) — choose a writable folder") from None
     rt.barrier()
+    return made
+
+
+def remove_if_unused(out: str) -> None:
+    """Undo prepare_out's folder when the run failed before writing anything (e.g. a base model would not load),
+    so that the same command can simply be rerun."""
+    samples = os.path.join(out, "samples")
+    if os.path.isdir(samples) and not os.listdir(samples) and os.listdir(out) == ["samples"]:
+        shutil.rmtree(out)
 
 
 def build_data(cfg, args, rt):
@@ -231,16 +241,21 @@ def main(argv=None) -> int:
     join_restarted_group(runtime.pick_device(args.device))
     rt = runtime.setup(cfg.precision, args.device)
     data, weights = build_data(cfg, args, rt)  # a bad manifest fails before the folder or the model is made
-    prepare_out(args, rt)
+    made_out = prepare_out(args, rt)
     from minedit.model import EditModel, format_param_table
 
     # ---- model: build, take the previous stage's weights, apply the stage's trainable split ---------------------
     torch.manual_seed(cfg.seed)  # the same random init (toy bases, new modules) on every rank
-    model = EditModel(cfg)
-    if args.init and not args.resume:
-        source = ckpt.find_checkpoint(args.init)
-        ckpt.check_compatible(ckpt.load_config(source), cfg)
-        model.load_checkpoint_state(ckpt.load_weights(source))
+    try:
+        model = EditModel(cfg)
+        if args.init and not args.resume:
+            source = ckpt.find_checkpoint(args.init)
+            ckpt.check_compatible(ckpt.load_config(source), cfg)
+            model.load_checkpoint_state(ckpt.load_weights(source))
+    except BaseException:
+        if made_out and rt.is_main:
+            remove_if_unused(args.out)
+        raise
     table = model.set_stage(cfg.stage, rt.frozen_dtype)
     model.to(rt.device)
     params = model.trainable_parameters()

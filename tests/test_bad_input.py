@@ -199,6 +199,12 @@ TRAIN = [
     ("init-corrupt-weights", ["--stage", "2", "--init", "{ck_trunc}", "--out", "{d}/t"], ["truncated or corrupt"]),
     ("init-unknown-config", ["--stage", "2", "--init", "{ck_unknown_key}", "--out", "{d}/t"], ["unknown config"]),
     ("data-missing", [*TR, "--data", "{d}/none.jsonl", "--out", "{d}/t"], ["none.jsonl", "not found"]),
+    ("bim-off-without-bim", ["--recipe", "ip2p", "--bim=false", "--data", "{train}", "--out", "{d}/t"],
+     ["bim=False", "no BIM to drop"]),
+    # fails while building the model, after the run folder was made: the folder goes again
+    ("override-vs-loaded-unet", ["--recipe", "ip2p", "--data", "{train}", "--out", "{d}/t",
+                                 f"--sd_path={ROOT / 'assets/toy/base/sd'}", "--unet_layers_per_block=2"],
+     ["does not match the config", "unet_layers_per_block=2"]),
     ("data-weight-not-number", [*TR, "--data", "{d}/none.jsonl:lots", "--out", "{d}/t"], ["must be a number"]),
     ("data-empty", [*TR, "--data", "{empty}", "--out", "{d}/t"], ["is empty"]),
     ("data-not-jsonl", [*TR, "--data", "{notjsonl}", "--out", "{d}/t"], ["not valid JSON", "line 1"]),
@@ -216,6 +222,7 @@ EVALUATE = [
     ("data-missing", ["--ckpt", "{ckpt}", "--data", "{d}/none.jsonl", "--out", "{d}/r.json"], ["not found"]),
     ("out-missing-folder", ["--ckpt", "{ckpt}", "--data", "{eval}", "--out", "{d}/no/r.json"], ["does not exist"]),
     ("ckpt-truncated", ["--ckpt", "{ck_trunc}", "--data", "{eval}", "--out", "{d}/r.json"], ["truncated"]),
+    ("mind-flag-on-insightedit", [*EV, "--no-topt"], ["MIND-Edit ablations", "drop the flag"]),
     ("instruction-field-unknown", [*EV, "--instruction-field", "nosuch"], ["no 'nosuch'", "--instruction-field"]),
     ("ckpt-flag-missing", ["--data", "{eval}"], ["--ckpt", "required"]),
 ]
