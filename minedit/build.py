@@ -29,6 +29,15 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+def chat_prompt(tokenizer, text: str, n_image_tokens: int | None = None) -> str:
+    """The MLLM's prompt for one edit: its own chat template (image first, then the text, then the generation
+    prompt); LLaVA-1.5 style models get the placeholder expanded to their fixed image-token run (OneVision's
+    processor expands it per image instead). Every recipe and the toy bases' pretraining build prompts here."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+    p = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return p if n_image_tokens is None else p.replace(IMAGE_TOKEN, IMAGE_TOKEN * n_image_tokens, 1)
+
+
 @contextlib.contextmanager
 def quiet_loading():
     """Hide transformers' per-file progress bars and load reports (a CLIPModel folder loaded as its vision half

@@ -10,8 +10,8 @@ Inference decodes T_opt greedily (`generate`), and v_insight comes from the hidd
 first (prefill) forward: the head pools the prompt positions only (see vision_head.py), which causal attention
 makes identical to the training forward's.
 
-Prompt: the MLLM's own chat template (image first, raw instruction, generation prompt), as the other recipes'
-`EditModel.mllm_inputs` but without [MM] tokens; the toy base MLLM was pretrained on exactly this prompt to
+Prompt: the MLLM's own chat template (image first, raw instruction, generation prompt): `build.chat_prompt`, as
+the other recipes' (comprehend.py) but without [MM] tokens; the toy base MLLM was pretrained on this prompt to
 write `optimized_instruction`. Training pads on the right, decoding on the left; pooling and the loss ignore
 padding, and RoPE attention depends only on relative positions, so the two agree (tests check it).
 LLaVA-OneVision (full size) goes through its processor, which expands the anyres image tokens per image.
@@ -36,17 +36,9 @@ class MindInputs(NamedTuple):
     vision: dict                  # pixel_values (+ image_sizes for OneVision)
 
 
-def _prompt_text(model, text: str) -> str:
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
-    p = model.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    if model.n_image_tokens is not None:  # LLaVA-1.5 style: the placeholder becomes the fixed image-token run
-        p = p.replace(build.IMAGE_TOKEN, build.IMAGE_TOKEN * model.n_image_tokens, 1)
-    return p
-
-
 def _vision_and_prompts(model, images: torch.Tensor, texts: list[str]):
     """-> (list of prompt id lists, vision kwargs). OneVision: its processor expands the image tokens."""
-    prompts = [_prompt_text(model, t) for t in texts]
+    prompts = [build.chat_prompt(model.tokenizer, t, model.n_image_tokens) for t in texts]
     processor = getattr(model, "processor", None)
     if processor is not None:
         pil = [(((x.float().cpu() + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy())

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import build, mind
+from .comprehend import comprehend
 from .attention import install_decoupled_attention
 from .bim import BIM, conv_in_residual, wrap_conv_in
 from .config import Config
@@ -36,7 +37,7 @@ from .iaa import IAA, iaa_loss
 from .ip_adapter import image_projection
 from .lora import inject_lora
 from .errors import UserError
-from .mm_tokens import MM_TOKEN, add_mm_tokens, load_mm_rows, mask_original_rows, mm_forward, mm_rows_state_dict
+from .mm_tokens import add_mm_tokens, load_mm_rows, mask_original_rows, mm_rows_state_dict
 from .qformer import QFormer
 from .vision_head import VisionHead
 
@@ -228,57 +229,6 @@ class EditModel(nn.Module):
         eps = torch.randn_like(post.mean) if eps is None else eps.to(post.mean)
         return z_src, (post.mean + post.std * eps) * self.vae.config.scaling_factor
 
-    def mllm_inputs(self, images: torch.Tensor, texts: list[str]):
-        """The chat prompt (image placeholder, instruction, then the r [MM] tokens as the assistant turn)."""
-        prompts = []
-        for text in texts:
-            text = self._fit_instruction(text)
-            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
-            p = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            p = p.replace(build.IMAGE_TOKEN, build.IMAGE_TOKEN * self.n_image_tokens, 1)
-            prompts.append(p + "".join(MM_TOKEN.format(i) for i in range(self.cfg.num_mm_tokens)))
-        self.tokenizer.padding_side = "right"
-        enc = self.tokenizer(prompts, padding=True, return_tensors="pt")
-        vc = self.mllm.config.vision_config
-        pixels = build.clip_pixels(images, vc.image_size).to(self.mllm.dtype)
-        return enc.input_ids.to(self.device), enc.attention_mask.to(self.device), pixels
-
-    def _fit_instruction(self, text: str) -> str:
-        """Cut an instruction's tokens so the prompt (+ image tokens + r [MM] tokens) fits the LLM's positions;
-        warn once per model. The cut keeps the start: the instruction's verb and object come first."""
-        limit = min(self.tokenizer.model_max_length, self.mllm.config.text_config.max_position_embeddings)
-        ids = self.tokenizer(text, add_special_tokens=False).input_ids
-        if not hasattr(self, "_prompt_overhead"):
-            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": ""}]}]
-            empty = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            self._prompt_overhead = (len(self.tokenizer(empty).input_ids) + self.n_image_tokens - 1
-                                     + self.cfg.num_mm_tokens + 2)  # +2: slack for re-tokenising the cut text
-        budget = max(1, limit - self._prompt_overhead)
-        if len(ids) <= budget:
-            return text
-        if not getattr(self, "_warned_long", False):
-            import warnings
-
-            warnings.warn(f"instruction of {len(ids)} tokens truncated to {budget} to fit the LLM's {limit} "
-                          "positions (warned once)")
-            self._warned_long = True
-        return self.tokenizer.decode(ids[:budget])
-
-    def comprehend(self, images: torch.Tensor, texts: list[str]):
-        """One teacher-forced MLLM forward -> (h: B×r×d, L_LLM, v: B×P×D_vis patch features)."""
-        ids, mask, pixels = self.mllm_inputs(images, texts)
-        caught = {}
-
-        def hook(module, args, out):  # the vision tower's hidden states, computed inside the LLaVA forward
-            caught["v"] = out.hidden_states[self.mllm.config.vision_feature_layer][:, 1:]
-
-        handle = self.mllm.model.vision_tower.register_forward_hook(hook)
-        try:
-            out = mm_forward(self.mllm, ids, mask, self.mm_ids, pixel_values=pixels)
-        finally:
-            handle.remove()
-        return out.hidden, out.loss, caught["v"]
-
     def conditions(self, images: torch.Tensor, texts: list[str], latent_hw: tuple[int, int],
                    use_image_branch: bool) -> Conditions:
         """The conditioning of one batch of edits; the MLLM runs once."""
@@ -286,7 +236,7 @@ class EditModel(nn.Module):
             return Conditions(f_txt=self.encode_text(texts))
         if self.cfg.uses_vision_head:
             return self.mind_conditions(images, texts, use_image_branch)
-        h, loss_llm, v = self.comprehend(images, texts)
+        h, loss_llm, v = comprehend(self, images, texts)
         q = self.qformer(h.float())
         c = Conditions(f_txt=q, h=h, loss_llm=loss_llm)
         if self.cfg.uses_bim:
@@ -330,7 +280,7 @@ class EditModel(nn.Module):
 
     def _forward_alignment(self, batch):
         images, captions = batch["image"].to(self.device), batch["caption"]
-        h, loss_llm, _ = self.comprehend(images, captions)
+        h, loss_llm, _ = comprehend(self, images, captions)
         parts = {"llm": loss_llm.float()}
         with torch.no_grad():
             target_txt = self.encode_text(captions).float()

@@ -26,7 +26,7 @@ What each part learns, on the train split of `cached_world(seed, n)` (the eval s
   3. MLLM: next-token loss on the assistant answer (prompt masked) for two tasks mixed in every batch: image +
      "describe the picture." -> caption, and image + instruction -> the explicit `optimized_instruction`
      (the toy world's T_opt, e.g. "remove the green triangle"), so the MLLM grounds instructions in the image.
-     Prompts are built exactly as `EditModel.mllm_inputs` builds them (chat template, <image> x 64).
+     Prompts are built exactly as the recipes build them (`build.chat_prompt`: chat template, <image> x 64).
 
 Choices the brief left open:
   * The LLaVA vision tower starts from the trained CLIP vision tower (same config), as LLaVA starts from CLIP;
@@ -218,11 +218,8 @@ def train_clip(cfg, tok, images, captions, eval_images, eval_captions, steps, ba
 # ----------------------------------------------------------------------------------------------------------------
 # MLLM
 def prompt_ids(tok, n_image_tokens: int, text: str) -> list[int]:
-    """The chat prompt as EditModel.mllm_inputs builds it (without the [MM] tokens), ending in 'ASSISTANT:'."""
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
-    p = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    p = p.replace(build.IMAGE_TOKEN, build.IMAGE_TOKEN * n_image_tokens, 1)
-    return tok(p, add_special_tokens=False).input_ids
+    """The chat prompt every recipe uses (build.chat_prompt, without the [MM] tokens), ending in 'ASSISTANT:'."""
+    return tok(build.chat_prompt(tok, text, n_image_tokens), add_special_tokens=False).input_ids
 
 
 def mllm_examples(tok, n_img, rows, image_index, caption_rows):

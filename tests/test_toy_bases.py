@@ -92,9 +92,11 @@ def test_clip_folder_loads_as_clipmodel_and_vision_with_projection(run):
 
 
 def test_prompt_matches_editmodel_mllm_inputs(run, model):
+    from minedit.comprehend import mllm_inputs
+
     script, _, _ = run
     text = "remove the shape with three corners"
-    ids, _, _ = model.mllm_inputs(torch.zeros(1, 3, 32, 32), [text])
+    ids, _, _ = mllm_inputs(model, torch.zeros(1, 3, 32, 32), [text])
     ours = script.prompt_ids(model.tokenizer, model.n_image_tokens, text)
     assert ids[0, :-model.cfg.num_mm_tokens].tolist() == ours
     assert ours.count(4) == 64  # <image> id 4, expanded to the 64 patch tokens
