@@ -86,8 +86,7 @@ def main(argv=None) -> int:
         if not (r.get(a.instruction_field) or "").strip():
             raise UserError(f"{a.data}: a row has no {a.instruction_field!r} — choose --instruction-field "
                             "from the manifest's fields")
-    infer.check_inputs(a.ckpt, [])  # a bad checkpoint or flag fails here, before any folder is made
-    cfg = _ckpt_config(a.ckpt)
+    cfg = infer.check_inputs(a.ckpt, [])  # a bad checkpoint or flag fails here, before any folder is made
     settings = infer.sampling_settings(cfg, a, a.ckpt)
     pred_dir = a.pred_dir or os.path.splitext(a.out)[0] + "-edits"
     os.makedirs(pred_dir, exist_ok=True)
@@ -153,12 +152,6 @@ def main(argv=None) -> int:
         sheets.append(category_grid(images, results, stem + "-grid.png"))
     print(f"wrote {a.out} and {' and '.join(sheets)}")
     return 0
-
-
-def _ckpt_config(ckpt: str):
-    from minedit import checkpoint
-
-    return checkpoint.load_config(checkpoint.find_checkpoint(ckpt))
 
 
 def add_clip_scores(path, images, results, device):

@@ -85,8 +85,9 @@ def clean_text(text: str, what: str) -> str:
     return fixed
 
 
-def check_inputs(ckpt_path: str, jobs) -> None:
-    """Fail fast, before the model is built: every image and mask decodes, the checkpoint's files are sound."""
+def check_inputs(ckpt_path: str, jobs):
+    """Fail fast, before the model is built: every image and mask decodes, the checkpoint's files are sound.
+    -> the checkpoint's config."""
     from minedit import checkpoint
     from minedit.data import load_image, load_mask
 
@@ -95,8 +96,9 @@ def check_inputs(ckpt_path: str, jobs) -> None:
         if mask:
             load_mask(mask, load_image(image).size)
     where = checkpoint.find_checkpoint(ckpt_path)
-    checkpoint.load_config(where)
+    cfg = checkpoint.load_config(where)
     checkpoint.check_weights(where)
+    return cfg
 
 
 def work_size(w: int, h: int, resolution: int, multiple: int) -> tuple[int, int]:

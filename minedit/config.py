@@ -16,6 +16,7 @@ from dataclasses import dataclass, fields
 from .errors import UserError
 
 RECIPES = ("insightedit", "smartedit", "ip2p", "mindedit")
+BIM_RECIPES = ("insightedit", "smartedit")  # the recipes built with a BIM (unless --bim=false)
 PRESETS = ("toy", "full")
 
 
@@ -146,7 +147,7 @@ class Config:
 
     @property
     def uses_bim(self) -> bool:
-        return self.bim and self.recipe in ("insightedit", "smartedit")
+        return self.bim and self.recipe in BIM_RECIPES
 
     @property
     def uses_iaa(self) -> bool:
@@ -173,7 +174,7 @@ class Config:
             bad("preset", f"choose one of {', '.join(PRESETS)}")
         if self.stage not in self.stages:
             bad("stage", f"recipe {self.recipe} has stages {', '.join(map(str, self.stages))}")
-        if not self.bim and self.recipe not in ("insightedit", "smartedit"):
+        if not self.bim and self.recipe not in BIM_RECIPES:
             bad("bim", f"recipe {self.recipe} has no BIM to drop — use it with smartedit or insightedit")
         if self.mind_losses not in ("joint", "text", "embed"):
             bad("mind_losses", "choose joint, text (--text-only) or embed (--embed-only)")
