@@ -176,7 +176,7 @@ class EditModel(nn.Module):
         if self.cfg.grad_checkpointing and not self.meta:
             if "unet" in trainable:
                 self.unet.enable_gradient_checkpointing()
-            if "lora" in trainable:
+            if trainable & {"lora", "mm_rows"}:  # either one backpropagates through every LLM layer
                 self.mllm.gradient_checkpointing_enable()
         return {k: tuple(v) for k, v in table.items()}
 

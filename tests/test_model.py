@@ -185,3 +185,29 @@ def test_plain_smartedit_feeds_the_qformer_straight_to_the_unet(models):
         other.bim = False
         with pytest.raises(ConfigError, match="no BIM to drop"):
             other.validate()
+
+
+@pytest.mark.parametrize("recipe,stage", [c for c in COMBOS if STAGE_TRAINABLE[c] & {"lora", "mm_rows", "unet"}])
+def test_gradient_checkpointing_is_on_where_backprop_runs_and_changes_no_gradient(recipe, stage):
+    """`--grad_checkpointing` checkpoints the LLM whenever gradients cross its layers (LoRA, or the [MM]
+    embedding rows of stage 1) and the UNet when it trains; the gradients are the plain ones."""
+    grads = []
+    for ckpt in (False, True):
+        cfg = preset(recipe, "toy")
+        cfg.grad_checkpointing = ckpt
+        torch.manual_seed(0)
+        model = EditModel(cfg.validate())
+        model.set_stage(stage)
+        model.train()
+        trainable = STAGE_TRAINABLE[(recipe, stage)]
+        if ckpt and cfg.uses_mllm:
+            assert model.mllm.is_gradient_checkpointing == bool(trainable & {"lora", "mm_rows"})
+        if ckpt and "unet" in trainable:
+            assert model.unet.is_gradient_checkpointing
+        torch.manual_seed(1)
+        loss, _ = model(toy_batch(cfg, stage), stage)
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-4, atol=1e-6, msg=n)
