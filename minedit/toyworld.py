@@ -24,7 +24,8 @@ T_opt), `caption` and `target_caption`. Rows also carry the scene descriptions (
 Choices the design left open: no anti-aliasing (exact palette pixels); sample i draws from numpy's
 default_rng([seed, i]), so a file never depends on n; category = i mod 3 and kind = (i div 3) mod 3, balanced
 exactly; the last round(n x eval_fraction) samples are the eval split; captions.jsonl holds the source and target
-images of the train split only. The words and templates live in toyphrases.py (with VOCAB), drawing in toydraw.py.
+images of the train split only. The words and templates live in toyphrases.py (with VOCAB), the referring
+expressions built from them in toyrefer.py, drawing in toydraw.py.
 `cached_world` keeps one generated world per (VERSION, seed, n, size) for training runs to reuse.
 """
 from __future__ import annotations
@@ -43,21 +44,14 @@ import numpy as np
 from PIL import Image
 
 from minedit.toyphrases import (
-    SHAPES, COLOURS, BACKGROUNDS, BG_WEIGHTS, RADIUS, CATEGORIES, KINDS, NUMBERS, ORDINALS, COLOUR_OF, SHAPE_CLUES,
-    NEW_SHAPE_CLUES, COLOUR_CLAUSES, NEW_COLOUR_CLAUSES, COLOUR_OF_PHRASE, REMOVE, REMOVE_Q, REPLACE, REPLACE_Q,
-    RESHAPE, RESHAPE_Q, RECOLOUR, RECOLOUR_Q, ADD, OPTIMIZED, QUESTIONS, HEADS, NAMED_HEAD, COLOURED_HEAD, RELATIVE,
-    SIDE, BIGGER, SMALLER, ALIKE, COUNTING, ORDINAL, EXPLICIT, SIDE_WHERE, RELATIONS, CORNER, SAME_COLOUR, COPY,
-    WHERE, CAPTIONS, EMPTY_CAPTIONS,
+    SHAPES, COLOURS, BACKGROUNDS, BG_WEIGHTS, RADIUS, CATEGORIES, KINDS, COLOUR_OF, COLOUR_OF_PHRASE, REMOVE,
+    REMOVE_Q, REPLACE, REPLACE_Q, RESHAPE, RESHAPE_Q, RECOLOUR, RECOLOUR_Q, ADD, OPTIMIZED, SIDE_WHERE, RELATIONS,
+    CORNER, SAME_COLOUR, COPY, WHERE, CAPTIONS, EMPTY_CAPTIONS,
 )
-
 from minedit.toydraw import dilate, fits, footprint, place, render
+from minedit.toyrefer import explicit, new_desc, pick, reasoning, understanding
 
 VERSION = 2  # bump when the generator's output changes: cached worlds are keyed by it
-
-
-def _pick(rng, seq):
-    seq = list(seq)
-    return seq[int(rng.integers(len(seq)))]
 
 
 def _articles(text: str) -> str:
@@ -81,168 +75,90 @@ def _side_box(side: str | None, size: int) -> tuple[int, int, int, int]:
 def caption(rng, background: str, objects: list[dict], size: int) -> str:
     """'a red circle and a small blue square on a white background'-style description of a scene."""
     if not objects:
-        return _articles(_pick(rng, EMPTY_CAPTIONS).format(b=background))
+        return _articles(pick(rng, EMPTY_CAPTIONS).format(b=background))
     parts = [f"a {o['size'] + ' ' if rng.random() < 0.5 else ''}{o['colour']} {o['shape']}"
              + (" " + _where(o, size) if rng.random() < 0.3 else "") for o in objects]
     listed = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
-    return _articles(_pick(rng, CAPTIONS).format(l=listed, b=background))
-
-
-# ---------------------------------------------------------------- referring expressions
-def _extreme(objs, members, t, axis, high, margin) -> bool:
-    """objs[t] lies beyond every other member on `axis` (low side, or high side) by at least `margin`."""
-    sign = 1 if high else -1
-    return all(sign * (objs[t][axis] - objs[i][axis]) >= margin for i in members if i != t)
-
-
-def _explicit(objs, t, margin) -> str | None:
-    """'the red square', adding size or position where colour+shape is not unique; None if nothing will do."""
-    o, base = objs[t], f"{objs[t]['colour']} {objs[t]['shape']}"
-    same = [i for i, p in enumerate(objs) if (p["colour"], p["shape"]) == (o["colour"], o["shape"])]
-    if len(same) == 1:
-        return f"the {base}"
-    if sum(objs[i]["size"] == o["size"] for i in same) == 1:
-        return f"the {o['size']} {base}"
-    for (axis, high), side in SIDE.items():
-        if _extreme(objs, same, t, axis, high, margin):
-            return EXPLICIT[side].format(b=base)
-    return None
-
-
-def _understanding(objs, t, margin) -> list[str]:
-    """Every understanding-level phrase that picks out objs[t] alone."""
-    o, out = objs[t], []
-    groups = [(list(range(len(objs))), "shape"),
-              ([i for i, p in enumerate(objs) if p["shape"] == o["shape"]], o["shape"]),
-              ([i for i, p in enumerate(objs) if p["colour"] == o["colour"]], f"{o['colour']} shape")]
-    for members, noun in groups:
-        if len(members) < 2:
-            continue
-        for (axis, high), phrases in RELATIVE.items():
-            if _extreme(objs, members, t, axis, high, margin):
-                out += [p.format(n=noun) for p in phrases]
-        if sum(objs[i]["size"] == o["size"] for i in members) == 1:
-            out += [p.format(n=noun) for p in (BIGGER if o["size"] == "large" else SMALLER)]
-    alike = groups[1][0]
-    if len(alike) >= 2 and sum(objs[i]["colour"] == o["colour"] for i in alike) == 1:
-        out += [p.format(c=o["colour"], k=NUMBERS[len(alike)], p=o["shape"] + "s") for p in ALIKE]
-    for s in SHAPES:  # counting: the one odd shape among several alike
-        if s != o["shape"] and sum(p["shape"] == s for p in objs) == len(objs) - 1 >= 2:
-            out += [p.format(s=s) for p in COUNTING]
-    if len(objs) == 3:
-        for (axis, high), side in SIDE.items():
-            order = sorted(range(3), key=lambda i: objs[i][axis], reverse=high)
-            gaps = [abs(objs[order[k + 1]][axis] - objs[order[k]][axis]) for k in range(2)]
-            if min(gaps) >= margin:
-                out.append(ORDINAL.format(o=ORDINALS[order.index(t)], side=side))
-    return out
-
-
-def _reasoning(rng, objs, t) -> list[tuple[str, str | None]]:
-    """(noun phrase, question or None) pairs that pick out objs[t] alone through attribute knowledge."""
-    o, out = objs[t], []
-    for clause, shapes in SHAPE_CLUES:
-        fit = [i for i, p in enumerate(objs) if p["shape"] in shapes]
-        if fit == [t]:
-            out.append((_pick(rng, HEADS).format(clause), _pick(rng, QUESTIONS).format(clause)))
-        elif t in fit and [i for i in fit if objs[i]["colour"] == o["colour"]] == [t]:
-            out.append((COLOURED_HEAD.format(c=o["colour"], k=clause), None))
-    clause = _pick(rng, COLOUR_CLAUSES).format(_pick(rng, COLOUR_OF[o["colour"]]))
-    same_colour = [i for i, p in enumerate(objs) if p["colour"] == o["colour"]]
-    if same_colour == [t]:
-        out.append((_pick(rng, HEADS).format(clause), _pick(rng, QUESTIONS).format(clause)))
-    elif [i for i in same_colour if objs[i]["shape"] == o["shape"]] == [t]:
-        out.append((NAMED_HEAD.format(s=o["shape"], k=clause), None))
-    return out
-
-
-def _new_desc(rng, shape, colour=None, size_word=None, by_shape=False, by_colour=False) -> str:
-    """'a small red circle'; with knowledge: 'a shape with three corners that has the colour of grass'."""
-    c = "" if colour is None or by_colour else colour + " "
-    core = _pick(rng, NEW_SHAPE_CLUES[shape]).format(c=c) if by_shape else f"{c}{shape}"
-    text = f"a {size_word + ' ' if size_word else ''}{core}"
-    if by_colour:
-        text += " " + _pick(rng, NEW_COLOUR_CLAUSES).format(_pick(rng, COLOUR_OF[colour]))
-    return text
+    return _articles(pick(rng, CAPTIONS).format(l=listed, b=background))
 
 
 # ---------------------------------------------------------------- edits
 def _edit_existing(rng, size, bg, objs, category, kind, margin):
     """Remove or replace one shape; returns the texts and the edited scene, or None to draw again."""
     t = int(rng.integers(len(objs)))
-    o, explicit = objs[t], _explicit(objs, t, margin)
-    if explicit is None:
+    o, named = objs[t], explicit(objs, t, margin)
+    if named is None:
         return None
     if category == "simple":
-        refs = [(explicit, None)] if explicit == f"the {o['colour']} {o['shape']}" else []
+        refs = [(named, None)] if named == f"the {o['colour']} {o['shape']}" else []
     elif category == "understanding":
-        refs = [(r, None) for r in _understanding(objs, t, margin)]
+        refs = [(r, None) for r in understanding(objs, t, margin)]
     else:
-        refs = _reasoning(rng, objs, t)
+        refs = reasoning(rng, objs, t)
     if not refs:
         return None
-    ref, question = _pick(rng, refs)
+    ref, question = pick(rng, refs)
     ask = question is not None and rng.random() < 0.5  # reasoning only: other levels have no question form
 
     def say(plain, asked, r, **kw):  # the question form only ever stands in for the advanced referent
-        return _pick(rng, asked).format(q=question, **kw) if ask and r is ref else _pick(rng, plain).format(r=r, **kw)
+        return pick(rng, asked).format(q=question, **kw) if ask and r is ref else pick(rng, plain).format(r=r, **kw)
 
     if kind == "remove":
         new, targets = None, objs[:t] + objs[t + 1:]
-        advanced, simple = say(REMOVE, REMOVE_Q, ref), say(REMOVE, REMOVE_Q, explicit)
+        advanced, simple = say(REMOVE, REMOVE_Q, ref), say(REMOVE, REMOVE_Q, named)
     else:
-        mode = _pick(rng, ("both", "colour", "shape"))
-        colour = o["colour"] if mode == "shape" else _pick(rng, [c for c in COLOURS if c not in (bg, o["colour"])])
-        shape = o["shape"] if mode == "colour" else _pick(rng, [s for s in SHAPES if s != o["shape"]])
+        mode = pick(rng, ("both", "colour", "shape"))
+        colour = o["colour"] if mode == "shape" else pick(rng, [c for c in COLOURS if c not in (bg, o["colour"])])
+        shape = o["shape"] if mode == "colour" else pick(rng, [s for s in SHAPES if s != o["shape"]])
         new = dict(o, shape=shape, colour=colour)
         targets = objs[:t] + [new] + objs[t + 1:]
         if not fits(new, objs[:t] + objs[t + 1:], size):
             return None
         by_shape, by_colour = (False, False)
         if category == "reasoning" and rng.random() < 0.5:
-            by_shape, by_colour = _pick(rng, ((True, False), (False, True), (True, True)))
+            by_shape, by_colour = pick(rng, ((True, False), (False, True), (True, True)))
         if mode == "colour":
-            said = COLOUR_OF_PHRASE.format(_pick(rng, COLOUR_OF[colour])) if by_colour else colour
-            advanced, simple = say(RECOLOUR, RECOLOUR_Q, ref, c=said), say(RECOLOUR, RECOLOUR_Q, explicit, c=colour)
+            said = COLOUR_OF_PHRASE.format(pick(rng, COLOUR_OF[colour])) if by_colour else colour
+            advanced, simple = say(RECOLOUR, RECOLOUR_Q, ref, c=said), say(RECOLOUR, RECOLOUR_Q, named, c=colour)
         elif mode == "shape":
-            advanced = say(RESHAPE, RESHAPE_Q, ref, n=_new_desc(rng, shape, by_shape=by_shape))
-            simple = say(RESHAPE, RESHAPE_Q, explicit, n=_new_desc(rng, shape))
+            advanced = say(RESHAPE, RESHAPE_Q, ref, n=new_desc(rng, shape, by_shape=by_shape))
+            simple = say(RESHAPE, RESHAPE_Q, named, n=new_desc(rng, shape))
         else:
-            advanced = say(REPLACE, REPLACE_Q, ref, n=_new_desc(rng, shape, colour, None, by_shape, by_colour))
-            simple = say(REPLACE, REPLACE_Q, explicit, n=_new_desc(rng, shape, colour))
-    optimized = OPTIMIZED[kind].format(r=explicit, c=new and new["colour"], s=new and new["shape"])
+            advanced = say(REPLACE, REPLACE_Q, ref, n=new_desc(rng, shape, colour, None, by_shape, by_colour))
+            simple = say(REPLACE, REPLACE_Q, named, n=new_desc(rng, shape, colour))
+    optimized = OPTIMIZED[kind].format(r=named, c=new and new["colour"], s=new and new["shape"])
     return dict(objects=targets, old=o, new=new, advanced=advanced, simple=simple, optimized=optimized)
 
 
 def _edit_add(rng, size, bg, objs, category, margin):
     """Add one shape; the phrase fixes shape, colour and a region (see the module docstring)."""
-    shape, size_word = _pick(rng, SHAPES), _pick(rng, RADIUS)
-    colour = _pick(rng, [c for c in COLOURS if c != bg])
+    shape, size_word = pick(rng, SHAPES), pick(rng, RADIUS)
+    colour = pick(rng, [c for c in COLOURS if c != bg])
     said_size = size_word if rng.random() < 0.5 else None
     box, where, copied = _side_box(None, size), "", False
     if category == "simple" or (category == "reasoning" and (not objs or rng.random() < 0.5)):
-        side = _pick(rng, (None, "left", "right", "top", "bottom"))
+        side = pick(rng, (None, "left", "right", "top", "bottom"))
         box, where = _side_box(side, size), SIDE_WHERE.get(side, "")
-        knows = (False, False) if category == "simple" else _pick(rng, ((True, False), (False, True), (True, True)))
-        desc = _new_desc(rng, shape, colour, said_size, *knows)
+        knows = (False, False) if category == "simple" else pick(rng, ((True, False), (False, True), (True, True)))
+        desc = new_desc(rng, shape, colour, said_size, *knows)
     else:
         modes = ("relation", "corner", "same colour", "copy") if category == "understanding" else ("relation",)
-        mode = _pick(rng, modes)
+        mode = pick(rng, modes)
         if mode != "corner":
             if not objs:
                 return None
             a = int(rng.integers(len(objs)))
             if category == "understanding":
-                plain = [_explicit(objs, a, margin)] if _explicit(objs, a, margin) else []
-                anchors = plain + _understanding(objs, a, margin)
+                plain = [explicit(objs, a, margin)] if explicit(objs, a, margin) else []
+                anchors = plain + understanding(objs, a, margin)
             else:
-                anchors = [r for r, _ in _reasoning(rng, objs, a)]
+                anchors = [r for r, _ in reasoning(rng, objs, a)]
             if not anchors:
                 return None
-            anchor, ao = _pick(rng, anchors), objs[a]
-        desc = _new_desc(rng, shape, colour, said_size)
+            anchor, ao = pick(rng, anchors), objs[a]
+        desc = new_desc(rng, shape, colour, said_size)
         if mode == "relation":
-            side = _pick(rng, RELATIONS)
+            side = pick(rng, RELATIONS)
             gap, near = (RADIUS[size_word] + RADIUS[ao["size"]]) * size, 0.2 * size
             x, y = ao["x"], ao["y"]
             box = {"left": (0, math.floor(x - gap), math.ceil(y - near), math.floor(y + near)),
@@ -251,25 +167,25 @@ def _edit_add(rng, size, bg, objs, category, margin):
                    "bottom": (math.ceil(x - near), math.floor(x + near), math.ceil(y + gap), 10**9)}[side]
             where = RELATIONS[side].format(a=anchor)
         elif mode == "corner":
-            v, h = _pick(rng, ("top", "bottom")), _pick(rng, ("left", "right"))
+            v, h = pick(rng, ("top", "bottom")), pick(rng, ("left", "right"))
             bv, bh = _side_box(v, size), _side_box(h, size)
             box, where = (bh[0], bh[1], bv[2], bv[3]), CORNER.format(v=v, h=h)
         elif mode == "same colour":
             colour = ao["colour"]
-            desc = _pick(rng, SAME_COLOUR).format(z=said_size + " " if said_size else "", s=shape, a=anchor)
+            desc = pick(rng, SAME_COLOUR).format(z=said_size + " " if said_size else "", s=shape, a=anchor)
         else:
             shape, size_word, copied = ao["shape"], ao["size"], True
-            colour = _pick(rng, [c for c in COLOURS if c not in (bg, ao["colour"])])
-            desc = _pick(rng, COPY).format(c=colour, a=anchor)
+            colour = pick(rng, [c for c in COLOURS if c not in (bg, ao["colour"])])
+            desc = pick(rng, COPY).format(c=colour, a=anchor)
     new = place(rng, size, objs, shape, size_word, box)
     if new is None:
         return None
     new["colour"] = colour
     # What the instruction leaves free (see valid_targets): the size unless it is said or copied, the centre in box.
     free = {"sizes": [size_word] if said_size or copied else list(RADIUS), "box": list(box)}
-    advanced = _pick(rng, ADD).format(n=desc, w=where)
+    advanced = pick(rng, ADD).format(n=desc, w=where)
     at = _where(new, size)
-    simple = advanced if category == "simple" else _pick(rng, ADD).format(n=_new_desc(rng, shape, colour), w=" " + at)
+    simple = advanced if category == "simple" else pick(rng, ADD).format(n=new_desc(rng, shape, colour), w=" " + at)
     optimized = OPTIMIZED["add"].format(z=size_word, c=colour, s=shape, w=at)
     return dict(objects=objs + [new], old=None, new=new, advanced=advanced, simple=simple, optimized=optimized,
                 free=free)
@@ -280,11 +196,11 @@ def _scene(rng, size):
     objs = []
     for _ in range(int(rng.integers(1, 4))):
         # Repeating a shape or a colour now and then makes "the left square" / "the red one" questions possible.
-        shape = _pick(rng, [p["shape"] for p in objs]) if objs and rng.random() < 0.35 else _pick(rng, SHAPES)
-        colour = _pick(rng, [c for c in COLOURS if c != bg])
+        shape = pick(rng, [p["shape"] for p in objs]) if objs and rng.random() < 0.35 else pick(rng, SHAPES)
+        colour = pick(rng, [c for c in COLOURS if c != bg])
         if objs and rng.random() < 0.25 and objs[-1]["colour"] != bg:
             colour = objs[-1]["colour"]
-        o = place(rng, size, objs, shape, _pick(rng, RADIUS))
+        o = place(rng, size, objs, shape, pick(rng, RADIUS))
         if o is not None:
             objs.append(dict(o, colour=colour))
     return bg, objs
@@ -292,8 +208,8 @@ def _scene(rng, size):
 
 def sample(rng: np.random.Generator, size: int = 32, category: str | None = None, kind: str | None = None) -> dict:
     """One editing sample in memory: PIL `source`, `target` (RGB), `mask` (L) and every text and description."""
-    category = category or _pick(rng, CATEGORIES)
-    kind = kind or _pick(rng, KINDS)
+    category = category or pick(rng, CATEGORIES)
+    kind = kind or pick(rng, KINDS)
     if category not in CATEGORIES or kind not in KINDS:
         raise ValueError(f"unknown category {category!r} or kind {kind!r} — use one of {CATEGORIES} / {KINDS}")
     margin = 0.15 * size
