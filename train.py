@@ -19,6 +19,7 @@ Any config field can be set as --field=value (see minedit/config.py); an unknown
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -264,6 +265,8 @@ def main(argv=None) -> int:
     warmup = max(1, round(cfg.warmup_ratio * cfg.max_steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, training.lr_lambda(warmup, cfg.max_steps))
     scaler = rt.grad_scaler()
+    ema = training.EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None  # after set_stage: trainable only
+    averaged = ema.applied if ema is not None else contextlib.nullcontext  # the weights that are saved/sampled
     step, draw, skipped = 0, 0, 0
     if args.resume:
         last = ckpt.find_checkpoint(args.out)
@@ -275,6 +278,8 @@ def main(argv=None) -> int:
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         step, draw, skipped = state["step"], state["draw"], state["skipped"]
+        if ema is not None:
+            ema.load_state(state["ema"])
     if rt.is_main:
         print(format_param_table(table, f"{cfg.recipe} · {cfg.preset} · stage {cfg.stage}"))
         global_batch = cfg.batch_size * cfg.grad_accum * rt.world_size
@@ -302,7 +307,11 @@ def main(argv=None) -> int:
             state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "scaler": scaler.state_dict() if scaler is not None else {}, "rng": training.rng_state(),
                      "step": step, "draw": draw, "skipped": skipped}
-            ckpt.save_checkpoint(args.out, step, cfg, model.checkpoint_state(cfg.stage), state)
+            if ema is not None:
+                state["ema"] = ema.state()
+            with averaged():
+                weights = {k: v.clone() for k, v in model.checkpoint_state(cfg.stage).items()}
+            ckpt.save_checkpoint(args.out, step, cfg, weights, state)
         rt.barrier()
 
     samples_per_step = cfg.batch_size * cfg.grad_accum * rt.world_size
@@ -339,6 +348,8 @@ def main(argv=None) -> int:
             scaler.update()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
+        if ema is not None:
+            ema.update(step)
         step += 1
         bar.update(1)
         if in_a_row >= cfg.nan_patience:
@@ -366,7 +377,9 @@ def main(argv=None) -> int:
             if flag.item() and stop["signal"] is None:
                 stop["signal"] = "SIGTERM"
         if cfg.sample_every and step % cfg.sample_every == 0 and rt.is_main and cfg.stage > 1:
-            write_samples(model, data.dataset, cfg, rt, os.path.join(args.out, "samples", f"step-{step:07d}.png"))
+            with averaged():
+                write_samples(model, data.dataset, cfg, rt,
+                              os.path.join(args.out, "samples", f"step-{step:07d}.png"))
         if step % cfg.save_every == 0 and step < cfg.max_steps:
             save()
     bar.close()

@@ -117,6 +117,9 @@ class Config:
     drop_text: float = 0.05        # classifier-free-guidance dropout, per sample (InstructPix2Pix)
     drop_image: float = 0.05
     drop_both: float = 0.05
+    snr_gamma: float = 0.0         # Min-SNR-γ loss weighting (γ = 5 in its paper); 0 = off, the papers' plain MSE
+    mask_loss_weight: float = 1.0  # loss weight inside the edit mask (1 = off; an ablation, not in the papers)
+    ema_decay: float = 0.0         # EMA of the trained weights, saved as the checkpoint's weights; 0 = off
     num_workers: int = 2
     save_every: int = 1000
     sample_every: int = 1000
@@ -189,11 +192,15 @@ class Config:
         for name in ("batch_size", "grad_accum", "max_steps", "steps", "resolution", "num_mm_tokens", "lora_rank"):
             if getattr(self, name) <= 0:
                 bad(name, "must be a positive integer")
-        for name in ("text_guidance", "image_guidance", "lr", "weight_decay", "ip_scale"):
+        for name in ("text_guidance", "image_guidance", "lr", "weight_decay", "ip_scale", "snr_gamma"):
             if getattr(self, name) < 0:
                 bad(name, "must be >= 0")
         if self.resolution % self.latent_factor:
             bad("resolution", f"must be a multiple of the VAE's downsampling factor {self.latent_factor}")
+        if self.mask_loss_weight <= 0:
+            bad("mask_loss_weight", "must be > 0 (1 = every pixel weighs the same)")
+        if not 0 <= self.ema_decay < 1:
+            bad("ema_decay", "must be in [0, 1) (0 = no EMA; 0.999 is typical)")
         if not 0 <= self.drop_text + self.drop_image + self.drop_both <= 1:
             bad("drop_text", "the three guidance-dropout probabilities must sum to at most 1")
         return self
@@ -320,4 +327,5 @@ ARCH_FIELDS = tuple(f.name for f in fields(Config) if f.name not in {
     "clip_grad", "precision", "grad_checkpointing", "seed", "drop_text", "drop_image", "drop_both",
     "num_workers", "save_every", "sample_every", "log_every", "max_bad_fraction", "nan_patience", "steps",
     "text_guidance", "image_guidance", "ip_scale", "scheduler", "lora_dropout", "mllm_path", "sd_path",
-    "clip_path", "mind_losses", "mind_embed_weight", "topt_max_tokens"})
+    "clip_path", "mind_losses", "mind_embed_weight", "topt_max_tokens", "snr_gamma", "mask_loss_weight",
+    "ema_decay"})

@@ -222,12 +222,15 @@ def test_torchrun_two_processes_match_one_process(chain, world, tmp_path):
 
 # ---------------------------------------------------------------------------------------------------------------
 # 4. Exact resume: 6 steps straight = 3 steps (--stop-after) then --resume for 3, bit for bit
+# (also with the optional training levers: the EMA's shadow and trained values both come back)
 @pytest.mark.slow
-def test_resume_is_bit_exact(chain, world, tmp_path):
+@pytest.mark.parametrize("levers", [[], ["--ema_decay=0.9", "--snr_gamma=5", "--mask_loss_weight=4"]],
+                         ids=["plain", "ema-minsnr-mask"])
+def test_resume_is_bit_exact(chain, world, tmp_path, levers):
     root, procs = chain
     ok(procs["ie1"])
     args = ["--stage", "2", "--init", str(root / "ie1"), "--data", str(world / "train.jsonl"), "--max-steps", "6",
-            "--save-every", "3", "--lora_dropout=0.1", *QUICK]  # dropout: the global RNG matters too
+            "--save-every", "3", "--lora_dropout=0.1", *QUICK, *levers]  # dropout: the global RNG matters too
     ok(run(*args, "--out", str(tmp_path / "straight")))
     half = ok(run(*args, "--out", str(tmp_path / "split"), "--stop-after", "3"))
     assert "stopped by --stop-after at step 3 of 6" in half.stdout
