@@ -195,6 +195,28 @@ def t2i_quality(unet, vae, text_encoder, tok, clip, cfg, eval_images, eval_capti
             "colours_right_real": colours_right(eval_images, eval_captions)}
 
 
+def pretrain_unet(cfg, vae, text_encoder, tok, clip, out: Path, seed: int = 0, n: int = 24000, steps: int = 3000,
+                  batch: int = 32, lr: float = 1e-3, eval_n: int = 512):
+    """Train the 4-channel text-to-image UNet on the editing world's (image, caption) pairs; returns it and its
+    metrics (loss ends, held-out quality), writing the grid of generations to out/t2i-grid.png."""
+    g = torch.Generator().manual_seed(seed)
+    root = Path(cached_world(seed=seed + 1000, n=n, size=cfg.resolution))
+    caps = [json.loads(line) for line in (root / "captions.jsonl").read_text().splitlines() if line.strip()]
+    evals = [json.loads(line) for line in (root / "eval.jsonl").read_text().splitlines() if line.strip()][:eval_n]
+    log(f"toy world {root}: {len(caps)} train (image, caption) pairs, {len(evals)} held-out captions")
+    context = encode_captions(text_encoder, tok, cfg, [c["caption"] for c in caps])
+    null_context = encode_captions(text_encoder, tok, cfg, [""])
+    unet, history = train_t2i(cfg, vae, context, null_context, load_images(root, [c["image"] for c in caps]),
+                              steps, batch, lr, g)
+    del context
+    k = max(1, len(history) // 10)
+    quality = t2i_quality(unet, vae, text_encoder, tok, clip, cfg, load_images(root, [r["source"] for r in evals]),
+                          [r["caption"] for r in evals], null_context, out)
+    return unet, {"steps": steps, "batch": batch, "lr": lr, "p_null": P_NULL, "world_n": n,
+                  "train_pairs": len(caps), "loss_first": float(np.mean(history[:k])),
+                  "loss_last": float(np.mean(history[-k:])), **quality}
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--base", required=True, help="toy base folder (sd/ and clip/ are read)")
@@ -214,7 +236,6 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.time()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    g = torch.Generator().manual_seed(args.seed)
     base, out = Path(args.base), Path(args.out or args.base)
     if out != base:
         shutil.copytree(base, out, dirs_exist_ok=True)
@@ -223,26 +244,11 @@ def main(argv: list[str] | None = None) -> dict:
     text_encoder = CLIPTextModel.from_pretrained(base / "sd", subfolder="text_encoder").eval()
     tok = AutoTokenizer.from_pretrained(base / "sd" / "tokenizer")
     clip = CLIPModel.from_pretrained(base / "clip").eval()
-
-    root = Path(cached_world(seed=args.seed + 1000, n=args.n, size=cfg.resolution))
-    caps = [json.loads(line) for line in (root / "captions.jsonl").read_text().splitlines() if line.strip()]
-    evals = [json.loads(line) for line in (root / "eval.jsonl").read_text().splitlines() if line.strip()]
-    evals = evals[:args.eval_n]
-    log(f"toy world {root}: {len(caps)} train (image, caption) pairs, {len(evals)} held-out captions")
-    context = encode_captions(text_encoder, tok, cfg, [c["caption"] for c in caps])
-    null_context = encode_captions(text_encoder, tok, cfg, [""])
-    unet, history = train_t2i(cfg, vae, context, null_context, load_images(root, [c["image"] for c in caps]),
-                              args.steps, args.batch, args.lr, g)
-    del context
+    unet, metrics = pretrain_unet(cfg, vae, text_encoder, tok, clip, out, args.seed, args.n, args.steps, args.batch,
+                                  args.lr, args.eval_n)
     shutil.rmtree(out / "sd" / "unet", ignore_errors=True)
     unet.save_pretrained(out / "sd" / "unet")
-    k = max(1, len(history) // 10)
-    metrics = {"steps": args.steps, "batch": args.batch, "lr": args.lr, "p_null": P_NULL, "world_n": args.n,
-               "train_pairs": len(caps), "loss_first": float(np.mean(history[:k])),
-               "loss_last": float(np.mean(history[-k:])),
-               **t2i_quality(unet, vae, text_encoder, tok, clip, cfg, load_images(root, [r["source"] for r in evals]),
-                             [r["caption"] for r in evals], null_context, out),
-               "wall_time_s": time.time() - start, "threads": args.threads}
+    metrics.update(wall_time_s=time.time() - start, threads=args.threads)
     (out / "t2i.json").write_text(json.dumps(metrics, indent=1) + "\n")
     log(f"t2i: {json.dumps(metrics)}")
     return metrics
