@@ -137,6 +137,28 @@ def test_ip2p_maps_are_named_by_the_instructions_tokens(ip2p):
     assert all((a - b).abs().max() > 1e-4 for a, b in zip(rec.text, other.text))
 
 
+def test_mindedit_maps_are_named_by_the_decoded_topt():
+    """MIND-Edit conditions the UNet on CLIP_text(T_opt): the labels are T_opt's tokens (the instruction's with
+    use_topt=False), and v_insight's image tokens get their own maps."""
+    from minedit.config import preset
+    from minedit.model import EditModel
+    torch.manual_seed(0)
+    model = EditModel(preset("mindedit", "toy", 2)).eval()
+    tok = model.text_tokenizer
+    x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1  # its T_opt is not empty
+    for use_topt in (True, False):
+        with AttentionRecorder(model.unet, [0], text_encoder=model.text_encoder) as rec:
+            _, texts = edit(model, x, ["remove the red circle"], steps=1, seed=0, use_topt=use_topt,
+                            return_texts=True)
+        labels, shown = token_labels(model, rec, rec.text[0].shape[1])
+        said = texts[0] if use_topt else "remove the red circle"
+        assert said.strip()
+        expected = tok.convert_ids_to_tokens(tok(said, truncation=True, max_length=model.cfg.text_max_length)
+                                             .input_ids)
+        assert labels[:shown] == [t.replace("</w>", "") for t in expected]
+        assert len(rec.image) == 1 and rec.image[0].shape[1] == model.cfg.iaa_tokens
+
+
 def run_infer(*args):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, os.path.join(ROOT, "infer.py"), *map(str, args)], capture_output=True,
