@@ -62,8 +62,8 @@ class AttentionRecorder:
     """Context manager: record per-token cross-attention maps of the conditional branch at the given steps.
 
     After the block: `timesteps` (one per recorded step), `text` [S × B×T×h×w], `image` [S × B×N×h×w] (empty
-    without image tokens), `ip_scale` (λ seen), `text_ids` (1-D token ids of the text condition, when a
-    `text_encoder` was given and ran). `keep_layers=True` also keeps each layer's raw P (B×heads×L×T) in `layers`
+    without image tokens), `ip_scale` (λ seen), `text_ids` (B×T token ids of the text condition, when a
+    `text_encoder` was given and ran). Steps count UNet calls from the block's start. `keep_layers=True` also keeps each layer's raw P (B×heads×L×T) in `layers`
     [S × {name: (P_text, P_image or None)}] — for tests; it costs memory on a full-size UNet."""
 
     def __init__(self, unet, steps, edits: int = 1, keep_layers: bool = False, text_encoder=None):
@@ -79,6 +79,7 @@ class AttentionRecorder:
         from .attention import DecoupledAttnProcessor
 
         self._decoupled = DecoupledAttnProcessor
+        self._call = -1
         self._handles.append(self.unet.register_forward_pre_hook(self._unet_pre, with_kwargs=True))
         self._handles.append(self.unet.register_forward_hook(self._unet_post))
         for name, m in self.unet.named_modules():
@@ -98,7 +99,7 @@ class AttentionRecorder:
     def _text_pre(self, module, args, kwargs):
         ids = args[0] if args else kwargs.get("input_ids")
         if self.text_ids is None and ids is not None:  # the first call is the condition; the null text comes later
-            self.text_ids = ids[0].detach().cpu()
+            self.text_ids = ids.detach().cpu()
 
     def _unet_pre(self, module, args, kwargs):
         self._call += 1
@@ -175,12 +176,12 @@ def layer_grid(length: int, hw: tuple[int, int]) -> tuple[int, int]:
     raise ValueError(f"no down-sampling of a {h}×{w} latent has {length} pixels")
 
 
-def token_labels(model, recorder: AttentionRecorder, n_text: int) -> tuple[list[str], int]:
-    """-> (a name per text token, how many of them to show: the instruction's tokens, not the padding)."""
+def token_labels(model, recorder: AttentionRecorder, n_text: int, edit: int = 0) -> tuple[list[str], int]:
+    """-> (a name per text token of edit `edit`, how many of them to show: its tokens, not the padding)."""
     if model.cfg.uses_mm_tokens or recorder.text_ids is None:
         return [f"q{i}" for i in range(n_text)], n_text
     tok = model.text_tokenizer
-    ids = recorder.text_ids.tolist()[:n_text]
+    ids = recorder.text_ids[edit].tolist()[:n_text]
     names = {tok.bos_token_id: "<bos>", tok.eos_token_id: "<eos>", tok.pad_token_id: "<pad>"}
     labels = [names.get(i) or tok.convert_ids_to_tokens(i).replace("</w>", "") for i in ids]
     if tok.eos_token_id is not None and tok.eos_token_id in ids:
@@ -211,7 +212,7 @@ def save(path: str, model, recorder: AttentionRecorder, source, instruction: str
         raise ValueError("nothing was recorded: the sampler made fewer UNet calls than the first recorded step")
     text = torch.stack([m[edit] for m in recorder.text]).numpy()  # S×T×h×w
     image = torch.stack([m[edit] for m in recorder.image]).numpy() if recorder.image else None  # S×N×h×w
-    labels, show = token_labels(model, recorder, text.shape[1])
+    labels, show = token_labels(model, recorder, text.shape[1], edit)
     img_labels = [f"img{i}" for i in range(0 if image is None else image.shape[1])]
     sheet = render(source, text[:, :show], labels[:show], image, img_labels, recorder.timesteps,
                    sorted(recorder.steps), recorder.ip_scale)
