@@ -215,7 +215,7 @@ def save(path: str, model, recorder: AttentionRecorder, source, instruction: str
     labels, show = token_labels(model, recorder, text.shape[1], edit)
     img_labels = [f"img{i}" for i in range(0 if image is None else image.shape[1])]
     sheet = render(source, text[:, :show], labels[:show], image, img_labels, recorder.timesteps,
-                   sorted(recorder.steps), recorder.ip_scale)
+                   sorted(recorder.steps), recorder.ip_scale, hidden=len(labels) - show)
     tmp = path + ".tmp.png"
     sheet.save(tmp)
     os.replace(tmp, path)

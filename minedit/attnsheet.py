@@ -38,8 +38,9 @@ def panel(gray: np.ndarray, m: np.ndarray, size: tuple[int, int]) -> "Image.Imag
 
 
 def render(source, text: np.ndarray, labels: list[str], image: np.ndarray | None, image_labels: list[str],
-           timesteps: list[int], steps: list[int], ip_scale: float | None):
-    """source: PIL image; text: S×T×h×w, image: S×N×h×w or None (one row block per recorded step) -> PIL sheet."""
+           timesteps: list[int], steps: list[int], ip_scale: float | None, hidden: int = 0):
+    """source: PIL image; text: S×T×h×w, image: S×N×h×w or None (one row block per recorded step) -> PIL sheet.
+    `hidden`: how many (padding) text tokens were left off the sheet, said in its header."""
     from PIL import Image, ImageDraw
 
     w0, h0 = source.size
@@ -52,6 +53,7 @@ def render(source, text: np.ndarray, labels: list[str], image: np.ndarray | None
     rows_per_step = -(-len(names) // (cols - 1))
     cw, ch = size[0] + 2, size[1] + LABEL_H
     lam = "" if image is None else f"; img tokens: their own softmax, weight lambda={ip_scale:g}"
+    lam += f"; {hidden} padding tokens not shown (in the .npz)" if hidden else ""
     header = textwrap.wrap("cross-attention per token (conditional branch, mean over heads and layers); each "
                            f"panel stretched min to max; % = the token's share{lam}", max(20, cols * cw // 6))
     top = 2 + LABEL_H * len(header)
