@@ -16,6 +16,7 @@ One file per idea. The model:
     build.py        load or build every base model (hub id, local folder, tiny config, meta device)
     model.py        the composed model: forward(batch, stage) -> loss, parts
     sampler.py      the editing sampler: conditioning once per edit, three-branch guidance
+    attnmaps.py     per-token cross-attention maps of one edit, recorded with read-only hooks (attnsheet.py: the sheet)
 Running it:
     runtime.py      device, precision and distributed set-up (the one place that names a device)
     data.py         JSONL manifests, robust image loading, aligned transforms
