@@ -223,15 +223,15 @@ def run(a) -> int:
     device = pick_device(a.device)
     clip_path = a.clip or editor.cfg.clip_path
     clip = load_clip(clip_path, device) if clip_path and a.protocol != "gedit" else None
-    if a.protocol == "reason-edit":
+    if a.protocol == "reason-edit":  # the LPIPS network first: a missing extra fails before any edit is made
+        net = None if a.lpips == "off" or (a.lpips == "auto" and not metrics.LPIPS_AVAILABLE) else \
+            protocols.lpips_network("squeeze" if a.lpips == "auto" else a.lpips)
         rows = read_reason_edit(a.data)[: a.limit]
+        if net is None and a.lpips == "auto":
+            print("note: LPIPS left out (pip install lpips to add it)", file=sys.stderr)
         preds = [os.path.join(pred_dir, r["category"], os.path.basename(r["source"])) for r in rows]
         editor.make([(r["source"], r["instruction"], p) for r, p in zip(rows, preds)],
                     [a.seed + i for i in range(len(rows))])
-        net = None if a.lpips == "off" or (a.lpips == "auto" and not metrics.LPIPS_AVAILABLE) else \
-            protocols.lpips_network("squeeze" if a.lpips == "auto" else a.lpips)
-        if net is None and a.lpips == "auto":
-            print("note: LPIPS left out (pip install lpips to add it)", file=sys.stderr)
         results = score_reason_edit(rows, preds, clip, net)
         summary = {"by_category": metrics.aggregate(results, by="category")}
     elif a.protocol == "magicbrush":
@@ -254,10 +254,11 @@ def read_rows(path: str, kind: str, limit) -> list[dict]:
     from .data import read_manifest
 
     rows, bad = read_manifest(path, kind=kind)
+    if not rows:
+        first = f" (line {bad[0][0]}: {bad[0][1]})" if bad else ""
+        raise UserError(f"{path} has no usable rows{first} — --data takes a JSONL manifest, one edit per line")
     for line, why in bad:
         print(f"warning: {path} line {line}: {why} (skipped)", file=sys.stderr)
-    if not rows:
-        raise UserError(f"{path} has no usable rows — see the warnings above for what each row lacks")
     return rows[:limit]
 
 

@@ -1,5 +1,6 @@
 """The benchmarks' protocols: each formula against a hand computation or an independent reference, and
 `evaluate.py --protocol ...` end to end on tiny folders and manifests with a tiny checkpoint."""
+import importlib.util
 import json
 import math
 import os
@@ -205,7 +206,10 @@ def test_bad_protocol_inputs_are_one_error_line(ckpt, reason_edit, tmp_path, cap
     cases = [(["--protocol", "pie"], "choose one of reason-edit, magicbrush, gedit"),
              (["--protocol", "reason-edit", "--data", reason_edit], "must pair up"),
              (["--protocol", "reason-edit", "--data", tmp_path / "none"], "not a folder"),
-             (["--protocol", "gedit", "--data", reason_edit], "needs a judge")]
+             (["--protocol", "gedit", "--data", reason_edit], "needs a judge"),
+             (["--protocol", "magicbrush", "--data", reason_edit / "6-Reasoning" / "0.png"], "line 1")]
+    if importlib.util.find_spec("lpips") is None:  # an optional extra asked for by name: say how to install it
+        cases.append((["--protocol", "reason-edit", "--lpips", "squeeze"], "pip install lpips"))
     for args, says in cases:
         argv = ["--ckpt", str(ckpt), "--data", str(reason_edit), "--out", str(tmp_path / "o.json"), *map(str, args)]
         with pytest.raises(SystemExit) as e:
@@ -215,3 +219,55 @@ def test_bad_protocol_inputs_are_one_error_line(ckpt, reason_edit, tmp_path, cap
     r = run("--protocol", "reason-edit", "--ckpt", ckpt, "--data", reason_edit, "--out", tmp_path / "o.json")
     assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1
     assert "must pair up" in r.stderr and not (tmp_path / "o.json").exists()
+
+
+@pytest.fixture
+def judge_url(monkeypatch):
+    """A chat-completions endpoint on 127.0.0.1 that answers the SC prompt [8, 5] (or [2, 7] for a "blue" edit)
+    and the PQ prompt [6, 9]."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    for var in ("no_proxy", "NO_PROXY"):
+        monkeypatch.setenv(var, "127.0.0.1,localhost")
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            text = json.dumps(body["messages"])
+            score = ([2, 7] if "blue" in text else [8, 5]) if "instruction" in body["messages"][0]["content"] \
+                else [6, 9]
+            reply = json.dumps({"choices": [{"message": {"content": json.dumps({"score": score})}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(reply)))
+            self.end_headers()
+            self.wfile.write(reply)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.mark.slow
+def test_gedit_end_to_end_per_task_type(ckpt, tmp_path, judge_url):
+    rows = [{"source": "a.png", "instruction": "make the car blue", "task_type": "color_alter"},
+            {"source": "a.png", "instruction": "add a dog", "task_type": "subject-add"},
+            {"source": "a.png", "instruction": "add a cat", "task_type": "subject-add"}]
+    picture(tmp_path / "a.png", 0)
+    with open(tmp_path / "g.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    r = run("--protocol", "gedit", "--ckpt", ckpt, "--data", tmp_path / "g.jsonl", "--out", tmp_path / "g.json",
+            "--steps", 2, "--judge-url", judge_url)
+    assert r.returncode == 0, r.stderr
+    by = json.load(open(tmp_path / "g.json"))["summary"]["by_task_type"]
+    # color_alter: SC = min(2, 7) = 2, PQ = min(6, 9) = 6, O = √12; subject-add: SC 5, PQ 6, O = √30
+    assert by["groups"]["color_alter"]["o"] == pytest.approx(math.sqrt(12))
+    assert by["groups"]["subject-add"]["sc"] == 5 and by["groups"]["subject-add"]["o"] == pytest.approx(math.sqrt(30))
+    assert by["overall"]["o"] == pytest.approx((math.sqrt(12) + 2 * math.sqrt(30)) / 3)
+    assert by["overall"]["pq"] == 6
