@@ -45,7 +45,8 @@ def load_clip(path: str, device):
         with quiet_loading():
             model = CLIPModel.from_pretrained(local).to(device).eval()
     except OSError as e:
-        raise UserError(f"cannot load the CLIP model {path} ({e}) — pass --clip with a CLIPModel id or folder") from None
+        raise UserError(f"cannot load the CLIP model {path} ({e}) — pass --clip with a CLIPModel id or "
+                        "folder") from None
     try:
         tok = AutoTokenizer.from_pretrained(local)
     except (OSError, ValueError):
@@ -65,8 +66,7 @@ def load_dino(path: str, device):
     except OSError as e:
         raise UserError(f"cannot load the DINO model {path} ({e}) — pass --dino with a ViT/DINOv2 id or folder, "
                         "e.g. facebook/dino-vits16") from None
-    if not hasattr(model.config, "image_size") or "vit" not in model.config.model_type and \
-            "dino" not in model.config.model_type:
+    if model.config.model_type not in ("vit", "dinov2", "dinov2_with_registers"):
         raise UserError(f"--dino {path} is a {model.config.model_type} model — pass a ViT or DINOv2 model")
     return model
 
@@ -266,7 +266,8 @@ def run_magicbrush(a, editor, pred_dir, clip):
     rows = read_rows(a.data, "edit", a.limit)
     chains = sessions(rows)
     single = [os.path.join(pred_dir, "single", f"{i:05d}.png") for i in range(len(rows))]
-    editor.make([(r["source"], r["instruction"], p) for r, p in zip(rows, single)], [a.seed + i for i in range(len(rows))])
+    editor.make([(r["source"], r["instruction"], p) for r, p in zip(rows, single)],
+                [a.seed + i for i in range(len(rows))])
     dino = load_dino(a.dino, clip[0].device if clip else "cpu") if a.dino else None
     captions = [next((r[k] for k in CAPTION_FIELDS if r.get(k)), None) for r in rows]
     res_single = score_magicbrush(list(zip(single, (r["target"] for r in rows))), captions, clip, dino)
@@ -295,7 +296,8 @@ def run_gedit(a, editor, pred_dir):
 
     rows = read_rows(a.data, "infer", a.limit)
     preds = [os.path.join(pred_dir, f"{i:05d}.png") for i in range(len(rows))]
-    editor.make([(r["source"], r["instruction"], p) for r, p in zip(rows, preds)], [a.seed + i for i in range(len(rows))])
+    editor.make([(r["source"], r["instruction"], p) for r, p in zip(rows, preds)],
+                [a.seed + i for i in range(len(rows))])
     judge = getattr(a, "judge", None) or HTTPJudge(a.judge_url, a.judge_model, os.environ.get("MINEDIT_JUDGE_KEY"))
 
     def png(path):
