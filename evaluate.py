@@ -167,7 +167,7 @@ def add_clip_scores(path, images, results, device):
     import torch
 
     from minedit import metrics
-    from minedit.benchmarks import load_clip
+    from minedit.protocols import load_clip
 
     model, tok = load_clip(path, device)
     with torch.no_grad():

@@ -34,43 +34,6 @@ def as_array(img) -> np.ndarray:
     return np.asarray(img.convert("RGB"), dtype=np.float64) / 255.0
 
 
-def load_clip(path: str, device):
-    """A CLIPModel and its tokenizer by hub id or folder (the toy bases keep the tokenizer beside SD's)."""
-    from transformers import AutoTokenizer, CLIPModel
-
-    from .build import _pretrained, quiet_loading
-
-    local = _pretrained(path, meta=False)
-    try:
-        with quiet_loading():
-            model = CLIPModel.from_pretrained(local).to(device).eval()
-    except OSError as e:
-        raise UserError(f"cannot load the CLIP model {path} ({e}) — pass --clip with a CLIPModel id or "
-                        "folder") from None
-    try:
-        tok = AutoTokenizer.from_pretrained(local)
-    except (OSError, ValueError):
-        tok = AutoTokenizer.from_pretrained(os.path.join(os.path.dirname(local), "sd", "tokenizer"))
-    return model, tok
-
-
-def load_dino(path: str, device):
-    """A DINO ViT (transformers ViTModel / Dinov2Model) by hub id or folder."""
-    from transformers import AutoModel
-
-    from .build import quiet_loading
-
-    try:
-        with quiet_loading():
-            model = AutoModel.from_pretrained(path).to(device).eval()
-    except OSError as e:
-        raise UserError(f"cannot load the DINO model {path} ({e}) — pass --dino with a ViT/DINOv2 id or folder, "
-                        "e.g. facebook/dino-vits16") from None
-    if model.config.model_type not in ("vit", "dinov2", "dinov2_with_registers"):
-        raise UserError(f"--dino {path} is a {model.config.model_type} model — pass a ViT or DINOv2 model")
-    return model
-
-
 class Editor:
     """Makes the edits that PRED_DIR lacks, loading the checkpoint once, on first need."""
 
@@ -222,7 +185,7 @@ def run(a) -> int:
 
     device = pick_device(a.device)
     clip_path = a.clip or editor.cfg.clip_path
-    clip = load_clip(clip_path, device) if clip_path and a.protocol != "gedit" else None
+    clip = protocols.load_clip(clip_path, device) if clip_path and a.protocol != "gedit" else None
     if a.protocol == "reason-edit":  # the LPIPS network first: a missing extra fails before any edit is made
         net = None if a.lpips == "off" or (a.lpips == "auto" and not metrics.LPIPS_AVAILABLE) else \
             protocols.lpips_network("squeeze" if a.lpips == "auto" else a.lpips)
@@ -265,10 +228,10 @@ def read_rows(path: str, kind: str, limit) -> list[dict]:
 def run_magicbrush(a, editor, pred_dir, clip):
     rows = read_rows(a.data, "edit", a.limit)
     chains = sessions(rows)
+    dino = protocols.load_dino(a.dino, clip[0].device if clip else "cpu") if a.dino else None  # before any edit
     single = [os.path.join(pred_dir, "single", f"{i:05d}.png") for i in range(len(rows))]
     editor.make([(r["source"], r["instruction"], p) for r, p in zip(rows, single)],
                 [a.seed + i for i in range(len(rows))])
-    dino = load_dino(a.dino, clip[0].device if clip else "cpu") if a.dino else None
     captions = [next((r[k] for k in CAPTION_FIELDS if r.get(k)), None) for r in rows]
     res_single = score_magicbrush(list(zip(single, (r["target"] for r in rows))), captions, clip, dino)
     # final turn: turn k starts from the model's own turn k-1; turn 1 is the single-turn edit of that row

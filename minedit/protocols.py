@@ -25,6 +25,7 @@ GEdit-Bench (VIEScore, Ku et al. 2024): the judge rates semantic consistency wit
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import torch
@@ -103,6 +104,43 @@ def lpips_network(net: str = "squeeze"):
 
 
 # ---- feature similarities (MagicBrush) ------------------------------------------------------------------------
+def load_clip(path: str, device):
+    """A CLIPModel and its tokenizer by hub id or folder (the toy bases keep the tokenizer beside SD's)."""
+    from transformers import AutoTokenizer, CLIPModel
+
+    from .build import _pretrained, quiet_loading
+
+    local = _pretrained(path, meta=False)
+    try:
+        with quiet_loading():
+            model = CLIPModel.from_pretrained(local).to(device).eval()
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load the CLIP model {path} ({e}) — pass --clip with a CLIPModel id or "
+                        "folder") from None
+    try:
+        tok = AutoTokenizer.from_pretrained(local)
+    except (OSError, ValueError):
+        tok = AutoTokenizer.from_pretrained(os.path.join(os.path.dirname(local), "sd", "tokenizer"))
+    return model, tok
+
+
+def load_dino(path: str, device):
+    """A DINO ViT (transformers ViTModel / Dinov2Model) by hub id or folder."""
+    from transformers import AutoModel
+
+    from .build import quiet_loading
+
+    try:
+        with quiet_loading():
+            model = AutoModel.from_pretrained(path).to(device).eval()
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load the DINO model {path} ({e}) — pass --dino with a ViT/DINOv2 id or folder, "
+                        "e.g. facebook/dino-vits16") from None
+    if model.config.model_type not in ("vit", "dinov2", "dinov2_with_registers"):
+        raise UserError(f"--dino {path} is a {model.config.model_type} model — pass a ViT or DINOv2 model")
+    return model
+
+
 def _resize_crop(images, size: int, resize: int) -> torch.Tensor:
     """Images (H×W×3 in [0, 1]) -> B×3×size×size: shorter side to `resize` (bicubic, antialiased), centre crop."""
     out = []

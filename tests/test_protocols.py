@@ -208,6 +208,12 @@ def test_bad_protocol_inputs_are_one_error_line(ckpt, reason_edit, tmp_path, cap
              (["--protocol", "reason-edit", "--data", tmp_path / "none"], "not a folder"),
              (["--protocol", "gedit", "--data", reason_edit], "needs a judge"),
              (["--protocol", "magicbrush", "--data", reason_edit / "6-Reasoning" / "0.png"], "line 1")]
+    with open(tmp_path / "mb.jsonl", "w") as f:
+        f.write(json.dumps({"source": str(reason_edit / "1-Left-Right" / "0.png"), "instruction": "x",
+                            "target": str(reason_edit / "1-Left-Right" / "1.png")}) + "\n")
+    cases += [(["--protocol", "magicbrush", "--data", tmp_path / "mb.jsonl", "--dino", tmp_path / "no-dino"],
+               "pass --dino with"),
+              (["--protocol", "reason-edit", "--clip", tmp_path / "no-clip"], "pass --clip with")]
     if importlib.util.find_spec("lpips") is None:  # an optional extra asked for by name: say how to install it
         cases.append((["--protocol", "reason-edit", "--lpips", "squeeze"], "pip install lpips"))
     for args, says in cases:
