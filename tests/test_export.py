@@ -222,3 +222,28 @@ def test_peft_needs_a_loadable_base(tmp_path):
     with pytest.raises(UserError, match="--format llava"):
         check_format(preset("smartedit", "toy"), "peft")
     check_format(preset("smartedit", "toy"), "llava")  # the merged folder needs no base
+
+
+def test_peft_adapter_layout_without_mm_tokens_and_missing_peft(monkeypatch):
+    """MIND-Edit has LoRA but no [MM] rows: only lora_A/B, in peft's key layout, rank and alpha as trained; and
+    without the peft package the export says how to install it."""
+    import importlib.util
+
+    from minedit.errors import UserError
+    from minedit.export import check_format, peft_adapter
+    from minedit.lora import lora_state_dict
+
+    torch.manual_seed(0)
+    model = EditModel(preset("mindedit", "toy"))
+    kwargs, tensors = peft_adapter(model)
+    assert "trainable_token_indices" not in kwargs
+    assert (kwargs["r"], kwargs["lora_alpha"]) == (model.cfg.lora_rank, model.cfg.lora_alpha)
+    ours = lora_state_dict(model.mllm)
+    assert set(tensors) == {f"base_model.model.{k}.weight" for k in ours}
+    assert len(kwargs["target_modules"]) == len(ours) // 2
+    cfg = preset("mindedit", "toy")
+    cfg.mllm_path = TOY_MLLM
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "peft" else real(name, *a))
+    with pytest.raises(UserError, match="pip install peft"):
+        check_format(cfg, "peft")
