@@ -271,9 +271,13 @@ def run_gedit(a, editor, pred_dir):
     results = []
     for r, p in zip(rows, preds):
         s = protocols.gedit_scores(judge, png(r["source"]), png(p), r["instruction"])
-        s.update(task_type=r.get("task_type") or r.get("category") or "", instruction=r["instruction"], pred=p)
+        s.update(task_type=r.get("task_type") or r.get("category") or "", instruction=r["instruction"], pred=p,
+                 language=r.get("instruction_language"))
         results.append(s)
-    return {"by_task_type": metrics.aggregate(results, by="task_type")}, results
+    summary = {"by_task_type": metrics.aggregate(results, by="task_type")}
+    if any(r["language"] for r in results):  # GEdit-Bench reports its English and Chinese halves apart
+        summary["by_language"] = metrics.aggregate(results, by="language")
+    return summary, results
 
 
 def format_summary(summary: dict) -> str:

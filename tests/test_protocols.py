@@ -262,16 +262,19 @@ def judge_url(monkeypatch):
 
 @pytest.mark.slow
 def test_gedit_end_to_end_per_task_type(ckpt, tmp_path, judge_url):
-    rows = [{"source": "a.png", "instruction": "make the car blue", "task_type": "color_alter"},
-            {"source": "a.png", "instruction": "add a dog", "task_type": "subject-add"},
-            {"source": "a.png", "instruction": "add a cat", "task_type": "subject-add"}]
+    rows = [{"source": "a.png", "instruction": "make the car blue", "task_type": "color_alter",
+             "instruction_language": "en"},
+            {"source": "a.png", "instruction": "add a dog", "task_type": "subject-add", "instruction_language": "en"},
+            {"source": "a.png", "instruction": "add a cat", "task_type": "subject-add", "instruction_language": "cn"}]
     picture(tmp_path / "a.png", 0)
     with open(tmp_path / "g.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     r = run("--protocol", "gedit", "--ckpt", ckpt, "--data", tmp_path / "g.jsonl", "--out", tmp_path / "g.json",
             "--steps", 2, "--judge-url", judge_url)
     assert r.returncode == 0, r.stderr
-    by = json.load(open(tmp_path / "g.json"))["summary"]["by_task_type"]
+    summary = json.load(open(tmp_path / "g.json"))["summary"]
+    by = summary["by_task_type"]
+    assert summary["by_language"]["groups"]["en"]["o"] == pytest.approx((math.sqrt(12) + math.sqrt(30)) / 2)
     # color_alter: SC = min(2, 7) = 2, PQ = min(6, 9) = 6, O = √12; subject-add: SC 5, PQ 6, O = √30
     assert by["groups"]["color_alter"]["o"] == pytest.approx(math.sqrt(12))
     assert by["groups"]["subject-add"]["sc"] == 5 and by["groups"]["subject-add"]["o"] == pytest.approx(math.sqrt(30))
