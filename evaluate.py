@@ -56,6 +56,11 @@ def parse_args(argv):
     p.add_argument("--judge-url", help="OpenAI-compatible endpoint for VIEScore (off by default)")
     p.add_argument("--judge-model", default="gpt-4o")
     p.add_argument("--device")
+    p.add_argument("--protocol", help="score as a benchmark does: reason-edit (--data: its folder), magicbrush or "
+                   "gedit (--data: a manifest); see minedit/benchmarks.py and the README")
+    p.add_argument("--dino", help="magicbrush: a DINO ViT id or folder for the DINO score (e.g. facebook/dino-vits16)")
+    p.add_argument("--lpips", default="auto", help="reason-edit: LPIPS network (squeeze as SmartEdit, alex, vgg), "
+                   "off, or auto (squeeze when the lpips package is installed)")
     return p.parse_args(argv)
 
 
@@ -71,6 +76,10 @@ def main(argv=None) -> int:
         raise UserError(f"--batch-size {a.batch_size}: must be at least 1")
     if a.steps is not None and a.steps <= 0:
         raise UserError(f"--steps {a.steps}: must be at least 1")
+    if a.protocol:  # a benchmark's own layout and formulas (minedit/benchmarks.py, minedit/protocols.py)
+        from minedit import benchmarks
+
+        return benchmarks.run(a)
     import infer
     from minedit import metrics, runtime, toydraw
     from minedit.data import load_image, load_mask, read_manifest
@@ -156,16 +165,11 @@ def main(argv=None) -> int:
 
 def add_clip_scores(path, images, results, device):
     import torch
-    from transformers import AutoTokenizer, CLIPModel
 
-    from minedit import build, metrics
+    from minedit import metrics
+    from minedit.protocols import load_clip
 
-    local = build._pretrained(path, meta=False)
-    model = CLIPModel.from_pretrained(local).to(device).eval()
-    try:
-        tok = AutoTokenizer.from_pretrained(local)
-    except (OSError, ValueError):  # the toy bases keep CLIP's tokenizer next to SD's text encoder
-        tok = AutoTokenizer.from_pretrained(os.path.join(os.path.dirname(local), "sd", "tokenizer"))
+    model, tok = load_clip(path, device)
     with torch.no_grad():
         ci, cs = metrics.clip_scores(model, tok, [as_array(p) for _, _, p, _ in images],
                                      [t for *_, t in images], [as_array(t) for _, t, _, _ in images])

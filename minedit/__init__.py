@@ -26,6 +26,10 @@ Running it:
 Measuring it:
     metrics.py      background / in-mask PSNR, edit success, CLIP-I, CLIPScore, LPIPS
     judge.py        VIEScore with an MLLM judge (optional)
+    protocols.py    the benchmarks' own formulas: Reason-Edit, MagicBrush, GEdit-Bench (VIEScore SC/PQ/O)
+    benchmarks.py   their data layouts and runs, for evaluate.py --protocol
+Sharing it:
+    export.py       a run as a diffusers pipeline, a peft adapter or a merged LLaVA folder
 The toy world (DESIGN §10):
     toyworld.py     scenes, exact edits, instructions at three levels, manifests, the cached world
     toyphrases.py   its palette, world knowledge and phrasing templates

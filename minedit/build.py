@@ -293,24 +293,30 @@ def build_sampler_scheduler(name: str, train_scheduler):
     return cls.from_config(train_scheduler.config)
 
 
+def llava_processor(mllm, tokenizer):
+    """A LlavaProcessor for a LLaVA built from the config (the toy bases): CLIP preprocessing at the vision
+    tower's size, `tokenizer` and its chat template."""
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    size = mllm.config.vision_config.image_size
+    images = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                                image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
+    return LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=mllm.config.vision_config.patch_size,
+                          vision_feature_select_strategy="default", chat_template=tokenizer.chat_template,
+                          num_additional_image_tokens=1)
+
+
 def save_bases(out: str, cfg: Config, mllm=None, tokenizer=None, text_encoder=None, text_tokenizer=None,
                vae=None, unet=None, image_encoder=None, scheduler=None) -> dict:
     """Write base models in the public layouts that the loaders above read (LLaVA folder with its processor;
     diffusers folder unet/ vae/ text_encoder/ tokenizer/ scheduler/; CLIP vision folder), and return the
     `*_path` config values that point at them. This is how the toy bases ship, and how tests exercise the
     from_pretrained road offline."""
-    from transformers import CLIPImageProcessor, LlavaProcessor
-
     paths = {}
     if mllm is not None:
         folder = os.path.join(out, "mllm")
         mllm.save_pretrained(folder)
-        size = mllm.config.vision_config.image_size
-        images = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
-                                    image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
-        LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=mllm.config.vision_config.patch_size,
-                       vision_feature_select_strategy="default", chat_template=tokenizer.chat_template,
-                       num_additional_image_tokens=1).save_pretrained(folder)
+        llava_processor(mllm, tokenizer).save_pretrained(folder)
         paths["mllm_path"] = folder
     if unet is not None:
         folder = os.path.join(out, "sd")
