@@ -35,7 +35,7 @@ COLUMNS = ("count", "psnr_bg", "ssim_bg", "psnr_in", "success_rate", "lpips_bg",
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
-    p.add_argument("--ckpt", required=True, help="run folder or checkpoint folder")
+    p.add_argument("--ckpt", help="run folder or checkpoint folder (default: the shipped toy checkpoint, as infer.py)")
     p.add_argument("--data", required=True, help="editing manifest (JSONL with source, target, instruction)")
     p.add_argument("--out", default="results.json", help="results JSON (a contact sheet PNG is written beside it)")
     p.add_argument("--limit", type=int, help="score only the first N rows")
@@ -75,6 +75,7 @@ def main(argv=None) -> int:
     from minedit import metrics, runtime, toydraw
     from minedit.data import load_image, load_mask, read_manifest
 
+    a.ckpt = a.ckpt or infer.TOY_CKPT
     infer.check_out_path(a.out)
     rows, bad = read_manifest(a.data, kind="edit")
     for line, why in bad:
