@@ -1,6 +1,7 @@
 """Score a checkpoint's edits on an evaluation manifest: a table per category, JSON, and a contact sheet.
 
     python evaluate.py --ckpt runs/toy-s3 --data toyworld/eval.jsonl --out results.json
+    python evaluate.py --data toyworld/eval.jsonl         # no --ckpt: the shipped toy checkpoint, as infer.py
     python evaluate.py --ckpt runs/s3 --data advancededit_eval.jsonl --limit 500 --seed 0 --clip openai/clip-vit-large-patch14
     python evaluate.py --ckpt runs/s3 --data eval.jsonl --pred-dir edits/      # score edits made earlier
     python evaluate.py ... --judge-url http://localhost:8000/v1 --judge-model qwen2-vl   # VIEScore, off by default

@@ -13,9 +13,11 @@ a fresh process (so its peak RSS is its own), after the files have been read onc
   diffusers+accelerate  the same with accelerate importable (its low_cpu_mem_usage road), when it is installed.
   minedit               build.build_unet + build.build_vae (diffusers' loader with low_cpu_mem_usage=False said
                         explicitly, so no warning), accelerate hidden. What build.py does now.
-Columns (median over --repeats, the roads interleaved): wall seconds of the two loads; peak RSS of the process
-(ru_maxrss, which counts the memory-mapped weight file's resident pages too); what loading added to the RSS after
-imports; the weights' bytes; how many times diffusers' "accelerate was not found" warning was printed.
+Columns (median over --repeats, the roads interleaved): wall seconds of the two loads; what the RSS grew by
+during them; the process's peak RSS (ru_maxrss) after every weight has also been touched once (as the first
+forward would: weights left memory-mapped to the file count in the RSS only once touched) and what that peak
+adds to the RSS after imports; the weights' bytes; how many times diffusers' "`accelerate` was not found"
+warning was printed.
 """
 from __future__ import annotations
 
@@ -68,10 +70,17 @@ def child(road: str, folder: str, size: str, load_dtype: str) -> None:
         unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", dtype=dtype)
         vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", dtype=dtype)
     seconds = time.perf_counter() - t0
-    weights = sum(t.numel() * t.element_size() for m in (unet, vae) for t in m.state_dict().values())
+    loaded = rss_bytes() - base
+    # Weights read from a memory-mapped file count in the RSS only once touched: touch them all, as the first
+    # forward would, so every road's peak includes the weights however they were loaded.
+    tensors = [t for m in (unet, vae) for t in m.state_dict().values()]
+    weights = sum(t.numel() * t.element_size() for t in tensors)
+    with torch.no_grad():
+        for t in tensors:
+            t.sum()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
     assert all(not p.is_meta for m in (unet, vae) for p in m.parameters()) and torch.is_tensor(next(unet.parameters()))
-    print(json.dumps(dict(road=road, seconds=seconds, peak=peak, added=peak - base, weights=weights)))
+    print(json.dumps(dict(road=road, seconds=seconds, loaded=loaded, peak=peak, added=peak - base, weights=weights)))
 
 
 def save_random(folder: str, size: str, dtype: str) -> None:
@@ -125,11 +134,11 @@ def measure(folder: str, size: str, roads, repeats: int, load_dtype: str) -> lis
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| road | load s | peak RSS GiB | added by loading GiB | weights GiB | accelerate warnings |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| road | load s | RSS added by the load GiB | peak RSS GiB | peak added GiB | weights GiB | "
+             "accelerate warnings |", "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['road']} | {r['seconds']:.2f} | {r['peak'] / GIB:.2f} | {r['added'] / GIB:.2f} | "
-                     f"{r['weights'] / GIB:.2f} | {r['warnings']:g} |")
+        lines.append(f"| {r['road']} | {r['seconds']:.2f} | {r['loaded'] / GIB:.2f} | {r['peak'] / GIB:.2f} | "
+                     f"{r['added'] / GIB:.2f} | {r['weights'] / GIB:.2f} | {r['warnings']:g} |")
     return "\n".join(lines)
 
 

@@ -3,7 +3,7 @@
 Each builder has two roads, chosen by the config's `*_path` field:
   * a hub id or a local folder: `from_pretrained(path, dtype=...)` (never `trust_remote_code`). The UNet and VAE
     say `low_cpu_mem_usage=False`: without `accelerate` diffusers would choose it anyway, after a warning; on
-    safetensors it holds one copy of the weights and loads faster than accelerate's road (bench/load_time.py);
+    safetensors it maps the file and holds one copy of the weights, as accelerate's road does (bench/RESULTS.md);
   * "" (the toy preset), or `meta=True` (the dry run of the full preset): build the architecture from the
     config's fields with random weights. Under `meta=True` nothing is allocated and nothing is downloaded.
 

@@ -224,7 +224,7 @@ EVALUATE = [
     ("ckpt-truncated", ["--ckpt", "{ck_trunc}", "--data", "{eval}", "--out", "{d}/r.json"], ["truncated"]),
     ("mind-flag-on-insightedit", [*EV, "--no-topt"], ["MIND-Edit ablations", "drop the flag"]),
     ("instruction-field-unknown", [*EV, "--instruction-field", "nosuch"], ["no 'nosuch'", "--instruction-field"]),
-    ("ckpt-flag-missing", ["--data", "{eval}"], ["--ckpt", "required"]),
+    ("data-flag-missing", ["--ckpt", "{ckpt}"], ["--data", "required"]),  # no --ckpt is the shipped checkpoint
 ]
 
 TOY = [

@@ -90,6 +90,9 @@ def test_ip2p_shards_row_for_row(tmp_path, capsys):
     assert torch.equal(item["source"], to_tensor(Image.open(io.BytesIO(RED)).convert("RGB")))
     assert torch.equal(item["target"], to_tensor(load_image(out / rows[0]["target"])))
     assert item["instruction"] == "make it blue" and torch.equal(item["mask"], torch.ones(1, 8, 8))
+    # a glob picks one split out of a shared folder
+    assert main(["ip2p", str(tmp_path / "src" / "*-00001.parquet"), "--out", str(tmp_path / "one")]) == 0
+    assert [r["id"] for r in manifest(tmp_path / "one")] == ["train-00001-0000000"]
 
 
 def test_magicbrush_masks_turns_and_chains(tmp_path):

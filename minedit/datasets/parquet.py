@@ -6,6 +6,7 @@ before the first row, so a wrong file fails before anything is written.
 """
 from __future__ import annotations
 
+import glob
 import os
 import re
 
@@ -25,9 +26,12 @@ def _pyarrow():
 
 
 def shards(src: str) -> list[str]:
-    """The parquet files of SRC: the file itself, or every *.parquet below the folder, sorted."""
+    """The parquet files of SRC: the file itself, every *.parquet below the folder, or a glob's matches
+    ('data/train-*.parquet': one split of a dataset whose splits share a folder), sorted."""
     if os.path.isfile(src):
         return [src]
+    if any(c in src for c in "*?[") and (found := sorted(p for p in glob.glob(src) if os.path.isfile(p))):
+        return found
     if os.path.isdir(src):
         found = sorted(os.path.join(r, f) for r, _, fs in os.walk(src) for f in fs if f.endswith(".parquet"))
         if not found:
@@ -36,30 +40,30 @@ def shards(src: str) -> list[str]:
     raise UserError(f"{src} not found — point SRC at a parquet shard or the folder of shards")
 
 
-def open_shards(src: str, columns: dict[str, tuple]) -> list[tuple[str, object, dict]]:
-    """[(path, ParquetFile, {field: column name found})]; `columns` maps a field to its accepted column names
-    (first present wins; a name ending in '?' marks the field optional)."""
+def check_shards(src: str, columns: dict[str, tuple]) -> list[tuple[str, int, dict]]:
+    """[(path, rows, {field: column name found})] from each shard's footer (files are closed again: a dataset may
+    have more shards than a process may hold open); `columns` maps a field to its accepted column names (first
+    present wins; a trailing "?" marks the field optional)."""
     pq = _pyarrow()
     out = []
     for path in shards(src):
         try:
-            pf = pq.ParquetFile(path)
+            meta = pq.read_metadata(path)
+            names = set(meta.schema.to_arrow_schema().names)
         except Exception as e:  # noqa: BLE001 — pyarrow raises ArrowInvalid / OSError for a non-parquet file
             raise UserError(f"{path} is not a readable parquet file ({str(e).splitlines()[0]}) — "
                             "check SRC, or re-download the shard") from None
-        names = set(pf.schema_arrow.names)
         found, missing = {}, []
         for field, accepted in columns.items():
-            optional = accepted[-1] == "?"
             hit = next((c for c in accepted if c in names), None)
             if hit:
                 found[field] = hit
-            elif not optional:
-                missing.append(" or ".join(c for c in accepted if c != "?"))
+            elif accepted[-1] != "?":
+                missing.append(" or ".join(accepted))
         if missing:
             raise UserError(f"{path} has no column {', '.join(missing)} (it has: {', '.join(sorted(names))}) — "
                             "is this the right FORMAT for this dataset?")
-        out.append((path, pf, found))
+        out.append((path, meta.num_rows, found))
     return out
 
 
@@ -72,20 +76,21 @@ def image_cell(cell):
 
 def _rows(src: str, columns: dict[str, tuple]):
     """-> (total rows, iterator of (key, {field: value})) over every shard, in order."""
-    opened = open_shards(src, columns)
-    total = sum(pf.metadata.num_rows for _, pf, _ in opened)
+    checked = check_shards(src, columns)
+    pq = _pyarrow()
 
     def gen():
-        for path, pf, found in opened:
+        for path, _, found in checked:
             stem = re.sub(r"[^A-Za-z0-9._-]", "_", os.path.splitext(os.path.basename(path))[0])
             i = 0
-            for batch in pf.iter_batches(batch_size=BATCH, columns=list(dict.fromkeys(found.values()))):
-                data = {field: batch.column(col).to_pylist() for field, col in found.items()}
-                for j in range(batch.num_rows):
-                    yield f"{stem}-{i:07d}", {field: values[j] for field, values in data.items()}
-                    i += 1
+            with pq.ParquetFile(path) as pf:
+                for batch in pf.iter_batches(batch_size=BATCH, columns=list(dict.fromkeys(found.values()))):
+                    data = {field: batch.column(col).to_pylist() for field, col in found.items()}
+                    for j in range(batch.num_rows):
+                        yield f"{stem}-{i:07d}", {field: values[j] for field, values in data.items()}
+                        i += 1
 
-    return total, gen()
+    return sum(n for _, n, _ in checked), gen()
 
 
 def _text(value) -> str:
