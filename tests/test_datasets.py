@@ -237,3 +237,18 @@ def test_bad_input_is_one_error_line(tmp_path):
     assert r.returncode == 2 and r.stderr == ("error: reading parquet needs pyarrow, which is an optional extra "
                                               "— python3 -m pip install pyarrow\n")
     assert not (tmp_path / "o").exists()  # structural faults fail before anything is written
+
+
+def test_edit_region_from_each_mask_layout():
+    from minedit.datasets.writer import edit_region
+
+    want = np.zeros((8, 8), bool)
+    want[2:6, 1:5] = True
+    photo = np.random.default_rng(0).integers(100, 240, (8, 8, 3)).astype(np.uint8)  # bright, never pure white
+    binary = Image.fromarray(np.where(want[..., None], 255, 0).astype(np.uint8).repeat(3, -1))
+    erased = np.dstack([photo, np.where(want, 0, 255).astype(np.uint8)])  # RGBA, region transparent
+    painted = np.where(want[..., None], 255, photo).astype(np.uint8)
+    for im in (binary, binary.convert("L"), Image.fromarray(erased, "RGBA"), Image.fromarray(painted)):
+        assert np.array_equal(np.asarray(edit_region(im)) == 255, want), im.mode
+    opaque = Image.fromarray(np.dstack([np.asarray(binary), np.full((8, 8), 255, np.uint8)]), "RGBA")
+    assert np.array_equal(np.asarray(edit_region(opaque)) == 255, want)  # alpha all opaque: read the colours

@@ -26,9 +26,11 @@ Every row gets "id" (its shard and row number, or its line / file): the key that
 
 Choices:
   * Images keep their encoded bytes (no re-encoding: no quality lost, no time spent); each is fully decoded once
-    to check it. Masks are re-encoded as binary PNG (luminance >= 128 -> 255, the edit region — MagicBrush's
-    "white region"), the convention minedit.data.load_mask reads. A missing mask (None) keeps the row unmasked
-    (minedit then edits the whole image); a corrupt one skips the row.
+    to check it. Masks are re-encoded as binary PNG (255 = the edit region), the convention
+    minedit.data.load_mask reads, from any of the layouts mask cells come in (writer.edit_region): a binary mask
+    (white = region, as MagicBrush's card says), an RGBA copy of the image with the region erased (MagicBrush's
+    original release: transparent = region), or the image with the region painted pure white. A missing mask
+    (None) keeps the row unmasked (minedit then edits the whole image); a corrupt one skips the row.
   * MagicBrush turns >= 2 already hold the previous turn's output as their source; the row keeps `turn_index`
     and `chain` (MagicBrush's img_id) so an evaluation can follow a chain.
   * Restartable without duplicates: images are written to a temporary name and renamed; the manifest grows as

@@ -28,6 +28,20 @@ def _hash(key: str) -> int:
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
 
 
+def edit_region(im: Image.Image) -> Image.Image:
+    """A mask cell -> binary L (255 = the edit region). Three layouts occur: a binary mask (white = region); an
+    RGBA copy of the image with the region erased (MagicBrush's release: transparent = region); the image with
+    the region painted white (only pure white is the region: a bright photo pixel is not)."""
+    if "A" in im.getbands() or "transparency" in im.info:
+        alpha = np.asarray(im.convert("RGBA"))[..., 3]
+        if (alpha < 128).any():
+            return Image.fromarray(np.where(alpha < 128, 255, 0).astype(np.uint8), "L")
+    rgb = np.asarray(im.convert("RGB")).astype(np.int16)
+    binary = ((rgb <= 16) | (rgb >= 239)).all() and (rgb.max(-1) - rgb.min(-1) <= 16).all()
+    region = rgb.mean(-1) >= 128 if binary else rgb.min(-1) >= 250
+    return Image.fromarray(np.where(region, 255, 0).astype(np.uint8), "L")
+
+
 class Converter:
     def __init__(self, out: str, fmt: str, src: str, kind: str, max_skip_fraction: float = 0.1):
         self.out, self.kind, self.max_skip = out, kind, max_skip_fraction
@@ -110,7 +124,7 @@ class Converter:
             with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
                 im.load()
                 fmt = im.format
-                mask = im.convert("L").point(lambda v: 255 if v >= 128 else 0) if field == "mask" else None
+                mask = edit_region(im) if field == "mask" else None
         except Exception as e:  # noqa: BLE001 — PIL raises many types for a corrupt or truncated image
             raise BadRow(f"corrupt {field} image: {str(e)[:120]}") from None
         sub = hashlib.sha1(key.encode()).hexdigest()[:2]  # 256 folders: no folder of millions of files
