@@ -171,8 +171,8 @@ def main() -> int:
 
     print(f"`{platform.machine()}, {os.cpu_count()} cores, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')}; "
           f"torch {torch.__version__}; load avg {os.getloadavg()[0]:.2f}; {time.strftime('%Y-%m-%d %H:%M')}`\n")
-    print(f"{a.size} preset UNet + VAE, saved {a.dtype}, loaded {a.load_dtype}, warm page cache, a fresh process per load, "
-          f"median of {a.repeats}\n")
+    print(f"{a.size} preset UNet + VAE, saved {a.dtype}, loaded {a.load_dtype}, warm page cache, "
+          f"a fresh process per load, median of {a.repeats}\n")
     print(table(rows))
     return 0
 

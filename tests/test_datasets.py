@@ -62,14 +62,14 @@ def file_bytes(out, rel) -> bytes:
 
 
 def test_ip2p_shards_row_for_row(tmp_path, capsys):
-    cols = lambda n: ["original_prompt", "original_image", "edit_prompt", "edited_prompt", "edited_image"][n]  # noqa
+    images = ("original_image", "edited_image")
     write_parquet(tmp_path / "src" / "train-00000.parquet", {
         "original_prompt": ["a red square", "x", "a red box"], "original_image": [RED, RED, RED],
         "edit_prompt": ["make it blue", "make it green", "   "], "edited_prompt": ["a blue square", "y", "z"],
-        "edited_image": [BLUE, CORRUPT, GREEN]}, images=(cols(1), cols(4)))
+        "edited_image": [BLUE, CORRUPT, GREEN]}, images=images)
     write_parquet(tmp_path / "src" / "train-00001.parquet", {
         "original_prompt": ["green"], "original_image": [GREEN], "edit_prompt": ["turn it red"],
-        "edited_prompt": [None], "edited_image": [RED]}, images=(cols(1), cols(4)))
+        "edited_prompt": [None], "edited_image": [RED]}, images=images)
     out = tmp_path / "out"
     assert main(["ip2p", str(tmp_path / "src"), "--out", str(out), "--max-skip-fraction", "0.5"]) == 0
     rows = manifest(out)
@@ -181,7 +181,8 @@ def test_captions_tsv_and_folder(tmp_path):
     assert json.loads((out2 / "convert.json").read_text())["skipped"] == {
         "no caption file (.txt beside the image)": 1}
     ds = EditDataset(str(out1 / "manifest.jsonl"), resolution=8, kind="caption", random_flip=False)
-    assert ds[1]["caption"] == "a red square" and torch.equal(ds[1]["image"], to_tensor(load_image(src / "shard" / "0002.png")))
+    assert ds[1]["caption"] == "a red square"
+    assert torch.equal(ds[1]["image"], to_tensor(load_image(src / "shard" / "0002.png")))
 
 
 def test_rerun_after_a_crash_adds_no_duplicates(tmp_path):
@@ -220,7 +221,8 @@ def run_cli(*args, hide_pyarrow=False):
 def test_bad_input_is_one_error_line(tmp_path):
     good = tmp_path / "mb.parquet"
     write_parquet(good, {"img_id": ["1"], "turn_index": [1], "source_img": [RED], "mask_img": [None],
-                         "instruction": ["x"], "target_img": [CORRUPT]}, images=("source_img", "mask_img", "target_img"))
+                         "instruction": ["x"], "target_img": [CORRUPT]},
+                  images=("source_img", "mask_img", "target_img"))
     (tmp_path / "fake.parquet").write_text("img_id,turn_index\n1,1\n")
     cases = [(["magicbrush", tmp_path / "fake.parquet"], "is not a readable parquet file"),
              (["ip2p", good], "has no column original_image"),

@@ -128,7 +128,8 @@ class Converter:
         except Exception as e:  # noqa: BLE001 — PIL raises many types for a corrupt or truncated image
             raise BadRow(f"corrupt {field} image: {str(e)[:120]}") from None
         sub = hashlib.sha1(key.encode()).hexdigest()[:2]  # 256 folders: no folder of millions of files
-        rel = os.path.join("images", sub, f"{key}-{field}{'.png' if mask is not None else EXT.get(fmt, '.' + fmt.lower())}")
+        ext = ".png" if mask is not None else EXT.get(fmt, "." + fmt.lower())
+        rel = os.path.join("images", sub, f"{key}-{field}{ext}")
         path = os.path.join(self.out, rel)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.tmp-{os.getpid()}"
