@@ -254,3 +254,29 @@ def test_edit_region_from_each_mask_layout():
         assert np.array_equal(np.asarray(edit_region(im)) == 255, want), im.mode
     opaque = Image.fromarray(np.dstack([np.asarray(binary), np.full((8, 8), 255, np.uint8)]), "RGBA")
     assert np.array_equal(np.asarray(edit_region(opaque)) == 255, want)  # alpha all opaque: read the colours
+
+
+@pytest.mark.slow
+def test_train_py_trains_on_converted_manifests(tmp_path):
+    """The real train.py, one step each: stage 2 (ip2p) on a converted parquet, stage 1 on converted captions."""
+    n = 4
+    write_parquet(tmp_path / "ip2p.parquet", {
+        "original_prompt": ["a red square"] * n, "original_image": [encoded("red", size=(40, 32))] * n,
+        "edit_prompt": ["make the square blue"] * n, "edited_prompt": ["a blue square"] * n,
+        "edited_image": [encoded("blue", "JPEG", size=(40, 32))] * n}, images=("original_image", "edited_image"))
+    (tmp_path / "cc").mkdir()
+    for i in range(n):
+        (tmp_path / "cc" / f"{i}.png").write_bytes(encoded((60 * i, 0, 0), size=(32, 48)))
+        (tmp_path / "cc" / f"{i}.txt").write_text(f"a square number {i}")
+    assert main(["ip2p", str(tmp_path / "ip2p.parquet"), "--out", str(tmp_path / "edits")]) == 0
+    assert main(["captions", str(tmp_path / "cc"), "--out", str(tmp_path / "caps")]) == 0
+    quick = ["--max-steps", "1", "--batch-size", "4", "--sample-every", "0", "--log_every=1"]
+    for args in (["--recipe", "ip2p", "--stage", "2", "--data", tmp_path / "edits" / "manifest.jsonl"],
+                 ["--recipe", "insightedit", "--stage", "1", "--data", tmp_path / "caps" / "manifest.jsonl"]):
+        out = tmp_path / f"run-{args[1]}"
+        r = subprocess.run([sys.executable, str(ROOT / "train.py"), *map(str, args), "--out", str(out), *quick],
+                           cwd=ROOT, capture_output=True, text=True, timeout=300,
+                           env=dict(os.environ, OMP_NUM_THREADS="1"))
+        assert r.returncode == 0, r.stderr[-3000:]
+        log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+        assert log[-1]["step"] == 1 and np.isfinite(log[-1]["loss"])
