@@ -6,12 +6,12 @@ writes DIR/images/ and DIR/manifest.jsonl in the format minedit.data reads (`tra
 `evaluate.py --data ...`), plus DIR/convert.json (what was read, rows kept, rows skipped by reason with examples).
 
 FORMAT      SRC                                 columns / files read              manifest row
-ip2p        parquet file or folder of shards    original_prompt, original_image,  edit row; source_caption,
+ip2p        parquet file, folder or glob        original_prompt, original_image,  edit row; source_caption,
                                                 edit_prompt, edited_prompt,       target_caption
                                                 edited_image
-magicbrush  parquet file or folder of shards    img_id, turn_index, source_img,   edit row + mask; chain (= img_id),
+magicbrush  parquet file, folder or glob        img_id, turn_index, source_img,   edit row + mask; chain (= img_id),
                                                 mask_img, instruction, target_img turn_index
-ultraedit   parquet file or folder of shards    source_image, mask_image,         edit row (+ mask when present);
+ultraedit   parquet file, folder or glob        source_image, mask_image,         edit row (+ mask when present);
                                                 source_caption, target_caption,   source_caption, target_caption
                                                 edit_prompt, edited_image
 imagefolder folder with metadata.jsonl          original_image (or file_name),    edit row
@@ -35,8 +35,10 @@ Choices:
     and `chain` (MagicBrush's img_id) so an evaluation can follow a chain.
   * Restartable without duplicates: images are written to a temporary name and renamed; the manifest grows as
     DIR/manifest.jsonl.partial (one line appended and flushed per kept row) and is renamed to manifest.jsonl
-    only when the whole source has been read. A rerun reads the partial (or finished) manifest's ids, drops a
-    torn last line, and skips those rows without decoding them. So a manifest.jsonl is always complete.
+    only when the whole source has been read. A rerun reads the partial (or finished) manifest's ids (kept as
+    sorted 64-bit hashes: 8 bytes a row, 32 MB for UltraEdit's 4 M), drops a torn last line, and skips those
+    rows without decoding them; rows skipped as bad are looked at again. So a manifest.jsonl is always complete.
+    A rerun into the same DIR with another FORMAT or SRC is refused (convert.json records them).
   * A bad row (corrupt or missing image, empty text) is skipped and counted with its reason; the run fails
     (exit 2, the partial manifest left as it is) when more than --max-skip-fraction of the rows read were
     skipped (default 0.1, as minedit.data's max_bad_fraction) or none was kept. Structural faults — a missing

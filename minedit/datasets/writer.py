@@ -57,8 +57,11 @@ class Converter:
     # -- restart ---------------------------------------------------------------------------------------------------
     def _start(self) -> None:
         if os.path.isfile(self.report):
-            with open(self.report) as f:
-                old = json.load(f)
+            try:
+                with open(self.report) as f:
+                    old = json.load(f)
+            except (OSError, ValueError):
+                old = {}
             if {k: old.get(k) for k in self.info} != self.info:
                 raise UserError(f"{self.out} holds a {old.get('format')} conversion of {old.get('src')} — choose "
                                 "another --out, or delete that folder to start again")
