@@ -1,6 +1,7 @@
 """Score a checkpoint's edits on an evaluation manifest: a table per category, JSON, and a contact sheet.
 
     python evaluate.py --ckpt runs/toy-s3 --data toyworld/eval.jsonl --out results.json
+    python evaluate.py --data toyworld/eval.jsonl         # no --ckpt: the shipped toy checkpoint, as infer.py
     python evaluate.py --ckpt runs/s3 --data advancededit_eval.jsonl --limit 500 --seed 0 --clip openai/clip-vit-large-patch14
     python evaluate.py --ckpt runs/s3 --data eval.jsonl --pred-dir edits/      # score edits made earlier
     python evaluate.py ... --judge-url http://localhost:8000/v1 --judge-model qwen2-vl   # VIEScore, off by default
@@ -35,7 +36,7 @@ COLUMNS = ("count", "psnr_bg", "ssim_bg", "psnr_in", "success_rate", "lpips_bg",
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
-    p.add_argument("--ckpt", required=True, help="run folder or checkpoint folder")
+    p.add_argument("--ckpt", help="run folder or checkpoint folder (default: the shipped toy checkpoint, as infer.py)")
     p.add_argument("--data", required=True, help="editing manifest (JSONL with source, target, instruction)")
     p.add_argument("--out", default="results.json", help="results JSON (a contact sheet PNG is written beside it)")
     p.add_argument("--limit", type=int, help="score only the first N rows")
@@ -84,6 +85,7 @@ def main(argv=None) -> int:
     from minedit import metrics, runtime, toydraw
     from minedit.data import load_image, load_mask, read_manifest
 
+    a.ckpt = a.ckpt or infer.TOY_CKPT
     infer.check_out_path(a.out)
     rows, bad = read_manifest(a.data, kind="edit")
     for line, why in bad:

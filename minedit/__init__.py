@@ -20,6 +20,7 @@ One file per idea. The model:
 Running it:
     runtime.py      device, precision and distributed set-up (the one place that names a device)
     data.py         JSONL manifests, robust image loading, aligned transforms
+    datasets/       `python -m minedit.datasets`: public editing / caption datasets -> manifests
     training.py     the pieces of the hand-written training loop that train.py reads top to bottom
     checkpoint.py   run folders and checkpoints: safetensors + JSON, written atomically
     errors.py       the one error type for bad input, printed as `error: ...`

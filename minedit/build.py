@@ -1,7 +1,9 @@
 """Load or build every base model the recipes use: the MLLM, CLIP text and image encoders, VAE, UNet, scheduler.
 
 Each builder has two roads, chosen by the config's `*_path` field:
-  * a hub id or a local folder: `from_pretrained(path, dtype=...)` (never `trust_remote_code`);
+  * a hub id or a local folder: `from_pretrained(path, dtype=...)` (never `trust_remote_code`). The UNet and VAE
+    say `low_cpu_mem_usage=False`: without `accelerate` diffusers would choose it anyway, after a warning; on
+    safetensors it maps the file and holds one copy of the weights, as accelerate's road does (bench/RESULTS.md);
   * "" (the toy preset), or `meta=True` (the dry run of the full preset): build the architecture from the
     config's fields with random weights. Under `meta=True` nothing is allocated and nothing is downloaded.
 
@@ -224,7 +226,7 @@ def build_vae(cfg: Config, dtype=torch.float32, meta: bool = False):
     from diffusers import AutoencoderKL
 
     if path := _pretrained(cfg.sd_path, meta):
-        return AutoencoderKL.from_pretrained(path, subfolder="vae", dtype=dtype)
+        return AutoencoderKL.from_pretrained(path, subfolder="vae", dtype=dtype, low_cpu_mem_usage=False)
     n = len(cfg.vae_channels)
     with _device_ctx(meta):
         vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=cfg.vae_channels,
@@ -263,7 +265,7 @@ def build_unet(cfg: Config, dtype=torch.float32, meta: bool = False):
     from diffusers import UNet2DConditionModel
 
     if path := _pretrained(cfg.sd_path, meta):
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", dtype=dtype)
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", dtype=dtype, low_cpu_mem_usage=False)
         _check_loaded_unet(cfg, unet.config)
         return expand_unet_in_channels(unet, 8)
     with _device_ctx(meta):

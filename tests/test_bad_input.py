@@ -224,7 +224,7 @@ EVALUATE = [
     ("ckpt-truncated", ["--ckpt", "{ck_trunc}", "--data", "{eval}", "--out", "{d}/r.json"], ["truncated"]),
     ("mind-flag-on-insightedit", [*EV, "--no-topt"], ["MIND-Edit ablations", "drop the flag"]),
     ("instruction-field-unknown", [*EV, "--instruction-field", "nosuch"], ["no 'nosuch'", "--instruction-field"]),
-    ("ckpt-flag-missing", ["--data", "{eval}"], ["--ckpt", "required"]),
+    ("data-flag-missing", ["--ckpt", "{ckpt}"], ["--data", "required"]),  # no --ckpt is the shipped checkpoint
 ]
 
 TOY = [
@@ -372,7 +372,7 @@ def test_torchrun_restarts_a_killed_rank_and_resumes(paths, tmp_path):
 
 # ---- safety: no code path can unpickle a checkpoint or run remote code -----------------------------------------
 def test_no_pickle_no_torch_load_no_remote_code():
-    sources = [ROOT / "train.py", ROOT / "infer.py", ROOT / "evaluate.py", *sorted((ROOT / "minedit").glob("*.py"))]
+    sources = [ROOT / "train.py", ROOT / "infer.py", ROOT / "evaluate.py", *sorted((ROOT / "minedit").rglob("*.py"))]
     for path in sources:
         text = path.read_text()
         code = re.sub(r'"""[\s\S]*?"""|#.*', "", text)  # docstrings and comments may name them
