@@ -1,6 +1,6 @@
 """minedit: MLLM-guided instruction-based image editing (InsightEdit, SmartEdit, MIND-Edit) in one small package.
 
-One file per idea. The model:
+One file per idea; the design notes are docs/DESIGN.md ("DESIGN §N" in a comment cites its section N). The model:
     config.py       typed run configuration, toy/full presets per recipe, --field=value overrides
     lora.py         LoRA for nn.Linear (inject by name, merge/unmerge, LoRA-only state dict)
     mm_tokens.py    the r [MM] tokens: added rows, gradient mask, one teacher-forced forward
