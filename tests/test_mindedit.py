@@ -119,7 +119,7 @@ def test_flags_map_to_the_config_field():
 
 def test_full_dry_run_tables(capsys):
     for stage in (1, 2):
-        assert train.main(["--recipe", "mindedit", "--config", "full", "--stage", str(stage), "--dry-run"]) == 0
+        assert train.main(["--recipe", "mindedit", "--preset", "full", "--stage", str(stage), "--dry-run"]) == 0
         out = capsys.readouterr().out
         rows = {m[0]: (int(m[1]), m[2]) for m in re.findall(r"^(\S+)\s+(\d+)\s+(trainable|frozen)$", out, re.M)}
         assert {p for p, (_, s) in rows.items() if s == "trainable"} == STAGE_TRAINABLE[("mindedit", stage)]
