@@ -1,7 +1,8 @@
 """minedit: MLLM-guided instruction-based image editing (InsightEdit, SmartEdit, MIND-Edit) in one small package.
 
-One file per idea. The model:
+One file per idea; the design notes are docs/DESIGN.md ("DESIGN §N" in a comment cites its section N). The model:
     config.py       typed run configuration, toy/full presets per recipe, --field=value overrides
+    confighelp.py   train.py --help's list of every config field: default, help text, [arch]
     lora.py         LoRA for nn.Linear (inject by name, merge/unmerge, LoRA-only state dict)
     mm_tokens.py    the r [MM] tokens: added rows, gradient mask, one teacher-forced forward
     comprehend.py   InsightEdit/SmartEdit's MLLM side: the prompt, its fit, the one forward (h, L_LLM, v)

@@ -1,4 +1,4 @@
-"""Pretrain the toy world's base models: the stand-ins for SD's VAE, CLIP and LLaVA (DESIGN.md §10).
+"""Pretrain the toy world's base models: the stand-ins for SD's VAE, CLIP and LLaVA (DESIGN §10).
 
     python scripts/pretrain_toy_bases.py --out assets/toy/base
 
@@ -367,7 +367,7 @@ def write_readme(out: Path, command: str, metrics: dict) -> None:
     acc = m["eval_exact_match"]
     lines = [
         "# Toy base models", "",
-        "Tiny stand-ins for SD's VAE / CLIP and LLaVA, trained from scratch on the toy world (DESIGN.md §10) by",
+        "Tiny stand-ins for SD's VAE / CLIP and LLaVA, trained from scratch on the toy world (DESIGN §10) by",
         "`scripts/pretrain_toy_bases.py`. Load them by path: `mllm_path=<this>/mllm`, `sd_path=<this>/sd`,",
         "`clip_path=<this>/clip`. The UNet in sd/unet is the toy text-to-image model (4 channels; the editing",
         "stages widen it to 8 as InstructPix2Pix widens SD 1.5).", "",

@@ -23,6 +23,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import run_script as run
 from minedit import checkpoint, toyworld
 from minedit.config import preset
 from minedit.model import EditModel
@@ -30,12 +31,6 @@ from minedit.model import EditModel
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 ROOT_USER = os.geteuid() == 0  # root reads and writes through chmod: those two cases cannot be made
-
-
-def run(script, *args, timeout=300):
-    cmd = [sys.executable, *(["-m", script] if script.startswith("minedit.") else [str(ROOT / script)])]
-    return subprocess.run(cmd + [a if isinstance(a, bytes) else str(a) for a in args], cwd=ROOT,
-                          capture_output=True, text=True, errors="replace", timeout=timeout, env=ENV)
 
 
 def fails_well(p, words):

@@ -1,24 +1,18 @@
 """infer.py and evaluate.py end to end: the real scripts in subprocesses on a small toy checkpoint."""
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from conftest import run_script as run
 from minedit import checkpoint, toydraw, toyworld
 from minedit.config import preset
 from minedit.model import EditModel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run(script, *args, cwd=None):
-    return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], capture_output=True,
-                          text=True, cwd=cwd, timeout=300)
 
 
 @pytest.fixture(scope="module")

@@ -3,10 +3,8 @@ fixed batch, DDP = one process with the same global batch, exact resume, SIGKILL
 CLI's refusals. The real script runs in subprocesses; the loss test calls `train.main` in-process (the same loop,
 without paying the imports five times)."""
 import json
-import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
+from conftest import ok, run_python
 from minedit import checkpoint as ckpt
 from minedit import data as data_module
 from minedit import training
@@ -40,16 +39,8 @@ def world(tmp_path_factory):
 
 
 def run(*args, launcher=(TRAIN,), env=None) -> subprocess.CompletedProcess:
-    """`python train.py ARGS` (or `python LAUNCHER... ARGS`) in a subprocess, from the repository root. One
-    intra-op thread unless told otherwise: on a small shared CPU, torch's spinning worker threads can make a toy
-    run ten times slower."""
-    return subprocess.run([sys.executable, *launcher, *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={"OMP_NUM_THREADS": "1", **os.environ, **(env or {})})
-
-
-def ok(p: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert p.returncode == 0, f"exit {p.returncode}\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
-    return p
+    """`python train.py ARGS` (or `python LAUNCHER... ARGS`) in a subprocess, from the repository root."""
+    return run_python(*launcher, *args, env=env)
 
 
 def user_error(p: subprocess.CompletedProcess | tuple, *words: str) -> str:
