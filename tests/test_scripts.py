@@ -1,6 +1,7 @@
 """infer.py and evaluate.py end to end: the real scripts in subprocesses on a small toy checkpoint."""
 import json
 import os
+import subprocess
 
 import numpy as np
 import pytest

@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     print(f"kept {s['kept']} rows ({s['kept_earlier']} from an earlier run); skipped {sum(s['skipped'].values())} "
           f"({skipped})")
     stage = "--stage 1" if kind == "caption" else "--stage 2"
-    print(f"wrote {s['manifest']} — e.g. python3 train.py --config full {stage} --data {s['manifest']} ...")
+    print(f"wrote {s['manifest']} — e.g. python3 train.py --preset full {stage} --data {s['manifest']} ...")
     return 0
 
 
