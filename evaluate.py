@@ -27,6 +27,7 @@ import time
 
 import numpy as np
 
+from minedit import fsio
 from minedit.errors import UserError, run_cli
 
 COLUMNS = ("count", "psnr_bg", "ssim_bg", "psnr_in", "success_rate", "lpips_bg", "clip_i", "clip_score",
@@ -89,7 +90,7 @@ def main(argv=None) -> int:
     cfg = infer.check_inputs(a.ckpt, [])  # a bad checkpoint or flag fails here, before any folder is made
     settings = infer.sampling_settings(cfg, a, a.ckpt)
     pred_dir = a.pred_dir or os.path.splitext(a.out)[0] + "-edits"
-    os.makedirs(pred_dir, exist_ok=True)
+    fsio.makedirs(pred_dir, "--pred-dir")
     preds = [os.path.join(pred_dir, f"{i:05d}.png") for i in range(len(rows))]
 
     rt = runtime.setup("bf16" if runtime.pick_device(a.device).type == "cuda" else "fp32", a.device)
@@ -142,10 +143,7 @@ def main(argv=None) -> int:
     out = {"ckpt": a.ckpt, "data": a.data, "seed": a.seed, "count": len(results), "summary": summary,
            "summary_by_kind": by_kind,
            "latency_s": latency, "settings": settings if todo else None, "samples": results, "clip": clip_path or None}
-    tmp = a.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(out, f, indent=1, default=float)
-    os.replace(tmp, a.out)
+    fsio.write_text(a.out, json.dumps(out, indent=1, default=float))
     stem = os.path.splitext(a.out)[0]
     sheets = [contact_sheet(images[:8], stem + ".png")]
     if any(r["category"] for r in results):
@@ -215,9 +213,7 @@ def contact_sheet(items, path: str) -> str:
         for c, img in enumerate((src, tgt, pred)):
             sheet.paste(img.convert("RGB").resize((cell, cell), Image.NEAREST), (c * cell, y))
         draw.text((2, y + cell + 1), text[:48], fill="black")
-    tmp = path + ".tmp.png"
-    sheet.save(tmp)
-    os.replace(tmp, path)
+    fsio.save_image(sheet, path)
     return path
 
 
@@ -246,9 +242,7 @@ def category_grid(images, results, path: str, per_row: int = 4) -> str:
             mark = "" if ok is None else ("ok: " if ok else "miss: ")
             for n, line in enumerate(textwrap.wrap(mark + text, 34)[:2]):
                 draw.text((x, y + cell + 1 + n * text_h), line, fill="black")
-    tmp = path + ".tmp.png"
-    sheet.save(tmp)
-    os.replace(tmp, path)
+    fsio.save_image(sheet, path)
     return path
 
 

@@ -22,6 +22,7 @@ import time
 
 import torch
 
+from minedit import fsio
 from minedit.errors import UserError, run_cli
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -128,7 +129,7 @@ def main(argv=None) -> int:
             print(f"warning: {a.batch} line {line}: {why} (skipped)", file=sys.stderr)
         if not rows:
             raise UserError(f"{a.batch} has no usable rows — each row needs \"source\" and \"instruction\"")
-        os.makedirs(a.out_dir, exist_ok=True)
+        fsio.makedirs(a.out_dir, "--out-dir")
         check_out_path(os.path.join(a.out_dir, "x.png"))
         jobs = [(r["source"], clean_text(r["instruction"], f"{a.batch} line {r['_line']}: instruction"), r.get("mask"),
                  os.path.join(a.out_dir, f"{i:05d}.png"))
@@ -183,13 +184,6 @@ def sampling_settings(cfg, a, ckpt: str) -> dict:
     return settings
 
 
-def write_text(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def edit_files(model, rt, jobs, settings: dict, resolution: int, batch_size: int, seeds: list[int],
                verbose: bool = False) -> int:
     """Edit (image, instruction, mask or None, output path) jobs, `batch_size` at a time; edits of one working
@@ -218,12 +212,10 @@ def edit_files(model, rt, jobs, settings: dict, resolution: int, batch_size: int
                                   mask=masks, progress=verbose, return_texts=True, **settings)
             for k, ((i, job), img) in enumerate(zip(sub, out)):
                 if topts is not None:  # MIND-Edit: the optimized instruction, beside the image as <out>.txt
-                    write_text(os.path.splitext(job[3])[0] + ".txt", topts[k] + "\n")
+                    fsio.write_text(os.path.splitext(job[3])[0] + ".txt", topts[k] + "\n")
                     if verbose:
                         print(f"optimized instruction: {topts[k]}")
-                tmp = job[3] + ".tmp.png"
-                to_pil(img).resize(pics[i].size, Image.BICUBIC).save(tmp)
-                os.replace(tmp, job[3])
+                fsio.save_image(to_pil(img).resize(pics[i].size, Image.BICUBIC), job[3])
                 done += 1
                 if verbose:
                     print(f"wrote {job[3]}")
