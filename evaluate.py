@@ -72,11 +72,16 @@ def main(argv=None) -> int:
         raise UserError(f"--batch-size {a.batch_size}: must be at least 1")
     if a.steps is not None and a.steps <= 0:
         raise UserError(f"--steps {a.steps}: must be at least 1")
+    if a.judge_url and not a.judge_url.startswith(("http://", "https://")):
+        raise UserError(f"--judge-url {a.judge_url}: give the endpoint's full URL, e.g. http://localhost:8000/v1")
+    if a.pred_dir and os.path.exists(a.pred_dir) and not os.path.isdir(a.pred_dir):
+        raise UserError(f"--pred-dir {a.pred_dir} is a file — name a folder for the edits")
     import infer
     from minedit import metrics, runtime, toydraw
     from minedit.data import load_image, load_mask, read_manifest
 
     infer.check_out_path(a.out)
+    infer.check_sampling_flags(a)
     rows, bad = read_manifest(a.data, kind="edit")
     for line, why in bad:
         print(f"warning: {a.data} line {line}: {why} (skipped)", file=sys.stderr)

@@ -59,10 +59,7 @@ def parse_args(argv):
 def check_args(a):
     if a.steps is not None and a.steps <= 0:
         raise UserError(f"--steps {a.steps}: must be at least 1")
-    for name in ("text_guidance", "image_guidance", "ip_scale"):
-        v = getattr(a, name)
-        if v is not None and v < 0:
-            raise UserError(f"--{name.replace('_', '-')} {v}: must be >= 0")
+    check_sampling_flags(a)
     if a.batch_size <= 0:
         raise UserError(f"--batch-size {a.batch_size}: must be at least 1")
     if a.resolution is not None and a.resolution <= 0:
@@ -75,6 +72,27 @@ def check_args(a):
         raise UserError("--instruction is empty — say what to change, e.g. \"remove the red circle\"")
     if a.instruction is not None:
         a.instruction = clean_text(a.instruction, "--instruction")
+
+
+def check_sampling_flags(a) -> None:
+    """The flags infer.py and evaluate.py share, checked before anything is loaded."""
+    import math
+
+    from minedit import runtime
+
+    for name in ("text_guidance", "image_guidance", "ip_scale"):
+        v = getattr(a, name, None)
+        if v is not None and not (math.isfinite(v) and v >= 0):
+            raise UserError(f"--{name.replace('_', '-')} {v}: must be a finite number >= 0")
+    if getattr(a, "scheduler", None):
+        import diffusers
+
+        cls = getattr(diffusers, a.scheduler, None)
+        if cls is None or not a.scheduler.endswith("Scheduler") or not hasattr(cls, "from_config"):
+            raise UserError(f"--scheduler {a.scheduler}: not a diffusers scheduler class — e.g. DDIMScheduler or "
+                            "EulerAncestralDiscreteScheduler")
+    if a.device:
+        runtime.pick_device(a.device)
 
 
 def clean_text(text: str, what: str) -> str:
@@ -109,6 +127,8 @@ def work_size(w: int, h: int, resolution: int, multiple: int) -> tuple[int, int]
 
 
 def check_out_path(path: str) -> None:
+    if os.path.isdir(path):
+        raise UserError(f"cannot write {path}: it is a folder — name a file, e.g. {os.path.join(path, 'out.png')}")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise UserError(f"cannot write {path}: folder {folder} does not exist — create it or choose another --out")
