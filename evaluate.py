@@ -100,6 +100,7 @@ def main(argv=None) -> int:
 
     rt = runtime.setup("bf16" if runtime.pick_device(a.device).type == "cuda" else "fp32", a.device)
     todo = [i for i, p in enumerate(preds) if not os.path.isfile(p)]
+    made_here = check_edits_stamp(pred_dir, a, cfg, settings, write=bool(todo))
     latency = None
     if todo:
         from minedit.model import load_model
@@ -147,7 +148,8 @@ def main(argv=None) -> int:
         print(format_table(by_kind, "kind"))
     out = {"ckpt": a.ckpt, "data": a.data, "seed": a.seed, "count": len(results), "summary": summary,
            "summary_by_kind": by_kind,
-           "latency_s": latency, "settings": settings if todo else None, "samples": results, "clip": clip_path or None}
+           "latency_s": latency, "settings": settings if made_here else None,
+           "samples": results, "clip": clip_path or None}
     fsio.write_text(a.out, json.dumps(out, indent=1, default=float))
     stem = os.path.splitext(a.out)[0]
     sheets = [contact_sheet(images[:8], stem + ".png")]
@@ -155,6 +157,35 @@ def main(argv=None) -> int:
         sheets.append(category_grid(images, results, stem + "-grid.png"))
     print(f"wrote {a.out} and {' and '.join(sheets)}")
     return 0
+
+
+def check_edits_stamp(pred_dir: str, a, cfg, settings: dict, write: bool) -> bool:
+    """--pred-dir/edits.json records what made its edits, so that a run killed and started again continues only
+    with the same checkpoint, manifest and settings (and then gives the results of an uninterrupted run).
+    -> whether the edits there are (or will be) this command's own."""
+    from minedit import checkpoint
+
+    stamp = {"ckpt": os.path.abspath(checkpoint.find_checkpoint(a.ckpt)), "data": os.path.abspath(a.data),
+             "instruction_field": a.instruction_field, "seed": a.seed, "resolution": cfg.resolution,
+             **{k: v for k, v in settings.items()}}
+    path = os.path.join(pred_dir, "edits.json")
+    old = None
+    if os.path.isfile(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                old = json.load(f)
+        except (OSError, ValueError):
+            old = None  # unreadable: the edits' origin is unknown, treated like edits made elsewhere
+    if isinstance(old, dict):
+        differ = [k for k in stamp if old.get(k) != stamp[k]]
+        if differ:
+            shown = ", ".join(f"{k} {old.get(k)!r} there, {stamp[k]!r} now" for k in differ[:3])
+            raise UserError(f"--pred-dir {pred_dir} holds edits made with other settings ({shown}) — repeat that "
+                            "command's flags, delete the folder, or choose another --pred-dir")
+        return True
+    if write:
+        fsio.write_text(path, json.dumps(stamp, indent=1) + "\n", "--pred-dir")
+    return write
 
 
 def add_clip_scores(path, images, results, device):

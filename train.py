@@ -30,7 +30,7 @@ import time
 import torch
 
 from minedit import checkpoint as ckpt
-from minedit import fsio
+from minedit import fsio, runlock
 from minedit.config import Config, apply_overrides, preset
 from minedit.errors import UserError, run_cli
 
@@ -116,6 +116,8 @@ def prepare_out(args, rt) -> bool:
     made = not os.path.exists(args.out)
     holds_run = os.path.isfile(os.path.join(args.out, "config.json"))
     if rt.is_main:
+        fsio.makedirs(args.out)
+        runlock.acquire(args.out)  # before --overwrite empties anything: a live run is never touched
         if holds_run and args.overwrite and not args.resume:
             for name in os.listdir(args.out):
                 if name.startswith(("ckpt-", ".ckpt-")) or name in ("latest", "log.jsonl", "samples", "config.json"):
@@ -136,6 +138,7 @@ def remove_if_unused(out: str) -> None:
     """Undo prepare_out's folder when the run failed before writing anything (e.g. a base model would not load),
     so that the same command can simply be rerun."""
     samples = os.path.join(out, "samples")
+    runlock.release(out)
     if os.path.isdir(samples) and not os.listdir(samples) and os.listdir(out) == ["samples"]:
         shutil.rmtree(out)
 
@@ -279,6 +282,10 @@ def main(argv=None) -> int:
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         step, draw, skipped = state["step"], state["draw"], state["skipped"]
+        changes = training.resume_changes(ckpt.load_config(last), cfg, step)
+        if changes and rt.is_main:
+            print(f"warning: --resume with {len(changes)} changed config field(s):\n  " + "\n  ".join(changes),
+                  file=sys.stderr)
         if ema is not None:
             ema.load_state(state["ema"])
     if rt.is_main:
