@@ -138,8 +138,7 @@ def main(argv=None) -> int:
     clip_path = a.clip or cfg.clip_path
     if clip_path:
         add_clip_scores(clip_path, images, results, rt.device)
-    if a.judge_url:
-        add_viescore(a.judge_url, a.judge_model, images, results)
+    missing = add_viescore(a.judge_url, a.judge_model, images, results) if a.judge_url else None
 
     summary = metrics.aggregate(results, by="category")
     print(format_table(summary))
@@ -149,7 +148,7 @@ def main(argv=None) -> int:
     out = {"ckpt": a.ckpt, "data": a.data, "seed": a.seed, "count": len(results), "summary": summary,
            "summary_by_kind": by_kind,
            "latency_s": latency, "settings": settings if made_here else None,
-           "samples": results, "clip": clip_path or None}
+           "viescore_missing": missing, "samples": results, "clip": clip_path or None}
     fsio.write_text(a.out, json.dumps(out, indent=1, default=float))
     stem = os.path.splitext(a.out)[0]
     sheets = [contact_sheet(images[:8], stem + ".png")]
@@ -220,7 +219,17 @@ def add_viescore(url, model_name, images, results):
         return buf.getvalue()
 
     for r, (src, _, pred, text) in zip(results, images):
-        r["viescore"] = judge.score(png(src), png(pred), text)["viescore"]
+        out = judge.score(png(src), png(pred), text)
+        # A failed judgement is missing, never 0: the means leave it out and the results count it.
+        r["viescore"], r["viescore_missing"] = out["viescore"], out["viescore"] is None
+        if out["error"]:
+            r["viescore_error"] = out["error"]
+    missing = sum(r["viescore_missing"] for r in results)
+    if missing:
+        first = next(r["viescore_error"] for r in results if r["viescore_missing"])
+        print(f"warning: VIEScore missing for {missing} of {len(results)} edits (first: {first}); the VIEScore "
+              "means are over the judged edits only", file=sys.stderr)
+    return missing
 
 
 def format_table(summary: dict, by: str = "category") -> str:
