@@ -158,8 +158,8 @@ class EMA:
 
 
 # What a changed field means when a run is resumed with it (the architecture cannot change: check_compatible).
-_BOOKKEEPING = {"save_every", "sample_every", "log_every", "num_workers", "nan_patience", "max_bad_fraction", "steps",
-                "text_guidance", "image_guidance", "ip_scale", "scheduler"}
+_BOOKKEEPING = {"save_every", "sample_every", "log_every", "num_workers", "nan_patience", "max_bad_fraction",
+                "steps", "text_guidance", "image_guidance", "ip_scale", "scheduler"}
 
 
 def resume_changes(saved, current, step: int) -> list[str]:

@@ -13,7 +13,6 @@ import sys
 import uuid
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
