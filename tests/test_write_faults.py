@@ -142,6 +142,24 @@ def test_makedirs_failure_is_a_user_error(tmp_path, monkeypatch):
         fsio.makedirs(str(tmp_path / "edits"), "--pred-dir")
 
 
+def test_sample_grid_write_failure(tmp_path, monkeypatch):
+    """train.py's sample grid (sampler.edit_grid): the model is stubbed, the PNG write fails with ENOSPC."""
+    from types import SimpleNamespace
+
+    from minedit import sampler
+
+    monkeypatch.setattr(sampler, "edit", lambda model, src, *a, **k: src.clamp(-1, 1))
+    model = SimpleNamespace(cfg=SimpleNamespace(text_guidance=1.0, image_guidance=1.0))
+    items = [{"source": torch.zeros(3, 8, 8), "instruction": "x"}]
+    path = tmp_path / "step-0000010.png"
+    Image.new("RGB", (4, 4), "red").save(path)
+    monkeypatch.setattr(Image.Image, "save", oserror(errno.ENOSPC))
+    with pytest.raises(UserError, match="no space left on device writing .*step-0000010.png"):
+        sampler.edit_grid(model, items, str(path))
+    monkeypatch.undo()
+    assert Image.open(path).getpixel((0, 0)) == (255, 0, 0) and os.listdir(tmp_path) == [path.name]
+
+
 # ---- the scripts' write sites, in process ----------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
