@@ -100,7 +100,7 @@ def main(argv=None) -> int:
 
     rt = runtime.setup("bf16" if runtime.pick_device(a.device).type == "cuda" else "fp32", a.device)
     todo = [i for i, p in enumerate(preds) if not os.path.isfile(p)]
-    made_here = check_edits_stamp(pred_dir, a, cfg, settings, write=bool(todo))
+    made_with = check_edits_stamp(pred_dir, a, cfg, settings, making=bool(todo))
     latency = None
     if todo:
         from minedit.model import load_model
@@ -147,7 +147,7 @@ def main(argv=None) -> int:
         print(format_table(by_kind, "kind"))
     out = {"ckpt": a.ckpt, "data": a.data, "seed": a.seed, "count": len(results), "summary": summary,
            "summary_by_kind": by_kind,
-           "latency_s": latency, "settings": settings if made_here else None,
+           "latency_s": latency, "settings": made_with,
            "viescore_missing": missing, "samples": results, "clip": clip_path or None}
     fsio.write_text(a.out, json.dumps(out, indent=1, default=float))
     stem = os.path.splitext(a.out)[0]
@@ -158,33 +158,32 @@ def main(argv=None) -> int:
     return 0
 
 
-def check_edits_stamp(pred_dir: str, a, cfg, settings: dict, write: bool) -> bool:
-    """--pred-dir/edits.json records what made its edits, so that a run killed and started again continues only
-    with the same checkpoint, manifest and settings (and then gives the results of an uninterrupted run).
-    -> whether the edits there are (or will be) this command's own."""
+def check_edits_stamp(pred_dir: str, a, cfg, settings: dict, making: bool) -> dict | None:
+    """--pred-dir/edits.json records what made its edits. Before making (more) edits there, the stamp must match
+    this command — a run killed and started again continues only with the same checkpoint, manifest and settings,
+    and so gives the results of an uninterrupted run; edits are never mixed. Scoring a complete folder needs no
+    match. -> the settings that made the edits (None when unknown: edits made elsewhere)."""
     from minedit import checkpoint
 
     stamp = {"ckpt": os.path.abspath(checkpoint.find_checkpoint(a.ckpt)), "data": os.path.abspath(a.data),
-             "instruction_field": a.instruction_field, "seed": a.seed, "resolution": cfg.resolution,
-             **{k: v for k, v in settings.items()}}
+             "instruction_field": a.instruction_field, "seed": a.seed, "resolution": cfg.resolution, **settings}
     path = os.path.join(pred_dir, "edits.json")
-    old = None
-    if os.path.isfile(path):
-        try:
-            with open(path, encoding="utf-8") as f:
-                old = json.load(f)
-        except (OSError, ValueError):
-            old = None  # unreadable: the edits' origin is unknown, treated like edits made elsewhere
-    if isinstance(old, dict):
+    try:
+        with open(path, encoding="utf-8") as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        old = None  # none, or unreadable: the edits' origin is unknown, like edits made elsewhere
+    old = old if isinstance(old, dict) else None
+    if making and old is not None:
         differ = [k for k in stamp if old.get(k) != stamp[k]]
         if differ:
             shown = ", ".join(f"{k} {old.get(k)!r} there, {stamp[k]!r} now" for k in differ[:3])
             raise UserError(f"--pred-dir {pred_dir} holds edits made with other settings ({shown}) — repeat that "
                             "command's flags, delete the folder, or choose another --pred-dir")
-        return True
-    if write:
+    if making and old is None:
         fsio.write_text(path, json.dumps(stamp, indent=1) + "\n", "--pred-dir")
-    return write
+        old = stamp
+    return None if old is None else {k: old.get(k) for k in settings}
 
 
 def add_clip_scores(path, images, results, device):

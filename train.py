@@ -331,6 +331,7 @@ def main(argv=None) -> int:
         except UserError:
             bar.close()
             raise
+
     log_path = os.path.join(args.out, "log.jsonl")
     if rt.is_main and step and os.path.isfile(log_path):  # resuming: drop rows logged after the checkpoint
         keep_log_until(log_path, step)

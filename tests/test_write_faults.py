@@ -235,7 +235,7 @@ def small_disk(tmp_path):
 def test_real_full_disk_during_training(small_disk, tmp_path):
     """24 MB holds one 15 MB stage-1 toy checkpoint but not a second beside it: the second save fails with
     ENOSPC. The run stops with exit 2 naming the checkpoint and its size; the first checkpoint is complete,
-    infer.py edits with it, and a full disk under infer.py's --out leaves no partial file."""
+    infer.py edits with it, a full disk under infer.py's --out leaves no partial file, and --resume continues."""
     run = small_disk / "run"
     p = subprocess.run([sys.executable, ROOT / "train.py", "--stage", "1", "--max-steps", "4", "--save-every", "1",
                         "--sample-every", "0", "--batch-size", "2", "--log_every=1", "--out", run],
@@ -263,3 +263,9 @@ def test_real_full_disk_during_training(small_disk, tmp_path):
                        timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     assert Image.open(tmp_path / "o.png").size == Image.open(ROOT / "assets/toy/example.png").size
+    # the run, moved to a disk with room, continues from the surviving checkpoint with --resume
+    shutil.copytree(run, tmp_path / "run")
+    p = subprocess.run([sys.executable, ROOT / "train.py", "--stage", "1", "--out", tmp_path / "run", "--resume",
+                        "--stop-after", "1"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert checkpoint.load_state(checkpoint.find_checkpoint(str(tmp_path / "run")))["step"] == 2
