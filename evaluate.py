@@ -28,6 +28,7 @@ import time
 
 import numpy as np
 
+from minedit import fsio
 from minedit.errors import UserError, run_cli
 
 COLUMNS = ("count", "psnr_bg", "ssim_bg", "psnr_in", "success_rate", "lpips_bg", "clip_i", "clip_score",
@@ -77,6 +78,10 @@ def main(argv=None) -> int:
         raise UserError(f"--batch-size {a.batch_size}: must be at least 1")
     if a.steps is not None and a.steps <= 0:
         raise UserError(f"--steps {a.steps}: must be at least 1")
+    if a.judge_url and not a.judge_url.startswith(("http://", "https://")):
+        raise UserError(f"--judge-url {a.judge_url}: give the endpoint's full URL, e.g. http://localhost:8000/v1")
+    if a.pred_dir and os.path.exists(a.pred_dir) and not os.path.isdir(a.pred_dir):
+        raise UserError(f"--pred-dir {a.pred_dir} is a file — name a folder for the edits")
     if a.protocol:  # a benchmark's own layout and formulas (minedit/benchmarks.py, minedit/protocols.py)
         from minedit import benchmarks
 
@@ -87,6 +92,7 @@ def main(argv=None) -> int:
 
     a.ckpt = a.ckpt or infer.TOY_CKPT
     infer.check_out_path(a.out)
+    infer.check_sampling_flags(a)
     rows, bad = read_manifest(a.data, kind="edit")
     for line, why in bad:
         print(f"warning: {a.data} line {line}: {why} (skipped)", file=sys.stderr)
@@ -100,11 +106,12 @@ def main(argv=None) -> int:
     cfg = infer.check_inputs(a.ckpt, [])  # a bad checkpoint or flag fails here, before any folder is made
     settings = infer.sampling_settings(cfg, a, a.ckpt)
     pred_dir = a.pred_dir or os.path.splitext(a.out)[0] + "-edits"
-    os.makedirs(pred_dir, exist_ok=True)
+    fsio.makedirs(pred_dir, "--pred-dir")
     preds = [os.path.join(pred_dir, f"{i:05d}.png") for i in range(len(rows))]
 
     rt = runtime.setup("bf16" if runtime.pick_device(a.device).type == "cuda" else "fp32", a.device)
     todo = [i for i, p in enumerate(preds) if not os.path.isfile(p)]
+    made_with = check_edits_stamp(pred_dir, a, cfg, settings, making=bool(todo))
     latency = None
     if todo:
         from minedit.model import load_model
@@ -142,8 +149,7 @@ def main(argv=None) -> int:
     clip_path = a.clip or cfg.clip_path
     if clip_path:
         add_clip_scores(clip_path, images, results, rt.device)
-    if a.judge_url:
-        add_viescore(a.judge_url, a.judge_model, images, results)
+    missing = add_viescore(a.judge_url, a.judge_model, images, results) if a.judge_url else None
 
     summary = metrics.aggregate(results, by="category")
     print(format_table(summary))
@@ -152,17 +158,43 @@ def main(argv=None) -> int:
         print(format_table(by_kind, "kind"))
     out = {"ckpt": a.ckpt, "data": a.data, "seed": a.seed, "count": len(results), "summary": summary,
            "summary_by_kind": by_kind,
-           "latency_s": latency, "settings": settings if todo else None, "samples": results, "clip": clip_path or None}
-    tmp = a.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(out, f, indent=1, default=float)
-    os.replace(tmp, a.out)
+           "latency_s": latency, "settings": made_with,
+           "viescore_missing": missing, "samples": results, "clip": clip_path or None}
+    fsio.write_text(a.out, json.dumps(out, indent=1, default=float))
     stem = os.path.splitext(a.out)[0]
     sheets = [contact_sheet(images[:8], stem + ".png")]
     if any(r["category"] for r in results):
         sheets.append(category_grid(images, results, stem + "-grid.png"))
     print(f"wrote {a.out} and {' and '.join(sheets)}")
     return 0
+
+
+def check_edits_stamp(pred_dir: str, a, cfg, settings: dict, making: bool) -> dict | None:
+    """--pred-dir/edits.json records what made its edits. Before making (more) edits there, the stamp must match
+    this command — a run killed and started again continues only with the same checkpoint, manifest and settings,
+    and so gives the results of an uninterrupted run; edits are never mixed. Scoring a complete folder needs no
+    match. -> the settings that made the edits (None when unknown: edits made elsewhere)."""
+    from minedit import checkpoint
+
+    stamp = {"ckpt": os.path.abspath(checkpoint.find_checkpoint(a.ckpt)), "data": os.path.abspath(a.data),
+             "instruction_field": a.instruction_field, "seed": a.seed, "resolution": cfg.resolution, **settings}
+    path = os.path.join(pred_dir, "edits.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        old = None  # none, or unreadable: the edits' origin is unknown, like edits made elsewhere
+    old = old if isinstance(old, dict) else None
+    if making and old is not None:
+        differ = [k for k in stamp if old.get(k) != stamp[k]]
+        if differ:
+            shown = ", ".join(f"{k} {old.get(k)!r} there, {stamp[k]!r} now" for k in differ[:3])
+            raise UserError(f"--pred-dir {pred_dir} holds edits made with other settings ({shown}) — repeat that "
+                            "command's flags, delete the folder, or choose another --pred-dir")
+    if making and old is None:
+        fsio.write_text(path, json.dumps(stamp, indent=1) + "\n", "--pred-dir")
+        old = stamp
+    return None if old is None else {k: old.get(k) for k in settings}
 
 
 def add_clip_scores(path, images, results, device):
@@ -192,7 +224,17 @@ def add_viescore(url, model_name, images, results):
         return buf.getvalue()
 
     for r, (src, _, pred, text) in zip(results, images):
-        r["viescore"] = judge.score(png(src), png(pred), text)["viescore"]
+        out = judge.score(png(src), png(pred), text)
+        # A failed judgement is missing, never 0: the means leave it out and the results count it.
+        r["viescore"], r["viescore_missing"] = out["viescore"], out["viescore"] is None
+        if out["error"]:
+            r["viescore_error"] = out["error"]
+    missing = sum(r["viescore_missing"] for r in results)
+    if missing:
+        first = next(r["viescore_error"] for r in results if r["viescore_missing"])
+        print(f"warning: VIEScore missing for {missing} of {len(results)} edits (first: {first}); the VIEScore "
+              "means are over the judged edits only", file=sys.stderr)
+    return missing
 
 
 def format_table(summary: dict, by: str = "category") -> str:
@@ -221,9 +263,7 @@ def contact_sheet(items, path: str) -> str:
         for c, img in enumerate((src, tgt, pred)):
             sheet.paste(img.convert("RGB").resize((cell, cell), Image.NEAREST), (c * cell, y))
         draw.text((2, y + cell + 1), text[:48], fill="black")
-    tmp = path + ".tmp.png"
-    sheet.save(tmp)
-    os.replace(tmp, path)
+    fsio.save_image(sheet, path)
     return path
 
 
@@ -252,9 +292,7 @@ def category_grid(images, results, path: str, per_row: int = 4) -> str:
             mark = "" if ok is None else ("ok: " if ok else "miss: ")
             for n, line in enumerate(textwrap.wrap(mark + text, 34)[:2]):
                 draw.text((x, y + cell + 1 + n * text_h), line, fill="black")
-    tmp = path + ".tmp.png"
-    sheet.save(tmp)
-    os.replace(tmp, path)
+    fsio.save_image(sheet, path)
     return path
 
 

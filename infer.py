@@ -23,6 +23,7 @@ import time
 
 import torch
 
+from minedit import fsio
 from minedit.errors import UserError, run_cli
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -61,10 +62,7 @@ def parse_args(argv):
 def check_args(a):
     if a.steps is not None and a.steps <= 0:
         raise UserError(f"--steps {a.steps}: must be at least 1")
-    for name in ("text_guidance", "image_guidance", "ip_scale"):
-        v = getattr(a, name)
-        if v is not None and v < 0:
-            raise UserError(f"--{name.replace('_', '-')} {v}: must be >= 0")
+    check_sampling_flags(a)
     if a.batch_size <= 0:
         raise UserError(f"--batch-size {a.batch_size}: must be at least 1")
     if a.resolution is not None and a.resolution <= 0:
@@ -83,6 +81,27 @@ def check_args(a):
         if a.batch:
             raise UserError("--attention-maps records one edit — drop --batch, or give --image and --instruction")
         check_path(a.attention_maps)
+
+
+def check_sampling_flags(a) -> None:
+    """The flags infer.py and evaluate.py share, checked before anything is loaded."""
+    import math
+
+    from minedit import runtime
+
+    for name in ("text_guidance", "image_guidance", "ip_scale"):
+        v = getattr(a, name, None)
+        if v is not None and not (math.isfinite(v) and v >= 0):
+            raise UserError(f"--{name.replace('_', '-')} {v}: must be a finite number >= 0")
+    if getattr(a, "scheduler", None):
+        import diffusers
+
+        cls = getattr(diffusers, a.scheduler, None)
+        if cls is None or not a.scheduler.endswith("Scheduler") or not hasattr(cls, "from_config"):
+            raise UserError(f"--scheduler {a.scheduler}: not a diffusers scheduler class — e.g. DDIMScheduler or "
+                            "EulerAncestralDiscreteScheduler")
+    if a.device:
+        runtime.pick_device(a.device)
 
 
 def clean_text(text: str, what: str) -> str:
@@ -117,6 +136,8 @@ def work_size(w: int, h: int, resolution: int, multiple: int) -> tuple[int, int]
 
 
 def check_out_path(path: str) -> None:
+    if os.path.isdir(path):
+        raise UserError(f"cannot write {path}: it is a folder — name a file, e.g. {os.path.join(path, 'out.png')}")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise UserError(f"cannot write {path}: folder {folder} does not exist — create it or choose another --out")
@@ -137,7 +158,7 @@ def main(argv=None) -> int:
             print(f"warning: {a.batch} line {line}: {why} (skipped)", file=sys.stderr)
         if not rows:
             raise UserError(f"{a.batch} has no usable rows — each row needs \"source\" and \"instruction\"")
-        os.makedirs(a.out_dir, exist_ok=True)
+        fsio.makedirs(a.out_dir, "--out-dir")
         check_out_path(os.path.join(a.out_dir, "x.png"))
         jobs = [(r["source"], clean_text(r["instruction"], f"{a.batch} line {r['_line']}: instruction"), r.get("mask"),
                  os.path.join(a.out_dir, f"{i:05d}.png"))
@@ -206,13 +227,6 @@ def sampling_settings(cfg, a, ckpt: str) -> dict:
     return settings
 
 
-def write_text(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def edit_files(model, rt, jobs, settings: dict, resolution: int, batch_size: int, seeds: list[int],
                verbose: bool = False) -> int:
     """Edit (image, instruction, mask or None, output path) jobs, `batch_size` at a time; edits of one working
@@ -241,12 +255,10 @@ def edit_files(model, rt, jobs, settings: dict, resolution: int, batch_size: int
                                   mask=masks, progress=verbose, return_texts=True, **settings)
             for k, ((i, job), img) in enumerate(zip(sub, out)):
                 if topts is not None:  # MIND-Edit: the optimized instruction, beside the image as <out>.txt
-                    write_text(os.path.splitext(job[3])[0] + ".txt", topts[k] + "\n")
+                    fsio.write_text(os.path.splitext(job[3])[0] + ".txt", topts[k] + "\n")
                     if verbose:
                         print(f"optimized instruction: {topts[k]}")
-                tmp = job[3] + ".tmp.png"
-                to_pil(img).resize(pics[i].size, Image.BICUBIC).save(tmp)
-                os.replace(tmp, job[3])
+                fsio.save_image(to_pil(img).resize(pics[i].size, Image.BICUBIC), job[3])
                 done += 1
                 if verbose:
                     print(f"wrote {job[3]}")

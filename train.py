@@ -31,6 +31,7 @@ import time
 import torch
 
 from minedit import checkpoint as ckpt
+from minedit import fsio, runlock
 from minedit.config import HELP, PRESETS, RECIPES, Config, apply_overrides, preset
 from minedit.confighelp import field_help
 from minedit.errors import UserError, run_cli
@@ -123,6 +124,8 @@ def prepare_out(args, rt) -> bool:
     made = not os.path.exists(args.out)
     holds_run = os.path.isfile(os.path.join(args.out, "config.json"))
     if rt.is_main:
+        fsio.makedirs(args.out)
+        runlock.acquire(args.out)  # before --overwrite empties anything: a live run is never touched
         if holds_run and args.overwrite and not args.resume:
             for name in os.listdir(args.out):
                 if name.startswith(("ckpt-", ".ckpt-")) or name in ("latest", "log.jsonl", "samples", "config.json"):
@@ -143,6 +146,7 @@ def remove_if_unused(out: str) -> None:
     """Undo prepare_out's folder when the run failed before writing anything (e.g. a base model would not load),
     so that the same command can simply be rerun."""
     samples = os.path.join(out, "samples")
+    runlock.release(out)
     if os.path.isdir(samples) and not os.listdir(samples) and os.listdir(out) == ["samples"]:
         shutil.rmtree(out)
 
@@ -286,6 +290,10 @@ def main(argv=None) -> int:
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         step, draw, skipped = state["step"], state["draw"], state["skipped"]
+        changes = training.resume_changes(ckpt.load_config(last), cfg, step)
+        if changes and rt.is_main:
+            print(f"warning: --resume with {len(changes)} changed config field(s):\n  " + "\n  ".join(changes),
+                  file=sys.stderr)
         if ema is not None:
             ema.load_state(state["ema"])
     if rt.is_main:
@@ -293,8 +301,7 @@ def main(argv=None) -> int:
         global_batch = cfg.batch_size * cfg.grad_accum * rt.world_size
         print(f"effective batch {global_batch} = {cfg.batch_size} per device × {cfg.grad_accum} accumulation × "
               f"{rt.world_size} process(es); {len(data)} samples; device {rt.device}, {cfg.precision}")
-        with open(os.path.join(args.out, "config.json"), "w") as f:
-            f.write(cfg.to_json())
+        fsio.write_text(os.path.join(args.out, "config.json"), cfg.to_json())
 
     stream = training.DrawStream(len(data), cfg.seed, rt.rank, rt.world_size, cfg.batch_size, weights, start=draw)
     loader = iter(torch.utils.data.DataLoader(
@@ -319,15 +326,23 @@ def main(argv=None) -> int:
                 state["ema"] = ema.state()
             with averaged():
                 weights = {k: v.clone() for k, v in model.checkpoint_state(cfg.stage).items()}
-            ckpt.save_checkpoint(args.out, step, cfg, weights, state)
+            guarded(ckpt.save_checkpoint, args.out, step, cfg, weights, state)
         rt.barrier()
 
     samples_per_step = cfg.batch_size * cfg.grad_accum * rt.world_size
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not rt.is_main, dynamic_ncols=True)
+
+    def guarded(write, *args_):
+        """A write that fails (full disk, I/O error) ends the progress bar first: the error gets its own line."""
+        try:
+            return write(*args_)
+        except UserError:
+            bar.close()
+            raise
+
     log_path = os.path.join(args.out, "log.jsonl")
     if rt.is_main and step and os.path.isfile(log_path):  # resuming: drop rows logged after the checkpoint
         keep_log_until(log_path, step)
-    log = open(log_path, "a") if rt.is_main else None
     in_a_row, t0 = 0, time.perf_counter()
     end = min(cfg.max_steps, step + args.stop_after) if args.stop_after else cfg.max_steps
     model.train()
@@ -376,8 +391,7 @@ def main(argv=None) -> int:
             row = {"step": step, "lr": scheduler.get_last_lr()[0], "skipped": skipped, "samples_s": round(rate, 3),
                    **{k: float(v) for k, v in sums.items()}}
             row["loss"] = sum(v for k, v in row.items() if k in sums)
-            log.write(json.dumps(row) + "\n")
-            log.flush()
+            guarded(fsio.append_line, log_path, json.dumps(row))
             bar.set_postfix(loss=f"{row['loss']:.4f}", samples_s=f"{rate:.1f}")
         if rt.distributed:  # every rank must agree to stop on a signal
             flag = torch.tensor([stop["signal"] is not None], dtype=torch.int32, device=rt.device)
@@ -386,14 +400,13 @@ def main(argv=None) -> int:
                 stop["signal"] = "SIGTERM"
         if cfg.sample_every and step % cfg.sample_every == 0 and rt.is_main and cfg.stage > 1:
             with averaged():
-                write_samples(model, data.dataset, cfg, rt,
-                              os.path.join(args.out, "samples", f"step-{step:07d}.png"))
+                guarded(write_samples, model, data.dataset, cfg, rt,
+                        os.path.join(args.out, "samples", f"step-{step:07d}.png"))
         if step % cfg.save_every == 0 and step < cfg.max_steps:
             save()
     bar.close()
     save()
     if rt.is_main:
-        log.close()
         why = (f"stopped by {stop['signal']} at step {step}" if stop["signal"] else
                f"stopped by --stop-after at step {step} of {cfg.max_steps}" if step < cfg.max_steps else
                f"finished {step} steps")
@@ -406,12 +419,16 @@ def main(argv=None) -> int:
 def keep_log_until(path: str, step: int) -> None:
     """Rewrite log.jsonl without the rows of steps after `step` (a run killed between a log and a save would
     otherwise log those steps twice after --resume); atomic, like every other write of a run."""
-    with open(path) as f:
-        rows = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(rows)
-    os.replace(tmp, path)
+    rows = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except ValueError:  # a line cut short by a crash or a full disk: dropped, not fatal
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step", 0), int) and row.get("step", 0) <= step:
+                rows.append(line if line.endswith("\n") else line + "\n")
+    fsio.write_text(path, "".join(rows))
 
 
 def write_samples(model, dataset, cfg, rt, path, rows: int = 4):

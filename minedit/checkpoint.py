@@ -16,25 +16,34 @@ pointing at a complete one. Nothing is ever unpickled: a checkpoint cannot make 
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import shutil
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from . import fsio
 from .config import ARCH_FIELDS, Config, diff_keys
 from .errors import UserError
 
 
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
+def _write_plain(path: str, text: str) -> None:
+    """A file inside the checkpoint's temporary folder: the folder's rename is what makes it atomic."""
+    with open(path, "w", encoding="utf-8") as f:
         f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+
+
+def _as_oserror(e: Exception) -> OSError:
+    """safetensors reports write failures as SafetensorError("... (os error 28)"): recover the errno."""
+    if isinstance(e, OSError):
+        return e
+    m = re.search(r"os error (\d+)", str(e))
+    code = int(m.group(1)) if m else errno.EIO
+    return OSError(code, os.strerror(code))
 
 
 def flatten_state(obj, prefix="") -> tuple[dict, object]:
@@ -70,22 +79,32 @@ def unflatten_state(tensors: dict, skeleton):
 
 def save_checkpoint(run_dir: str, step: int, config: Config, weights: dict, state: dict | None = None,
                     keep: int = 2) -> str:
-    """Write RUN/ckpt-<step>/ atomically and point RUN/latest at it; keep the newest `keep` checkpoints."""
+    """Write RUN/ckpt-<step>/ atomically and point RUN/latest at it; keep the newest `keep` checkpoints.
+    A failed write (full disk, I/O error, read-only folder) removes the partial folder, leaves the previous
+    checkpoint and `latest` untouched and raises one UserError with the size the checkpoint needs."""
     name = f"ckpt-{step:07d}"
     final, tmp = os.path.join(run_dir, name), os.path.join(run_dir, f".{name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()},
-              os.path.join(tmp, "weights.safetensors"))
-    _write_atomic(os.path.join(tmp, "config.json"), config.to_json())
-    if state is not None:
-        tensors, skeleton = flatten_state(state, "s")
-        save_file(tensors, os.path.join(tmp, "state.safetensors"))
-        _write_atomic(os.path.join(tmp, "state.json"), json.dumps(skeleton))
-    if os.path.exists(final):  # re-saving the same step (e.g. a final save right after a periodic one)
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _write_atomic(os.path.join(run_dir, "latest"), name + "\n")
+    weights = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
+    tensors, skeleton = flatten_state(state, "s") if state is not None else ({}, None)
+    need = sum(t.numel() * t.element_size() for t in (*weights.values(), *tensors.values()))
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        save_file(weights, os.path.join(tmp, "weights.safetensors"))
+        _write_plain(os.path.join(tmp, "config.json"), config.to_json())
+        if state is not None:
+            save_file(tensors, os.path.join(tmp, "state.safetensors"))
+            _write_plain(os.path.join(tmp, "state.json"), json.dumps(skeleton))
+        for f in os.listdir(tmp):  # on disk before the rename makes the folder look complete
+            fsio._fsync_file(os.path.join(tmp, f))
+        if os.path.exists(final):  # re-saving the same step (e.g. a final save right after a periodic one)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except (OSError, SafetensorError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise fsio.write_error(_as_oserror(e), final, "--out", need, "the previous checkpoint in "
+                               f"{run_dir} is intact (infer.py --ckpt and train.py --resume use it)") from None
+    fsio.write_text(os.path.join(run_dir, "latest"), name + "\n")
     old = sorted(d for d in os.listdir(run_dir) if d.startswith("ckpt-") and d != name)
     for d in old[:max(0, len(old) - (keep - 1))]:
         shutil.rmtree(os.path.join(run_dir, d), ignore_errors=True)

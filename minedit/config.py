@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field, fields
 
 from .errors import UserError
@@ -188,9 +189,23 @@ class Config:
     def latent_factor(self) -> int:
         return 2 ** (len(self.vae_channels) - 1)
 
+    def check_types(self) -> "Config":
+        """Every field holds a value of its declared type (a float also finite): a config.json edited by hand or by
+        another tool fails here with the field's name, not deep inside torch."""
+        for f in fields(self):
+            v = getattr(self, f.name)
+            ok = {"bool": lambda: isinstance(v, bool), "str": lambda: isinstance(v, str),
+                  "int": lambda: isinstance(v, int) and not isinstance(v, bool),
+                  "float": lambda: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+                  "tuple": lambda: isinstance(v, tuple) and all(isinstance(x, (int, str)) for x in v)}[str(f.type)]
+            if not ok():
+                raise ConfigError(f"{f.name}={v!r}: expected a {'finite ' if f.type == 'float' else ''}{f.type}")
+        return self
+
     def validate(self) -> "Config":
         def bad(name, why):
             raise ConfigError(f"{name}={getattr(self, name)!r}: {why}")
+        self.check_types()
         if self.recipe not in RECIPES:
             bad("recipe", f"choose one of {', '.join(RECIPES)}")
         if self.preset not in PRESETS:
@@ -234,11 +249,13 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Config":
+        if not isinstance(d, dict):
+            raise ConfigError(f"a config is a JSON object of fields, not {type(d).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ConfigError(f"unknown config keys {unknown}: this config comes from another minedit version")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}).check_types()
 
 
 # Full-size presets: the real models by hub id (DESIGN §6); the architecture fields above are their defaults.

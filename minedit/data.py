@@ -59,9 +59,13 @@ def read_manifest(path, kind: str = "edit") -> tuple[list[dict], list[tuple[int,
                         f"or write one with `python -m minedit.toyworld --out DIR`")
     rows, bad = [], []
     try:
-        lines = path.read_bytes().splitlines()
+        data = path.read_bytes()
     except OSError as e:
         raise DataError(f"cannot read manifest {path} ({e.strerror}) — check its permissions") from None
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise DataError(f"manifest {path} is UTF-16 (as some Windows editors save) — save it as UTF-8")
+    # Editors and spreadsheets: a UTF-8 byte-order mark, CRLF or CR line ends, no final newline are all fine.
+    lines = data.removeprefix(b"\xef\xbb\xbf").splitlines()
     for no, raw in enumerate(lines, start=1):
         try:
             line = raw.decode("utf-8")
@@ -136,27 +140,40 @@ def _to_8bit(im: Image.Image) -> Image.Image:
     if im.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):
         arr = np.asarray(im, dtype=np.float64) / 257.0  # 16-bit range onto 0..255
         return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
+    if im.mode == "F":  # float images (TIFF, EXR-like exports): [0, 1] when the maximum says so, else 0..255
+        arr = np.nan_to_num(np.asarray(im, dtype=np.float64), nan=0.0, posinf=255.0, neginf=0.0)
+        arr = arr * 255.0 if arr.size and arr.max() <= 1.0 else arr
+        return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
     return im
+
+
+def _convert(im: Image.Image, mode: str, path) -> Image.Image:
+    """im.convert(mode), going through RGB when PIL has no direct conversion (LAB -> L); DataError if none."""
+    try:
+        return im.convert(mode)
+    except (ValueError, OSError):
+        pass
+    try:
+        return im.convert("RGB").convert(mode)
+    except (ValueError, OSError) as e:
+        raise DataError(f"cannot read image {path}: mode {im.mode} ({e}) — re-export it as RGB") from None
 
 
 def load_image(path, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Any readable image as upright 8-bit RGB (transparency composited on white); DataError otherwise."""
     im = _to_8bit(_open(path, max_pixels))
     if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (im.mode in ("P", "L", "RGB") and "transparency" in im.info):
-        rgba = im.convert("RGBA")
+        rgba = _convert(im, "RGBA", path)
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
-    try:
-        return im.convert("RGB")
-    except ValueError as e:  # a mode PIL cannot convert (e.g. LAB)
-        raise DataError(f"cannot read image {path}: mode {im.mode} ({e}) — re-export it as RGB") from None
+    return _convert(im, "RGB", path)
 
 
 def load_mask(path, size, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Mask as L in {0, 255} (luminance >= 128 -> 255) at `size` (w, h) or an int side; nearest resize."""
     global _warned_resize
     size = (size, size) if isinstance(size, int) else tuple(size)
-    im = _to_8bit(_open(path, max_pixels)).convert("L")
+    im = _convert(_to_8bit(_open(path, max_pixels)), "L", path)
     if im.size != size:
         if not _warned_resize:
             warnings.warn(f"mask {path} is {im.size}, not {size}: resized with nearest (warned once)")

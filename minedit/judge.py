@@ -18,13 +18,21 @@ None when it cannot find both, and never raises.
 Judges: ``HTTPJudge`` posts to any OpenAI-compatible ``{base_url}/chat/completions`` (images as
 ``data:image/png;base64,...`` ``image_url`` parts) with ``urllib`` only; ``LocalJudge(fn)`` wraps any callable
 ``fn(messages, images) -> str`` for a local MLLM (``images`` are the PNG bytes in placeholder order; decode with
-``PIL.Image.open(io.BytesIO(b))``). Both ask again once when the answer is malformed, then record ``viescore``
-None. An unreachable endpoint or an HTTP error status is a ``UserError`` (wrong URL, model or key), not a score.
+``PIL.Image.open(io.BytesIO(b))``).
+
+Failures are never scores. A malformed answer, a timeout, a dropped connection, HTTP 408/429/5xx or an exception
+from a local judge is asked again, ``retries`` more times with a doubling pause (``backoff`` seconds first); then
+the edit's judgement is *missing*: ``viescore`` None and ``error`` saying why (evaluate.py leaves it out of the
+means and reports how many are missing). Counting a failed call as 0 would silently lower the mean. What cannot be
+fixed by asking again is a ``UserError``: HTTP 400/401/403/404 (wrong URL, model or key), or an endpoint that
+never answered at all (wrong --judge-url).
 """
 import base64
+import http.client
 import json
 import math
 import re
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -144,10 +152,16 @@ class Judge(Protocol):
         """-> {"s_i", "s_n", "viescore", "raw"}; the scores are None when the judge's answer was unusable."""
 
 
+class JudgeUnavailable(Exception):
+    """A judge call that failed in a way asking again may fix (timeout, 5xx, dropped connection)."""
+
+
 class _ChatJudge:
-    """Shared ``score``: build the prompt, ask, parse; ask again up to ``retries`` times on a malformed answer."""
+    """Shared ``score``: build the prompt, ask, parse; ask again up to ``retries`` times on a malformed answer or a
+    transient failure, then give the judgement as missing (None, with ``error``)."""
 
     retries: int
+    backoff: float = 1.0
 
     def _ask(self, messages: list[dict], images: list[bytes]) -> str:
         raise NotImplementedError
@@ -159,33 +173,46 @@ class _ChatJudge:
 
     def score(self, source_png: bytes, edited_png: bytes, instruction: str) -> dict:
         messages = build_prompt(instruction)
-        for _ in range(1 + self.retries):
-            raw = self._ask(messages, [source_png, edited_png])
+        raw, error = None, None
+        for attempt in range(1 + self.retries):
+            if attempt and error is not None and not error.startswith("no usable"):
+                time.sleep(self.backoff * 2 ** (attempt - 1))  # a failing server gets a moment; garbage does not
+            try:
+                raw = self._ask(messages, [source_png, edited_png])
+            except JudgeUnavailable as e:
+                raw, error = None, str(e)
+                continue
             parsed = parse_scores(raw)
             if parsed is not None:
                 s_i, s_n = parsed
-                return {"s_i": s_i, "s_n": s_n, "viescore": viescore(s_n, s_i), "raw": raw}
-        return {"s_i": None, "s_n": None, "viescore": None, "raw": raw}
+                return {"s_i": s_i, "s_n": s_n, "viescore": viescore(s_n, s_i), "raw": raw, "error": None}
+            error = "no usable scores in the answer"
+        return {"s_i": None, "s_n": None, "viescore": None, "raw": raw,
+                "error": f"{error} ({1 + self.retries} tries)"}
 
 
 class LocalJudge(_ChatJudge):
     """A judge backed by any callable ``fn(messages, images) -> str`` (e.g. a local MLLM and its chat template)."""
 
-    def __init__(self, fn: Callable[[list[dict], list[bytes]], str], retries: int = 1):
-        self.fn, self.retries = fn, retries
+    def __init__(self, fn: Callable[[list[dict], list[bytes]], str], retries: int = 1, backoff: float = 1.0):
+        self.fn, self.retries, self.backoff = fn, retries, backoff
 
     def _ask(self, messages, images):
-        return self.fn(messages, images)
+        try:
+            return self.fn(messages, images)
+        except Exception as e:  # a local model's failure on one edit (out of memory, ...): asked again, then missing
+            raise JudgeUnavailable(f"the judge raised {type(e).__name__}: {e}") from e
 
 
 class HTTPJudge(_ChatJudge):
     """A judge behind an OpenAI-compatible chat-completions endpoint, e.g. ``base_url="http://host:8000/v1"``."""
 
     def __init__(self, base_url: str, model: str, api_key: str | None = None, timeout: float = 60,
-                 retries: int = 1, max_tokens: int = 300):
+                 retries: int = 1, max_tokens: int = 300, backoff: float = 1.0):
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model, self.api_key, self.timeout = model, api_key, timeout
-        self.retries, self.max_tokens = retries, max_tokens
+        self.retries, self.max_tokens, self.backoff = retries, max_tokens, backoff
+        self.answered = False  # has the endpoint ever answered? If not, "unreachable" means a wrong URL
 
     @staticmethod
     def _with_images(messages: list[dict], images: list[bytes]) -> list[dict]:
@@ -214,10 +241,21 @@ class HTTPJudge(_ChatJudge):
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
                 text = response.read().decode("utf-8", errors="replace")
         except urllib.error.HTTPError as e:
+            self.answered = True
+            if e.code in (408, 429) or e.code >= 500:  # busy or failing for now: ask again
+                raise JudgeUnavailable(f"HTTP {e.code}") from e
             raise UserError(f"judge endpoint {self.url} answered HTTP {e.code} — check --judge-url, the judge "
                             "model name and the API key") from e
-        except (urllib.error.URLError, TimeoutError) as e:
-            raise UserError(f"judge endpoint {self.url} unreachable ({e}) — check --judge-url") from e
+        except http.client.HTTPException as e:  # the answer was cut off mid-way
+            raise JudgeUnavailable(f"incomplete answer ({type(e).__name__})") from e
+        except (urllib.error.URLError, OSError) as e:  # refused, reset, timed out
+            reason = getattr(e, "reason", e)
+            if isinstance(reason, TimeoutError) or isinstance(e, TimeoutError):
+                raise JudgeUnavailable(f"no answer within {self.timeout} s") from e
+            if not self.answered:
+                raise UserError(f"judge endpoint {self.url} unreachable ({e}) — check --judge-url") from e
+            raise JudgeUnavailable(f"connection failed ({reason})") from e
+        self.answered = True
         try:
             content = json.loads(text)["choices"][0]["message"]["content"]
         except (ValueError, KeyError, IndexError, TypeError):

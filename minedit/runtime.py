@@ -57,11 +57,23 @@ class Runtime:
 
 
 def pick_device(name: str | None = None) -> torch.device:
-    """`name` ("cpu", "cuda", "cuda:1", "mps") or the best available: CUDA, then CPU."""
+    """`name` ("cpu", "cuda", "cuda:1", "mps", "xpu") or the best available: CUDA, then CPU. A name torch does not
+    parse, a device type that cannot run a model (meta, ...), or one that is not present is a UserError."""
     if name:
-        dev = torch.device(name)
+        try:
+            dev = torch.device(name)
+        except (RuntimeError, ValueError):
+            raise UserError(f"--device {name}: not a device name — use cpu, cuda, cuda:N, mps or xpu") from None
+        if dev.type not in ("cpu", "cuda", "mps", "xpu"):
+            raise UserError(f"--device {name}: minedit runs on cpu, cuda, mps or xpu — choose one of those")
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise UserError(f"--device {name}: no CUDA device is visible — use --device cpu")
+        if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible "
+                            f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1}) — choose one of those")
+        backend = getattr(torch.backends, "mps", None) if dev.type == "mps" else getattr(torch, "xpu", None)
+        if dev.type in ("mps", "xpu") and not (backend is not None and backend.is_available()):
+            raise UserError(f"--device {name}: this torch build has no usable {dev.type} device — use --device cpu")
         return dev
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

@@ -125,8 +125,7 @@ def edit_grid(model, items: list[dict], path: str, steps: int = 20, seed: int = 
         for c, img in enumerate((it["source"], it.get("target", it["source"]), out)):
             grid.paste(to_pil(img).resize((cell, cell), Image.NEAREST), (c * cell, y))
         draw.text((2, y + cell + 1), it["instruction"][: 3 * cell // 6], fill="black")
-    tmp = path + ".tmp.png"
-    grid.save(tmp)
-    import os
-    os.replace(tmp, path)
+    from .fsio import save_image
+
+    save_image(grid, path)
     return path

@@ -303,6 +303,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=32, help="image side in pixels")
     ap.add_argument("--eval-fraction", type=float, default=0.1)
     args = ap.parse_args(argv)
+    if not args.out.strip():
+        print("error: --out is empty — name the folder to write the world to, e.g. --out toyworld", file=sys.stderr)
+        return 2
     start = time.time()
     try:
         meta = generate(args.out, args.n, args.seed, args.size, args.eval_fraction)

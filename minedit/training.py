@@ -155,3 +155,32 @@ class EMA:
         for n, p in self.params.items():
             self.shadow[n].copy_(state["shadow"][n])
             p.copy_(state["trained"][n])
+
+
+# What a changed field means when a run is resumed with it (the architecture cannot change: check_compatible).
+_BOOKKEEPING = {"save_every", "sample_every", "log_every", "num_workers", "nan_patience", "max_bad_fraction",
+                "steps", "text_guidance", "image_guidance", "ip_scale", "scheduler"}
+
+
+def resume_changes(saved, current, step: int) -> list[str]:
+    """One line per config field that differs between the checkpoint and this --resume, saying what it does."""
+    from .config import diff_keys
+
+    lines = []
+    for k in diff_keys(saved, current):
+        old, new = getattr(saved, k), getattr(current, k)
+        if k in ("max_steps", "warmup_ratio", "lr"):
+            rates = [c.lr * lr_lambda(max(1, round(c.warmup_ratio * c.max_steps)), c.max_steps)(step)
+                     for c in (saved, current)]
+            why = (f"the learning-rate schedule is recomputed: at step {step} the rate is {rates[1]:.3g} instead of "
+                   f"{rates[0]:.3g}")
+        elif k in ("batch_size", "grad_accum"):
+            why = "a different effective batch: the data stream continues, but not as an uninterrupted run would"
+        elif k == "seed":
+            why = "different data order and noise from here on"
+        elif k in _BOOKKEEPING:
+            why = "bookkeeping or sampling only: the weights are trained as before"
+        else:
+            why = "applies from the resumed step on: the run is no longer what an uninterrupted run would give"
+        lines.append(f"{k}: {old!r} in the checkpoint, {new!r} now — {why}")
+    return lines

@@ -96,6 +96,8 @@ def paths(tmp_path_factory):
     broken("ck_pt_only", None, other={"weights.pt": pickle.dumps({"w": 1})})
     broken("ck_unknown_key", config_text=json.dumps({**conf, "run_this": "os.system('touch PWNED')"}))
     broken("ck_not_json", config_text="{recipe: insightedit")
+    broken("ck_wrong_type", config_text=json.dumps({**conf, "lr": "fast"}))
+    broken("ck_list", config_text=json.dumps([conf]))
     key = next(k for k, v in state.items() if v.ndim == 2 and not k.startswith("mm_tokens."))  # one tensor of another shape: the error names it
     from safetensors.torch import save_file
     save_file({**state, key: torch.zeros(3, 5)}, str(d / "shapes.safetensors"))
@@ -174,6 +176,19 @@ INFER = [
     ("manifest-not-jsonl", ["--batch", "{notjsonl}", "--out-dir", "{d}/e"], ["no usable rows"]),
     ("manifest-not-utf8", ["--batch", "{latin1}", "--out-dir", "{d}/e"], ["no usable rows"]),
     ("batch-without-out-dir", ["--batch", "{train}"], ["--out-dir"]),
+    # flags torch, diffusers or Pillow would reject deep inside (issue 17): checked before anything is loaded
+    ("device-unknown", ["--image", "{good}", *IMG, "--device", "gpu0"], ["--device gpu0", "not a device name"]),
+    ("device-meta", ["--image", "{good}", *IMG, "--device", "meta"], ["--device meta", "cpu, cuda"]),
+    ("device-cuda-99", ["--image", "{good}", *IMG, "--device", "cuda:99"], ["--device cuda:99"]),
+    ("scheduler-unknown", ["--image", "{good}", *IMG, "--scheduler", "FastScheduler"],
+     ["--scheduler FastScheduler", "DDIMScheduler"]),
+    ("text-guidance-nan", ["--image", "{good}", *IMG, "--text-guidance", "nan"], ["--text-guidance nan", "finite"]),
+    ("ip-scale-inf", ["--image", "{good}", *IMG, "--ip-scale", "inf"], ["--ip-scale inf", "finite"]),
+    ("out-is-a-folder", ["--image", "{good}", *IMG, "--out", "{d}/folder.png"], ["it is a folder"]),
+    ("ckpt-config-wrong-type", ["--image", "{good}", "--instruction", "x", "--ckpt", "{ck_wrong_type}"],
+     ["config.json", "lr='fast'", "expected a finite float"]),
+    ("ckpt-config-not-object", ["--image", "{good}", "--instruction", "x", "--ckpt", "{ck_list}"],
+     ["config.json", "JSON object"]),
 ]
 
 # ---- train.py (stage 1, toy): all fail before the run folder is made ---------------------------------------
@@ -207,6 +222,11 @@ TRAIN = [
     ("data-paths-missing", [*TR, "--data", "{nofiles}", "--out", "{d}/t"], ["file not found"]),
     ("data-mixed-too-many-bad", [*TR, "--data", "{mixed}", "--out", "{d}/t"],
      ["3 of 11 rows are bad", "line 9", "line 10", "max_bad_fraction"]),
+    ("device-unknown", [*TR, "--data", "{captions}", "--out", "{d}/t", "--device", "gpu"], ["--device gpu"]),
+    ("lr-nan", [*TR, "--data", "{captions}", "--out", "{d}/t", "--lr=nan"], ["lr=nan", "finite float"]),
+    ("guidance-inf", [*TR, "--data", "{captions}", "--out", "{d}/t", "--image_guidance=inf"], ["image_guidance"]),
+    ("resume-wrong-type-config", [*TR, "--data", "{captions}", "--out", "{ck_wrong_type}", "--resume"],
+     ["lr='fast'"]),
 ]
 
 EV = ["--ckpt", "{ckpt}", "--data", "{eval}", "--out", "{d}/r.json"]
@@ -220,6 +240,11 @@ EVALUATE = [
     ("mind-flag-on-insightedit", [*EV, "--no-topt"], ["MIND-Edit ablations", "drop the flag"]),
     ("instruction-field-unknown", [*EV, "--instruction-field", "nosuch"], ["no 'nosuch'", "--instruction-field"]),
     ("data-flag-missing", ["--ckpt", "{ckpt}"], ["--data", "required"]),  # no --ckpt is the shipped checkpoint
+    ("device-unknown", [*EV, "--device", "tpu:0"], ["--device tpu:0"]),
+    ("text-guidance-negative", [*EV, "--text-guidance", "-1"], ["--text-guidance -1"]),
+    ("judge-url-without-scheme", [*EV, "--judge-url", "localhost:8000/v1"], ["--judge-url", "http://"]),
+    ("out-is-a-folder", ["--ckpt", "{ckpt}", "--data", "{eval}", "--out", "{d}/folder.png"], ["it is a folder"]),
+    ("pred-dir-is-a-file", [*EV, "--pred-dir", "{d}/ckfile"], ["--pred-dir", "is a file"]),
 ]
 
 TOY = [
@@ -227,6 +252,7 @@ TOY = [
     ("size-too-small", ["--out", "{d}/w", "--size", "5"], ["size 5"]),
     ("eval-fraction-2", ["--out", "{d}/w", "--eval-fraction", "2"], ["eval_fraction"]),
     ("out-is-a-file", ["--out", "{d}/ckfile"], ["cannot write"]),
+    ("out-empty", ["--out", "", "--n", "4"], ["--out is empty"]),
 ]
 
 CASES = ([pytest.param("infer.py", *c[1:], id="infer-" + c[0]) for c in INFER]
@@ -254,7 +280,7 @@ def test_bad_input_fails_well(paths, script, args, words, record_property):
 
 
 def test_battery_is_large_enough():
-    assert len(CASES) >= 40
+    assert len(CASES) >= 90
 
 
 # ---- inputs that must simply work ------------------------------------------------------------------------------

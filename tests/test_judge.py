@@ -1,6 +1,7 @@
 """VIEScore judge with fake judges: prompt building, answer parsing, retries, and an HTTP endpoint on loopback."""
 import base64
 import json
+import os
 import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -83,7 +84,8 @@ def test_local_judge_retries_once_then_gives_none():
     out = LocalJudge(adversarial).score(SRC, EDIT, INSTRUCTION)
     assert len(calls) == 2
     assert out == {"s_i": None, "s_n": None, "viescore": None,
-                   "raw": '{"instruction_following": 9, "non_overediting": 9}'}
+                   "raw": '{"instruction_following": 9, "non_overediting": 9}',
+                   "error": "no usable scores in the answer (2 tries)"}
 
     answers = iter(["garbage", "instruction following: 2, non-over-editing: 4"])
     assert LocalJudge(lambda m, i: next(answers)).score(SRC, EDIT, "x")["viescore"] == pytest.approx(0.6)
@@ -170,3 +172,85 @@ def test_http_judge_error_status_is_user_error(server):
     server.replies.append((401, '{"error": {"message": "invalid api key"}}'))
     with pytest.raises(UserError, match="HTTP 401"):
         HTTPJudge(server.url, "m", api_key="wrong", timeout=5).score(SRC, EDIT, "x")
+
+
+# ---- failures are missing, never 0 (issue 17) ----------------------------------------------------------------------
+def test_local_judge_that_raises_is_retried_then_missing():
+    calls = []
+
+    def oom(messages, images):
+        calls.append(1)
+        raise RuntimeError("CUDA out of memory")
+
+    out = LocalJudge(oom, retries=2, backoff=0).score(SRC, EDIT, "x")
+    assert len(calls) == 3 and out["viescore"] is None and out["s_i"] is None
+    assert out["error"] == "the judge raised RuntimeError: CUDA out of memory (3 tries)"
+    flaky = iter([RuntimeError("busy"), '{"instruction_following": 5, "non_overediting": 5}'])
+
+    def once_busy(messages, images):
+        x = next(flaky)
+        if isinstance(x, Exception):
+            raise x
+        return x
+
+    assert LocalJudge(once_busy, backoff=0).score(SRC, EDIT, "x")["viescore"] == 1.0
+
+
+def test_http_judge_server_errors_are_retried_then_missing(server):
+    server.replies += [(503, "overloaded"), _completion('{"instruction_following": 1, "non_overediting": 4}')]
+    out = HTTPJudge(server.url, "m", timeout=5, backoff=0).score(SRC, EDIT, "x")
+    assert out["viescore"] == pytest.approx(0.5) and len(server.requests) == 2
+    server.replies += [(500, "boom"), (429, "slow down"), (502, "bad gateway")]
+    out = HTTPJudge(server.url, "m", timeout=5, retries=2, backoff=0).score(SRC, EDIT, "x")
+    assert out["viescore"] is None and out["error"] == "HTTP 502 (3 tries)" and len(server.requests) == 5
+
+
+def test_http_judge_timeout_is_missing(monkeypatch):
+    """An endpoint that accepts the connection but never answers within the timeout."""
+    for var in ("no_proxy", "NO_PROXY"):
+        monkeypatch.setenv(var, "127.0.0.1,localhost")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(8)
+        url = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+        out = HTTPJudge(url, "m", timeout=0.3, retries=1, backoff=0).score(SRC, EDIT, "x")
+    assert out["viescore"] is None and out["error"] == "no answer within 0.3 s (2 tries)"
+
+
+def test_http_judge_gone_after_answering_is_missing(server):
+    judge = HTTPJudge(server.url, "m", timeout=5, backoff=0)
+    server.replies.append(_completion('{"instruction_following": 5, "non_overediting": 5}'))
+    assert judge.score(SRC, EDIT, "x")["viescore"] == 1.0
+    with socket.socket() as s:  # the server goes away: the same judge, now pointed at a closed port
+        s.bind(("127.0.0.1", 0))
+        judge.url = f"http://127.0.0.1:{s.getsockname()[1]}/v1/chat/completions"
+    out = judge.score(SRC, EDIT, "x")
+    assert out["viescore"] is None and out["error"].startswith("connection failed")
+
+
+def test_evaluate_counts_missing_judgements(server, tmp_path, capsys):
+    """evaluate.py with a judge that fails on one edit of three: that edit is missing (not 0), the mean is over
+    the two judged ones, and the results count the missing one."""
+    import shutil
+
+    import evaluate
+    from minedit import toyworld
+
+    toyworld.generate(str(tmp_path / "world"), n=12, seed=3, size=32)
+    rows = [json.loads(r) for r in (tmp_path / "world" / "train.jsonl").read_text().splitlines()][:3]
+    (tmp_path / "preds").mkdir()
+    for i, r in enumerate(rows):
+        shutil.copy(tmp_path / "world" / r["target"], tmp_path / "preds" / f"{i:05d}.png")
+    ok = _completion('{"instruction_following": 4, "non_overediting": 4}')
+    server.replies += [ok, (500, "x"), (500, "x"), ok]  # edit 1 fails twice (1 + 1 retry): missing
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = evaluate.main(["--ckpt", os.path.join(root, "assets/toy/insightedit"), "--data",
+                          str(tmp_path / "world/train.jsonl"), "--limit", "3", "--pred-dir", str(tmp_path / "preds"),
+                          "--out", str(tmp_path / "r.json"), "--judge-url", server.url, "--judge-model", "m"])
+    assert code == 0
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert res["viescore_missing"] == 1
+    assert [s["viescore"] for s in res["samples"]] == [0.8, None, 0.8]
+    assert res["summary"]["overall"]["viescore"] == pytest.approx(0.8)  # a 0 would have given 0.533
+    assert res["summary"]["overall"]["viescore_missing_rate"] == pytest.approx(1 / 3)
+    assert "VIEScore missing for 1 of 3 edits (first: HTTP 500 (2 tries))" in capsys.readouterr().err

@@ -12,7 +12,7 @@ import shutil
 import numpy as np
 from PIL import Image
 
-from ..checkpoint import _write_atomic
+from ..fsio import write_text
 from ..errors import UserError
 from . import Row
 
@@ -71,7 +71,7 @@ class Converter:
         # The earlier run's ids as sorted 64-bit hashes: 8 bytes a row whatever the dataset's size.
         self.done = np.sort(np.fromiter((_hash(k) for k in self._recover()), dtype=np.uint64))
         self.earlier = len(self.done)
-        _write_atomic(self.report, json.dumps(self.info | {"status": "running"}, indent=1))
+        write_text(self.report, json.dumps(self.info | {"status": "running"}, indent=1))
         self.file = open(self.partial, "a", encoding="utf-8")
 
     def _recover(self):
@@ -164,11 +164,11 @@ class Converter:
         elif seen and bad > self.max_skip * (seen + self.earlier):
             failure = f"{bad} of {seen + self.earlier} rows were skipped, above --max-skip-fraction {self.max_skip}"
         if failure:
-            _write_atomic(self.report, json.dumps(summary | {"status": "failed"}, indent=1))
+            write_text(self.report, json.dumps(summary | {"status": "failed"}, indent=1))
             first = ", ".join(f"{r} ({n})" for r, n in self.skipped.most_common(3)) or "-"
             raise UserError(f"{failure} ({first}; see {self.report}) — check SRC and FORMAT, or raise "
                             f"--max-skip-fraction; {os.path.basename(self.partial)} is kept for a rerun")
         os.replace(self.partial, self.manifest)
         summary |= {"status": "done", "manifest": self.manifest}
-        _write_atomic(self.report, json.dumps(summary, indent=1))
+        write_text(self.report, json.dumps(summary, indent=1))
         return summary

@@ -1,0 +1,133 @@
+"""Every file minedit writes goes through here: a temporary name, fsync, then one rename.
+
+A reader therefore sees either the previous complete file or the new complete one, never half of one, whatever
+happens during the write (a full disk, an I/O error, a folder turned read-only, a killed process). A failed write
+removes its temporary file and becomes one `UserError` naming the path, what failed and the fix:
+
+    no space left on device writing RUN/ckpt-0000020 (needs ~21 MB) — free space or choose another --out
+
+Used by checkpoints, log.jsonl, sample grids, infer.py's edits and evaluate.py's edits and results.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+
+from .errors import UserError
+
+_WHAT = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+         errno.EIO: "input/output error",
+         errno.EROFS: "read-only filesystem", errno.EACCES: "permission denied", errno.EPERM: "permission denied"}
+_FIX = {errno.ENOSPC: "free space or choose another {where}", errno.EDQUOT: "free space or choose another {where}",
+        errno.EIO: "the disk or network filesystem failed: check the disk (dmesg) or choose another {where}",
+        errno.EROFS: "choose a writable {where}", errno.EACCES: "choose a writable {where}",
+        errno.EPERM: "choose a writable {where}"}
+
+
+def human_size(n: float) -> str:
+    """Bytes in the largest unit that keeps the number >= 1 (decimal units, like df -H)."""
+    unit = "B"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            break
+        n /= 1000
+    return f"{n:.0f} {unit}" if unit == "B" or n >= 10 else f"{n:.1f} {unit}"
+
+
+def write_error(e: OSError, path: str, where: str = "--out", need: int | None = None,
+                kept: str = "files written before are intact") -> UserError:
+    """The one message for a failed write: what failed, on which path, the size it needed, the fix, what is kept."""
+    what = _WHAT.get(e.errno, e.strerror or str(e))
+    size = f" (needs ~{human_size(need)})" if need else ""
+    fix = _FIX.get(e.errno, "check the folder or choose another {where}").format(where=where)
+    return UserError(f"{what} writing {path}{size} — {fix}; {kept}")
+
+
+def makedirs(path: str, where: str = "--out") -> None:
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise write_error(e, path, where) from None
+
+
+@contextlib.contextmanager
+def atomic_path(path: str, where: str = "--out", need: int | None = None, suffix: str = ""):
+    """Yield a temporary path beside `path`; when the block ends without error, fsync it and rename it onto
+    `path`. Any OSError (in the block or the rename) removes the temporary file and raises `write_error`.
+    `suffix` keeps an extension a writer needs (PIL picks the format from it)."""
+    tmp = f"{os.path.join(os.path.dirname(path), '.' + os.path.basename(path))}.tmp-{os.getpid()}{suffix}"
+    try:
+        yield tmp
+        _fsync_file(tmp)
+        os.replace(tmp, path)
+        _fsync_dir(os.path.dirname(path) or ".")
+    except OSError as e:
+        _remove(tmp)
+        raise write_error(e, path, where, need) from None
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def write_text(path: str, text: str, where: str = "--out") -> None:
+    """Replace `path` by `text` (UTF-8) atomically."""
+    with atomic_path(path, where) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+
+def save_image(img, path: str, where: str = "--out") -> None:
+    """Save a PIL image atomically, in the format its extension names."""
+    ext = os.path.splitext(path)[1] or ".png"
+    with atomic_path(path, where, suffix=ext) as tmp:
+        img.save(tmp)
+
+
+def append_line(path: str, line: str, where: str = "--out") -> None:
+    """Append one line; a failed append is cut back to the previous end, so no half line stays in the file."""
+    data = (line if line.endswith("\n") else line + "\n").encode("utf-8")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise write_error(e, path, where) from None
+    try:
+        end = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            written = os.write(fd, data)
+            if written != len(data):  # a short write is how a nearly full disk answers
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, end)
+            raise write_error(e, path, where) from None
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: str) -> None:
+    """Make the rename itself durable; some filesystems cannot fsync a folder, which is not an error."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(OSError):
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
