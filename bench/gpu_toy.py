@@ -17,8 +17,9 @@ Per recipe × stage, on the toy preset's architecture with random weights (nothi
 * edit (stages that edit): one checkpoint of the stage, loaded with minedit.model.load_model on the CPU in fp32
   (the reference) and on the device in fp32 (TF32 off) and bf16 (infer.py's CUDA default: frozen weights bf16,
   bf16 autocast); one `--edit-steps`-step edit of the same image, instruction and seed. Pass: max |Δ| against
-  the reference ≤ FP32_TOL for fp32, mean |Δ| ≤ BF16_MEAN_TOL for bf16 (pixels in [-1, 1]). MIND-Edit also
-  reports whether the greedy T_opt texts agree (a flipped token changes the edit a lot, legitimately).
+  the reference ≤ FP32_TOL for fp32, mean |Δ| ≤ BF16_MEAN_TOL for bf16 (pixels in [-1, 1]; the CPU's own bf16
+  edit is ~0.005 off). MIND-Edit also reports whether the greedy T_opt texts agree: a bf16 run that flips a
+  near-tied token changes the edit a lot, legitimately, and is then judged by its fp32 comparison alone.
 
 On the CPU, fp16 runs under CPU autocast with a CPU GradScaler (train.py refuses fp16 on the CPU; the check
 only exercises the code path there), and the device edit is the CPU edit itself.
@@ -206,7 +207,10 @@ def edit_check(recipe: str, stage: int, device: torch.device, work: str, steps: 
             got, texts = run_edit(runtime.Runtime(device=device, precision=precision))
         d = (got - ref).abs()
         row = dict(max=d.max().item(), mean=d.mean().item(), texts_equal=texts == ref_texts)
-        row["ok"] = row["max"] <= FP32_TOL if precision == "fp32" else row["mean"] <= BF16_MEAN_TOL
+        # bf16 may flip a near-tied greedy T_opt token (MIND-Edit), which changes the edit legitimately: then the
+        # row says so and only the fp32 comparison judges the path.
+        row["ok"] = row["max"] <= FP32_TOL if precision == "fp32" else \
+            row["mean"] <= BF16_MEAN_TOL or not row["texts_equal"]
         out[precision] = row
     return out
 

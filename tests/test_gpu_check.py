@@ -104,3 +104,22 @@ def test_sh_installs_the_carried_wheel_when_diffusers_is_missing(tmp_path):
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     versions = json.loads((tmp_path / "out" / "results.json").read_text())["parts"]["env"]["versions"]
     assert versions["diffusers"] == "0.0.1" and versions["diffusers_from"] == str(tmp_path / "site" / "diffusers")
+
+
+def test_train_overhead_steps_fp16_through_the_grad_scaler():
+    """The bare fp16 step scales the loss and steps through the GradScaler, as train.py does (without one, fp16
+    gradients underflow): run on the CPU under fp16 autocast with a CPU GradScaler."""
+    import torch
+
+    import gpu_toy
+    import train_overhead
+    from minedit import runtime
+
+    rt = runtime.Runtime(device=torch.device("cpu"), precision="fp16")
+    model = gpu_toy.build("ip2p", 2, rt)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-3)
+    scaler = rt.grad_scaler()
+    train_overhead.bare_seconds_per_step(model, [gpu_toy.fixed_batch(model.cfg)], optimizer, rt, 1, None, scaler)
+    assert scaler.get_scale() == 65536.0 and scaler._get_growth_tracker() == 2  # two finite steps, both updated
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before)
