@@ -8,7 +8,8 @@ Per recipe × stage, on the toy preset's architecture with random weights (nothi
 * train: for bf16 and for fp16 + GradScaler, `--train-steps` AdamW steps on one fixed batch (its diffusion
   noise, timesteps, VAE noise and guidance-dropout coins fixed in the batch), taken as train.py takes them
   (autocast forward, scaled backward, unscale, clip, finite check, scaler step/update), with the frozen parts
-  stored in the precision's dtype as set_stage stores them. Pass: every loss finite and the loss on that batch
+  stored in the precision's dtype as set_stage stores them; the fp16 run also checkpoints the LLM and UNet
+  (grad_checkpointing, where set_stage applies it), as the full-size stage 2 trains. Pass: every loss finite and the loss on that batch
   lower after the steps than before. Also reported: steps the scaler skipped, the final scale.
 * attention: the attention ops the forward + backward dispatched to (a dispatch mode records every aten op), and
   whether the step still runs when SDPA may use fused kernels only (torch.nn.attention.sdpa_kernel with flash,
@@ -95,9 +96,9 @@ def fused_only(device: torch.device):
     return sdpa_kernel(allowed)
 
 
-def build(recipe: str, stage: int, rt, seed: int = 0) -> EditModel:
+def build(recipe: str, stage: int, rt, seed: int = 0, ckpt: bool = False) -> EditModel:
     cfg = common.config("toy", recipe, stage)
-    cfg.precision = rt.precision
+    cfg.precision, cfg.grad_checkpointing = rt.precision, ckpt
     torch.manual_seed(seed)
     model = EditModel(cfg)
     with warnings.catch_warnings():  # transformers' deprecation notice for gradient_checkpointing_enable
@@ -106,9 +107,9 @@ def build(recipe: str, stage: int, rt, seed: int = 0) -> EditModel:
     return model.to(rt.device).train()
 
 
-def train_check(recipe: str, stage: int, rt, steps: int, lr: float) -> dict:
+def train_check(recipe: str, stage: int, rt, steps: int, lr: float, ckpt: bool = False) -> dict:
     """train.py's step, `steps` times on one fixed batch -> losses before/after, skipped steps, the scale."""
-    model = build(recipe, stage, rt)
+    model = build(recipe, stage, rt, ckpt=ckpt)
     batch = {k: v.to(rt.device) if torch.is_tensor(v) else v for k, v in fixed_batch(model.cfg).items()}
     params = model.trainable_parameters()
     optimizer = torch.optim.AdamW(training.param_groups(model, model.cfg.weight_decay), lr=lr)
@@ -218,9 +219,9 @@ def edit_check(recipe: str, stage: int, device: torch.device, work: str, steps: 
 def check_one(recipe: str, stage: int, device: torch.device, args, work: str) -> dict:
     t0 = time.perf_counter()
     row = dict(recipe=recipe, stage=stage)
-    for precision in ("bf16", "fp16"):
+    for precision in ("bf16", "fp16"):  # fp16 with gradient checkpointing (where set_stage applies it)
         row[precision] = train_check(recipe, stage, runtime.Runtime(device=device, precision=precision),
-                                     args.train_steps, args.lr)
+                                     args.train_steps, args.lr, ckpt=precision == "fp16")
     row["attention"] = attention_check(recipe, stage, runtime.Runtime(device=device, precision="bf16"))
     if stage >= 2:
         row["edit"] = edit_check(recipe, stage, device, work, args.edit_steps)
@@ -235,7 +236,7 @@ def table(rows: list[dict]) -> str:
     out = [f"Toy size, every recipe × stage. Train: loss on the fixed batch before → after the steps (scaler "
            f"skips); edit: abs. difference to the CPU fp32 edit (fp32: max ≤ {FP32_TOL:g}; bf16: mean ≤ "
            f"{BF16_MEAN_TOL:g})", "",
-           "| recipe · stage | bf16 loss | fp16 + GradScaler loss | attention kernels | fused only | "
+           "| recipe · stage | bf16 loss | fp16 + GradScaler + checkpointing loss | attention kernels | fused only | "
            "edit fp32 max Δ | edit bf16 mean Δ | ok |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         loss = lambda p: f"{r[p]['before']:.4f} → {r[p]['after']:.4f}" + (  # noqa: E731
