@@ -124,3 +124,11 @@ def test_train_overhead_steps_fp16_through_the_grad_scaler():
     train_overhead.bare_seconds_per_step(model, [gpu_toy.fixed_batch(model.cfg)], optimizer, rt, 1, None, scaler)
     assert scaler.get_scale() == 65536.0 and scaler._get_growth_tracker() == 2  # two finite steps, both updated
     assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before)
+
+
+def test_memory_max_batch_must_be_a_power_of_two(capsys):
+    import memory
+    from minedit.errors import UserError
+
+    with pytest.raises(UserError, match="--max-batch 12: must be a power of two"):
+        memory.main(["--max-batch", "12", "--no-measure"])
