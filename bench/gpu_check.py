@@ -47,7 +47,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 PARTS = ("env", "toy", "latency", "train", "memory")
-LIMITS = {"toy": 110, "latency": 130, "train": 120, "memory": 110}  # seconds; 470 of the 480-s budget
+LIMITS = {"toy": 110, "latency": 120, "train": 110, "memory": 130}  # seconds; 470 of the 480-s budget
 GIB = 2 ** 30
 
 
