@@ -362,11 +362,16 @@ def main(argv=None) -> int:
         if scaler is not None:
             scaler.unscale_(optimizer)
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad if cfg.clip_grad > 0 else float("inf"))
-        if torch.isfinite(norm):  # one host sync per step: skip a non-finite step, count it, stop after K
+        # One host sync per step: skip a non-finite step, count it, stop after K in a row. Under the GradScaler
+        # (fp16), overflowing gradients of a finite loss are its signal to halve the scale, which happens several
+        # steps in a row early in a run: skipped, but no fault unless the scale has collapsed below 1.
+        finite_grads, finite_loss = torch.stack([torch.isfinite(norm), torch.isfinite(sum(sums.values()))]).tolist()
+        if finite_grads:
             (scaler.step(optimizer) if scaler is not None else optimizer.step())
             in_a_row = 0
         else:
-            skipped, in_a_row = skipped + 1, in_a_row + 1
+            overflow = scaler is not None and finite_loss and scaler.get_scale() >= 1.0
+            skipped, in_a_row = skipped + 1, in_a_row + (0 if overflow else 1)
         if scaler is not None:
             scaler.update()
         optimizer.zero_grad(set_to_none=True)

@@ -8,6 +8,7 @@ weights, the toy word-level tokenizers: no hub access).
 """
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
@@ -103,3 +104,11 @@ def machine(device: torch.device) -> str:
 
 def median(xs):
     return statistics.median(xs)
+
+
+def write_json(path: str, obj) -> None:
+    """json.dump to a temporary name, then rename: a reader never sees half a file."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)

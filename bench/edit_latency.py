@@ -225,6 +225,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16: both editors under bf16 autocast")
     p.add_argument("--scheduler", default="DDIMScheduler", help="a diffusers scheduler class name")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--json", help="also write the figures (seconds) to this file")
     args = p.parse_args(argv)
     sizes = check_args(args)
     device = common.pick_device(args.device)
@@ -256,6 +257,9 @@ def main(argv=None) -> int:
             mllm = f"{r['ours_mllm'] * 1e3:.1f}" if who == "ours" else "–"
             print(f"| {r['size']} | {name} | {r[f'{who}_cond'] * 1e3:.1f} | {mllm} | {r[f'{who}_loop'] * 1e3:.1f} | "
                   f"{r[f'{who}_loop'] * 1e3 / r['steps']:.2f} | {r[f'{who}_decode'] * 1e3:.1f} |")
+    if args.json:
+        common.write_json(args.json, dict(machine=common.machine(device), dtype=args.dtype, scheduler=args.scheduler,
+                                          repeats=args.repeats, results=results))
     return 0
 
 

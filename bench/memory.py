@@ -407,9 +407,9 @@ def checkpointing_applies(model: EditModel) -> bool:
     return any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
 
 
-def measure_stage(size: str, w: dict, device: torch.device, log) -> dict:
+def measure_stage(size: str, w: dict, device: torch.device, log, max_batch: int = MAX_BATCH) -> dict:
     """Without and with gradient checkpointing: steps at batches 1, 2 (toy, mid) or 1, 2, 4, ... until the full
-    model no longer fits the largest GPU (or MAX_BATCH); and the optimizer step."""
+    model no longer fits the largest GPU (or `max_batch`); and the optimizer step."""
     recipe, stage = w["recipe"], w["stage"]
     out = dict(size=size, recipe=recipe, stage=stage, runs={}, ckpt_applies=True)
     for mode in ("plain", "ckpt"):
@@ -433,7 +433,8 @@ def measure_stage(size: str, w: dict, device: torch.device, log) -> dict:
                 break
             if mode == "plain" and b == 1:
                 out["attention_kernels"] = sorted(op for op in meter.ops if "attention" in op)
-            if b >= 2 and (size != "full" or b >= MAX_BATCH or need(w, out, runs[-1]["peak"]) > max(GPUS) * GIB):
+            if b >= 2 and (size != "full" or 2 * b > max_batch
+                           or need(w, out, runs[-1]["peak"]) > max(GPUS) * GIB):
                 break
             b *= 2
         out["runs"][mode] = runs
@@ -609,7 +610,7 @@ def print_fit(weights, measured):
               f"{gb(held[0][0])} / {gb(held[1][0])} | {gb(first[0])} / {gb(first[1])} | " + " | ".join(batches) + " |")
     if any(not m["ckpt_applies"] for _, m in rows):
         print("\n¹ set_stage turns gradient checkpointing on only for a trainable UNet or LoRA: none in this stage.")
-    print(f"\nN+: still fits at N = {MAX_BATCH}, the largest batch measured.")
+    print("\nN+: still fits at N, the largest batch measured (--max-batch, 1024 by default).")
     for w, m in rows:
         for mode, b in m.get("oom_at", {}).items():
             print(f"{w['recipe']} · {w['stage']}: this GPU ran out of memory at batch {b} "
@@ -710,11 +711,17 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu", help="cpu (shape-only steps) or cuda (real steps)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", help="write every figure (bytes) to this file")
+    p.add_argument("--max-batch", type=int, default=MAX_BATCH, help="the full model's batch ladder 1, 2, 4, ... "
+                   "stops at this batch at the latest (a power of two)")
+    p.add_argument("--inference", action=argparse.BooleanOptionalAction, default=True,
+                   help="with full and insightedit: also measure one edit's memory (three full models)")
     args = p.parse_args(argv)
     selection = parse_selection(args.recipes)
     sizes = parse_list(args.sizes, SIZES, "--sizes")
     if args.threads < 1:
         raise UserError(f"--threads {args.threads}: must be at least 1")
+    if args.max_batch < 2 or args.max_batch & (args.max_batch - 1):
+        raise UserError(f"--max-batch {args.max_batch}: must be a power of two, at least 2")
     device = common.pick_device(args.device)
     torch.set_num_threads(args.threads)
     transformers_logging.set_verbosity_error()  # the toy tokenizer's "longer than the maximum" notices
@@ -727,10 +734,10 @@ def main(argv=None) -> int:
     if args.measure:
         for size in sizes:
             for w in weights:
-                m = measure_stage(size, w, device, log)
+                m = measure_stage(size, w, device, log, args.max_batch)
                 m["expected_weight_bytes"] = w["frozen_bytes"] + w["trainable_bytes"] if size == "full" else None
                 result["measured"].append(m)
-        if "full" in sizes and "insightedit" in selection:
+        if "full" in sizes and "insightedit" in selection and args.inference:
             result["inference"] = measure_inference(device, log)
     if args.check:
         result["check"] = check_rows(selection, log)

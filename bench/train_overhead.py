@@ -47,7 +47,8 @@ def overrides(size: str, args) -> list[str]:
     """The command-line overrides that make train.py's config equal common.config(size). The data is the toy
     world train.py generates for the config (64 samples at the config's resolution, cached)."""
     out = [f"--batch_size={args.batch_size}", f"--precision={args.precision}", f"--num_workers={args.workers}",
-           "--sample_every=0", "--save_every=100000", "--toy_samples=64"]
+           "--sample_every=0", "--save_every=100000", "--toy_samples=64",
+           f"--grad_checkpointing={args.grad_checkpointing}"]
     if size == "mid":
         out += [f"--{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in common.MID.items()]
     return out
@@ -69,15 +70,21 @@ def train_seconds_per_step(work: str, size: str, args, init: str) -> float:
     return args.batch_size / last["samples_s"]
 
 
-def bare_seconds_per_step(model, batches, optimizer, rt, n: int, sync) -> float:
-    """Seconds per bare step, after n warm-up steps."""
+def bare_seconds_per_step(model, batches, optimizer, rt, n: int, sync, scaler=None) -> float:
+    """Seconds per bare step, after n warm-up steps. fp16 steps through a GradScaler, as train.py's do (without
+    one, fp16 gradients underflow; pass the same scaler every call so that its scale carries over)."""
     it = itertools.cycle(batches)
 
     def step():
         with rt.autocast():
             loss, _ = model(next(it), STAGE)
-        loss.backward()
-        optimizer.step()
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
         optimizer.zero_grad(set_to_none=True)
 
     for _ in range(n):  # warm-up, as train.py's first log window
@@ -130,6 +137,7 @@ def bench_in(work: str, size: str, args) -> dict:
     rt = runtime.setup(args.precision, args.device)
     model, batches, optimizer = make_bare(init, size, args, rt)
     sync = common.sync_for(rt.device)
+    scaler = rt.grad_scaler()
     if rt.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(rt.device)
     loop, bare = [], []
@@ -137,15 +145,18 @@ def bench_in(work: str, size: str, args) -> dict:
         order = ("train", "bare") if r % 2 == 0 else ("bare", "train")
         for which in order:
             if which == "bare":
-                bare.append(bare_seconds_per_step(model, batches, optimizer, rt, args.steps, sync))
+                bare.append(bare_seconds_per_step(model, batches, optimizer, rt, args.steps, sync, scaler))
             elif size != "full":
                 loop.append(train_seconds_per_step(work, size, args, init))
         print(f"  {size} repeat {r + 1}: " + (f"train.py {loop[-1] * 1e3:.1f} ms/step, " if loop else "")
               + f"bare {bare[-1] * 1e3:.1f} ms/step", flush=True)
-    peak = torch.cuda.max_memory_allocated(rt.device) if rt.device.type == "cuda" else None
+    cuda = rt.device.type == "cuda"
+    peak = torch.cuda.max_memory_allocated(rt.device) if cuda else None
+    reserved = torch.cuda.max_memory_reserved(rt.device) if cuda else None
     ratios = [a / b for a, b in zip(loop, bare)]
     return dict(size=size, loop=common.median(loop) if loop else None, bare=common.median(bare),
-                ratio=common.median(ratios) if ratios else None, peak=peak)
+                ratio=common.median(ratios) if ratios else None, peak=peak, peak_reserved=reserved,
+                bare_repeats=bare, loop_repeats=loop)
 
 
 def check_args(args) -> list[str]:
@@ -172,6 +183,9 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=None, help="train.py's DataLoader workers (default: 0 on CPU, "
                    "as the toy preset; 4 on CUDA)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--grad-checkpointing", action="store_true", help="checkpoint the LLM and the UNet (set_stage; "
+                   "the config field grad_checkpointing)")
+    p.add_argument("--json", help="also write the figures (seconds, bytes) to this file")
     args = p.parse_args(argv)
     sizes = check_args(args)
     device = common.pick_device(args.device)
@@ -188,7 +202,8 @@ def main(argv=None) -> int:
         if a.batch_size is None:
             a.batch_size = 32 if size == "toy" else (8 if device.type == "cuda" else 2)
         results.append(bench(size, a) | {"batch": a.batch_size})
-    print(f"\nstage 2 insightedit, {args.precision}, {device.type}, DataLoader workers {args.workers}; "
+    ckpt_note = ", gradient checkpointing" if args.grad_checkpointing else ""
+    print(f"\nstage 2 insightedit, {args.precision}{ckpt_note}, {device.type}, DataLoader workers {args.workers}; "
           f"{args.steps} timed steps per repeat")
     print(f"\n| size | batch | train.py ms/step | bare ms/step | ratio (median of {args.repeats}) | "
           "bare samples/s | peak GB |")
@@ -199,6 +214,10 @@ def main(argv=None) -> int:
         peak = f"{r['peak'] / 2 ** 30:.2f}" if r["peak"] is not None else "–"
         print(f"| {r['size']} | {r['batch']} | {loop} | {r['bare'] * 1e3:.1f} | {ratio} | "
               f"{r['batch'] / r['bare']:.2f} | {peak} |")
+    if args.json:
+        common.write_json(args.json, dict(machine=common.machine(device), precision=args.precision,
+                                          grad_checkpointing=args.grad_checkpointing, steps=args.steps,
+                                          repeats=args.repeats, workers=args.workers, results=results))
     return 0
 
 
