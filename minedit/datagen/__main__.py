@@ -82,6 +82,9 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     check(args)
     import torch
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # load reports and backend notices would bury the summary
 
     from .build import build
     from .manifest import Output

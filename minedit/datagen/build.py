@@ -5,7 +5,7 @@ import os
 
 from .edits import Editor, Inpainter
 from .masks import Detector, Segmenter, mask_objects
-from .mllm import LLM, MLLM
+from .mllm import LLM, MLLM, check_source
 from .objects import CAPTION_PROMPT, caption_and_objects
 from .quality import QualityFilter
 from .run import Pipeline, list_images, toy_masker
@@ -25,6 +25,7 @@ def build(args, device: str, dtype):
         from .toy import ToyEditor, ToyOracle
 
         oracle = ToyOracle(args.n or 12, args.seed)
+        check_source("--mllm", args.mllm)
         mllm = MLLM(args.mllm, device, dtype, max_tokens)
 
         def describe(image_id, image):
@@ -37,6 +38,9 @@ def build(args, device: str, dtype):
                             not args.no_reasoning, args.seed)
         return pipeline, oracle.inputs()
     inputs = list_images(args.images)[:args.n]
+    for flag in ("mllm", "llm", "detector", "segmenter", "inpainter"):
+        if getattr(args, flag):
+            check_source(f"--{flag}", getattr(args, flag))
     mllm = MLLM(args.mllm, device, dtype, max_tokens)
     llm = LLM(args.llm, device, dtype, max_tokens) if args.llm else mllm
     detector = Detector(args.detector, device, args.box_threshold, args.text_threshold)

@@ -88,9 +88,9 @@ class Output:
             (self.root / "images").mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise UserError(f"cannot create --out {out_dir} ({e.strerror or e}) — choose a writable folder") from None
-        self._check_settings(settings)
         finished = _read_jsonl(self.root / "done.jsonl")
         self.done = {r["id"] for r in finished if "id" in r}
+        self._check_settings(settings)
         self.tally = Tally()
         for r in finished:
             self.tally.add(Tally(r.get("counts")))
@@ -106,7 +106,7 @@ class Output:
     def _check_settings(self, settings: dict) -> None:
         """A rerun continues only the same run: other models or thresholds would mix two datasets in one file."""
         path = self.root / "settings.json"
-        if path.is_file():
+        if path.is_file() and self.done:  # a run that finished nothing yet may change its flags
             old = json.loads(path.read_text())
             diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
             if diff:

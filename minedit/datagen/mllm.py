@@ -11,9 +11,21 @@ Anything with `ask(text, image=None) -> str` can stand in for either model (the 
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from ..errors import UserError
+
+
+def check_source(flag: str, path: str) -> None:
+    """Fail before any model loads when a model is given as a folder that does not exist. A hub id is
+    "name" or "org/name"; anything else (absolute, ./relative, deeper) is taken as a folder."""
+    from ..build import _pretrained
+
+    looks_like_folder = os.path.isabs(path) or path.startswith(".") or path.strip("/").count("/") > 1
+    if looks_like_folder and not os.path.isdir(_pretrained(path, False)):
+        raise UserError(f"{flag} {path}: no such folder — pass the folder of a saved model, or a hub id")
 
 
 def _load(kind: str, flag: str, path: str, fn):
@@ -23,8 +35,8 @@ def _load(kind: str, flag: str, path: str, fn):
         with quiet_loading():
             return fn(_pretrained(path, False))
     except (OSError, ValueError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot load the {kind} {path!r} given by {flag} ({first[:200]}) — pass a local folder "
+        why = " ".join(str(e).split()) or type(e).__name__
+        raise UserError(f"cannot load the {kind} {path!r} given by {flag} ({why[:300]}) — pass a local folder "
                         "holding a saved model, or a hub id that is in the local cache") from None
 
 
