@@ -25,6 +25,8 @@ Running it:
 Measuring it:
     metrics.py      background / in-mask PSNR, edit success, CLIP-I, CLIPScore, LPIPS
     judge.py        VIEScore with an MLLM judge (optional)
+Making data:
+    datagen/        InsightEdit's AdvancedEdit pipeline: caption/objects, masks, edit pairs, recaption, filter
 The toy world (DESIGN §10):
     toyworld.py     scenes, exact edits, instructions at three levels, manifests, the cached world
     toyphrases.py   its palette, world knowledge and phrasing templates

@@ -330,3 +330,11 @@ def test_toy_oracle_end_to_end_trains(tmp_path):
     assert t.returncode == 0, t.stderr[-2000:]
     log = [json.loads(x) for x in lines(tmp_path / "run" / "log.jsonl")]
     assert [r["step"] for r in log] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in log)
+
+
+def test_an_empty_caption_still_writes_the_source(tmp_path):
+    oracle = ToyOracle(1, seed=2)
+    pipe = toy_pipeline(oracle, mllm=Fixed({}, default=""))
+    run(pipe, oracle.inputs(), Output(tmp_path, {}), progress=False)
+    rows, bad = read_manifest(tmp_path / "manifest.jsonl")
+    assert rows and bad == [] and not (tmp_path / "captions.jsonl").exists()

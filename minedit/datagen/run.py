@@ -75,8 +75,9 @@ class Pipeline:
         stem = file_stem(image_id)
         src_path, src_rel = out.path(f"{stem}.png")
         caption, objects, how = self.describe(image_id, image)
-        if caption:
+        if caption or objects:
             save_image(image, src_path)
+        if caption:
             rows["captions.jsonl"].append({"image": src_rel, "caption": caption})
         if not objects:
             tally.drop("objects", how)
