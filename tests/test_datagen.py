@@ -14,7 +14,7 @@ from PIL import Image
 from minedit.data import EditDataset, read_manifest
 from minedit.datagen import __main__ as cli
 from minedit.datagen.edits import make_pairs, parse_replacement, template
-from minedit.datagen.manifest import Output, Tally
+from minedit.datagen.manifest import Output, Tally, write_simple
 from minedit.datagen.masks import check_mask, grow
 from minedit.datagen.objects import OBJECTS_PROMPT, caption_and_objects, parse_objects
 from minedit.datagen.quality import PQ_PROMPT, QualityFilter, decide, parse_pq
@@ -265,6 +265,10 @@ def test_manifest_rows_are_train_rows(tmp_path):
         src, tgt = (np.asarray(Image.open(r[k]).convert("RGB")).astype(int) for k in ("source", "target"))
         m = np.asarray(Image.open(r["mask"])) > 0
         assert (src[~m] == tgt[~m]).all() and (src[m] != tgt[m]).any()  # the edit lies inside the mask only
+    assert write_simple(tmp_path) == len(rows)
+    simple, _ = read_manifest(tmp_path / "simple.jsonl")
+    assert [r["instruction"] for r in simple] == [r["simple_instruction"] for r in rows]
+    assert {r["category"] for r in simple} == {"simple"}
     item = EditDataset(str(tmp_path / "manifest.jsonl"), 32)[0]
     assert item["source"].shape == (3, 32, 32) and item["mask"].shape == (1, 32, 32)
 
@@ -323,6 +327,7 @@ def test_toy_oracle_end_to_end_trains(tmp_path):
     rows = [json.loads(x) for x in lines(out / "manifest.jsonl")]
     assert f"{len(rows)} pairs in" in p.stdout and "written" in p.stdout and "not run (no --judge-url)" in p.stdout
     assert {r["kind"] for r in rows} == {"remove", "add", "replace"} and len(lines(out / "captions.jsonl")) == 12
+    assert len(lines(out / "simple.jsonl")) == len(rows)
     t = subprocess.run([sys.executable, "train.py", "--recipe", "ip2p", "--stage", "2", "--data",
                         str(out / "manifest.jsonl"), "--out", str(tmp_path / "run"), "--max-steps", "3",
                         "--batch-size", "4", "--sample-every", "0", "--log_every=1"],

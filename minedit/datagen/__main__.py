@@ -87,7 +87,7 @@ def main(argv=None) -> int:
     hf_logging.set_verbosity_error()  # load reports and backend notices would bury the summary
 
     from .build import build
-    from .manifest import Output
+    from .manifest import Output, write_simple
     from .run import run
 
     toy = args.toy_oracle
@@ -107,8 +107,9 @@ def main(argv=None) -> int:
     if args.judge_url is None:
         print("quality    not run (no --judge-url): every pair kept unscored")
     n = sum(tally.counts["written"].values())
+    write_simple(args.out)
     print(f"{n} pairs in {os.path.join(args.out, 'manifest.jsonl')} from {len(out.done)} inputs "
-          f"(summary: {os.path.join(args.out, 'summary.json')})")
+          f"(simple instructions: simple.jsonl; summary: summary.json)")
     if n == 0:
         print("no pairs kept — see the dropped reasons above", file=sys.stderr)
     return 0

@@ -3,6 +3,7 @@
     OUT/images/       <id>.png (the input, re-saved as RGB PNG), <id>_o<k>_mask.png, <id>_o<k>_removed.png,
                       <id>_o<k>_replace.png — every file written to a temporary name, then renamed
     OUT/manifest.jsonl  kept pairs, the rows train.py --data reads (paths relative to OUT)
+    OUT/simple.jsonl    the same pairs with `instruction` = the simple one (the paper's SimpleEdit), rewritten at the end
     OUT/dropped.jsonl   pairs the quality filter dropped, with their scores and reason (for inspection)
     OUT/captions.jsonl  {"image", "caption"} of every captioned input: stage-1 data (train.py --stage 1)
     OUT/done.jsonl      one line per finished input: {"id", "counts"} — the resumption record
@@ -137,3 +138,12 @@ class Output:
         summary = {"inputs_done": len(self.done), "pairs_kept": sum(self.tally.counts["written"].values()),
                    "tally": self.tally.as_dict()}
         _write_atomic(str(self.root / "summary.json"), json.dumps(summary, indent=1) + "\n")
+
+
+def write_simple(out_dir) -> int:
+    """OUT/simple.jsonl from OUT/manifest.jsonl: each pair with its simple instruction (SimpleEdit); -> rows."""
+    root = Path(out_dir)
+    rows = [dict(r, instruction=r["simple_instruction"], category="simple")
+            for r in _read_jsonl(root / "manifest.jsonl") if r.get("simple_instruction")]
+    _write_atomic(str(root / "simple.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
+    return len(rows)
