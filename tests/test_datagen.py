@@ -343,3 +343,47 @@ def test_an_empty_caption_still_writes_the_source(tmp_path):
     run(pipe, oracle.inputs(), Output(tmp_path, {}), progress=False)
     rows, bad = read_manifest(tmp_path / "manifest.jsonl")
     assert rows and bad == [] and not (tmp_path / "captions.jsonl").exists()
+
+
+def test_judge_over_http_scores_and_drops(tmp_path, capsys):
+    """The toy run with a judge behind a local OpenAI-compatible endpoint: replacements get a low instruction score
+    and are dropped (kept in dropped.jsonl with the reason); the rest are kept with their scores."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    class Judge(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            system, user = body["messages"][0]["content"], body["messages"][1]["content"]
+            instruction = user[0]["text"] if isinstance(user, list) else ""
+            if system == PQ_PROMPT:
+                answer = {"naturalness": 4, "artifacts": 5}
+            else:
+                replace = any(w in instruction for w in ("replace", "swap", "change", "turn", "make"))
+                answer = {"instruction_following": 1 if replace else 5, "non_overediting": 4}
+            data = json.dumps({"choices": [{"message": {"content": json.dumps(answer)}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Judge)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/v1"
+        assert cli.main(["--toy-oracle", "--n", "3", "--out", str(tmp_path), "--judge-url", url, "--no-progress",
+                         "--no-reasoning"]) == 0
+    finally:
+        server.shutdown()
+    kept = [json.loads(x) for x in lines(tmp_path / "manifest.jsonl")]
+    dropped = [json.loads(x) for x in lines(tmp_path / "dropped.jsonl")]
+    assert kept and dropped and {r["kind"] for r in kept} == {"remove", "add"}
+    assert {r["kind"] for r in dropped} == {"replace"}
+    assert all(r["drop_reason"] == "semantic consistency below 3" and r["scores"]["s_i"] == 1 for r in dropped)
+    assert all(r["scores"]["sc"] == 4 and r["scores"]["pq"] == 4 and r["scores"]["viescore"] == 0.9 for r in kept)
+    out = capsys.readouterr().out
+    assert "dropped: semantic consistency below 3" in out and "not run" not in out

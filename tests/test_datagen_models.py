@@ -206,3 +206,22 @@ def test_cli_on_real_parts_counts_garbage_and_broken_images(models, tmp_path):
     bad = subprocess.run(bad_args, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error: ") and "--inpainter" in bad.stderr
     assert "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_text_llm_answers_text_and_refuses_images(tmp_path):
+    """The separate object-extraction LLM (--llm): a tiny Llama with the toy tokenizer, loaded back by folder."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from minedit.build import toy_tokenizer
+    from minedit.datagen.mllm import LLM
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+                                 pad_token_id=1, bos_token_id=2, eos_token_id=3)).save_pretrained(tmp_path)
+    toy_tokenizer(128, chat=False).save_pretrained(tmp_path)
+    llm = LLM(str(tmp_path), max_new_tokens=5)
+    answer = llm.ask("list the red circle")
+    assert isinstance(answer, str) and answer == llm.ask("list the red circle")  # greedy: deterministic
+    with pytest.raises(ValueError, match="MLLM"):
+        llm.ask("what is here", Image.new("RGB", (4, 4)))
