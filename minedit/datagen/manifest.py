@@ -3,7 +3,7 @@
     OUT/images/       <id>.png (the input, re-saved as RGB PNG), <id>_o<k>_mask.png, <id>_o<k>_removed.png,
                       <id>_o<k>_replace.png — every file written to a temporary name, then renamed
     OUT/manifest.jsonl  kept pairs, the rows train.py --data reads (paths relative to OUT)
-    OUT/simple.jsonl    the same pairs with `instruction` = the simple one (the paper's SimpleEdit), rewritten at the end
+    OUT/simple.jsonl    the same pairs with `instruction` = the simple one (SimpleEdit), rewritten at the end
     OUT/dropped.jsonl   pairs the quality filter dropped, with their scores and reason (for inspection)
     OUT/captions.jsonl  {"image", "caption"} of every captioned input: stage-1 data (train.py --stage 1)
     OUT/done.jsonl      one line per finished input: {"id", "counts"} — the resumption record

@@ -6,6 +6,8 @@ into a mask, and thresholds drop what is unreliable.
     drops the object ("low-confidence detection").
   * Segmenter: SAM (`SamModel`) or SAM 2 (`Sam2Model`, in this transformers) by `AutoModel`; one box in, one
     mask out (`multimask_output=False`), upsampled to the image by the processor's `post_process_masks`.
+    The tests run SAM on a tiny model; the SAM 2 branch is untested here (its processor needs torchvision,
+    which this machine lacks — loading it without torchvision is one `error:` line).
   * `check_mask`: a mask covering no pixel is "empty", under `min_area` of the image "too small", above
     `max_area` "too large" (a box around the whole picture is no object to remove).
   * `grow`: the kept mask is dilated by `dilate` pixels before inpainting, so the fill covers the object's

@@ -34,7 +34,7 @@ def _load(kind: str, flag: str, path: str, fn):
     try:
         with quiet_loading():
             return fn(_pretrained(path, False))
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, ImportError) as e:  # ImportError: e.g. SAM 2's processor wants torchvision
         why = " ".join(str(e).split()) or type(e).__name__
         raise UserError(f"cannot load the {kind} {path!r} given by {flag} ({why[:300]}) — pass a local folder "
                         "holding a saved model, or a hub id that is in the local cache") from None
