@@ -387,3 +387,21 @@ def test_judge_over_http_scores_and_drops(tmp_path, capsys):
     assert all(r["scores"]["sc"] == 4 and r["scores"]["pq"] == 4 and r["scores"]["viescore"] == 0.9 for r in kept)
     out = capsys.readouterr().out
     assert "dropped: semantic consistency below 3" in out and "not run" not in out
+
+
+def test_ctrl_c_is_one_line_and_a_rerun_finishes(tmp_path, capsys, monkeypatch):
+    real_finish = Output.finish
+    calls = []
+
+    def finish_then_stop(self, *a):
+        real_finish(self, *a)
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Output, "finish", finish_then_stop)
+    argv = ["--toy-oracle", "--n", "4", "--out", str(tmp_path), "--no-progress", "--no-reasoning"]
+    assert cli.main(argv) == 130
+    assert "stopped after 2 of 4 inputs" in capsys.readouterr().err
+    monkeypatch.setattr(Output, "finish", real_finish)
+    assert cli.main(argv) == 0 and len(lines(tmp_path / "done.jsonl")) == 4

@@ -101,7 +101,12 @@ def main(argv=None) -> int:
         args.dtype or ("fp16" if device.startswith("cuda") else "fp32")]
     out = Output(args.out, settings(args))
     pipeline, inputs = build(args, device, dtype)
-    tally = run(pipeline, inputs, out, progress=not args.no_progress)
+    try:
+        tally = run(pipeline, inputs, out, progress=not args.no_progress)
+    except KeyboardInterrupt:  # every finished input is on disk; the one under way is redone on the rerun
+        print(f"\nstopped after {len(out.done)} of {len(inputs)} inputs — rerun the same command to continue",
+              file=sys.stderr)
+        return 130
     for line in tally.lines():
         print(line)
     if args.judge_url is None:
