@@ -137,6 +137,9 @@ def test_inpainter_keeps_everything_outside_the_mask(models):
     a, b = np.asarray(image), np.asarray(out)
     assert out.size == image.size and (a[~mask] == b[~mask]).all() and (a[mask] != b[mask]).any()
     assert (np.asarray(inp.fill(image, mask, "red circle", None, seed=0)) == b).all()  # seeded: reproducible
+    inp.max_side = 16  # inpainted at 16x8, pasted back at 37x29: still only inside the mask
+    small = np.asarray(inp.fill(image, mask, "red circle", None, seed=0))
+    assert small.shape == a.shape and (a[~mask] == small[~mask]).all() and (small[mask] != b[mask]).any()
 
     class Proposer:
         def ask(self, text, image=None):

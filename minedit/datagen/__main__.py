@@ -41,6 +41,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--kinds", default="remove,add,replace", help="which edits to make")
     t.add_argument("--steps", type=int, default=30, help="inpainting steps")
     t.add_argument("--guidance", type=float, default=7.5, help="inpainting guidance scale")
+    t.add_argument("--inpaint-side", type=int, default=1024, help="inpaint larger images downscaled to this side")
     t.add_argument("--no-reasoning", action="store_true", help="skip the MLLM's reasoning rewrite (step 4b)")
     j = p.add_argument_group("quality filter (step 5; not run without --judge-url)")
     j.add_argument("--judge-url", help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1")
@@ -74,6 +75,7 @@ def settings(args) -> dict:
     """What a rerun must repeat to continue this run (models, thresholds, choices; not --n, device, progress)."""
     keys = ("toy_oracle", "images", "seed", "mllm", "llm", "detector", "segmenter", "inpainter", "box_threshold",
             "text_threshold", "min_area", "max_area", "dilate", "max_objects", "kinds", "steps", "guidance",
+            "inpaint_side",
             "no_reasoning", "judge_model", "min_sc", "min_pq")
     return {k: getattr(args, k) for k in keys}
 

@@ -45,7 +45,8 @@ def build(args, device: str, dtype):
     llm = LLM(args.llm, device, dtype, max_tokens) if args.llm else mllm
     detector = Detector(args.detector, device, args.box_threshold, args.text_threshold)
     segmenter = Segmenter(args.segmenter, device)
-    editor = Editor(Inpainter(args.inpainter, device, dtype, args.steps, args.guidance), mllm)
+    editor = Editor(Inpainter(args.inpainter, device, dtype, args.steps, args.guidance,
+                                  max_side=args.inpaint_side), mllm)
 
     def describe(image_id, image):
         return caption_and_objects(mllm, llm, image, args.max_objects)

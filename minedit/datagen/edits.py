@@ -7,8 +7,8 @@ by a mask-based inpainting model, with the paper's template instructions.
                "replace the [source] with the [target]"
 
 Inpainter: diffusers' `AutoPipelineForInpainting` by hub id or folder (SD inpainting, SDXL inpainting, ...;
-InsightEdit used PowerPaint, which is not a diffusers pipeline). The image is inpainted at its size rounded
-down to a multiple of 8 and brought back, then composited: pixels outside the mask are the source's exactly, so
+InsightEdit used PowerPaint, which is not a diffusers pipeline). The image is inpainted at its size (longer
+side at most `max_side`) rounded down to a multiple of 8 and brought back, then composited: pixels outside the mask are the source's exactly, so
 a pair differs only inside its mask (the background consistency the paper aims for). Removal prompts the
 pipeline with `remove_prompt` and the object's name as the negative prompt; the generator is seeded per pair,
 so a resumed run draws the same images.
@@ -63,7 +63,7 @@ class Inpainter:
     """A diffusers inpainting pipeline: `fill(image, mask, prompt, negative, seed) -> image`."""
 
     def __init__(self, path: str, device: str = "cpu", dtype=torch.float32, steps: int = 30,
-                 guidance: float = 7.5, remove_prompt: str = DEFAULT_REMOVE_PROMPT):
+                 guidance: float = 7.5, remove_prompt: str = DEFAULT_REMOVE_PROMPT, max_side: int = 1024):
         from diffusers import AutoPipelineForInpainting
 
         def load(p):
@@ -76,17 +76,18 @@ class Inpainter:
         self.pipe = _load("inpainting pipeline", "--inpainter", path, load).to(device)
         self.pipe.set_progress_bar_config(disable=True)
         self.device, self.steps, self.guidance, self.remove_prompt = device, steps, guidance, remove_prompt
+        self.max_side = max_side  # larger inputs are inpainted downscaled; only the mask is pasted back
 
     @torch.no_grad()
     def fill(self, image: Image.Image, mask: np.ndarray, prompt: str, negative: str | None, seed: int):
-        w, h = max(8, image.width // 8 * 8), max(8, image.height // 8 * 8)
+        s = min(1.0, self.max_side / max(image.size))
+        w, h = max(8, int(image.width * s) // 8 * 8), max(8, int(image.height * s) // 8 * 8)
         m = Image.fromarray(mask.astype(np.uint8) * 255, "L")
         g = torch.Generator("cpu").manual_seed(seed)
         out = self.pipe(prompt=prompt, negative_prompt=negative, image=image.resize((w, h), Image.BICUBIC),
                         mask_image=m.resize((w, h), Image.NEAREST), height=h, width=w, generator=g,
                         num_inference_steps=self.steps, guidance_scale=self.guidance, output_type="pil").images[0]
         return composite(image, out, mask)
-
 
 
 class Editor:
