@@ -75,8 +75,7 @@ def settings(args) -> dict:
     """What a rerun must repeat to continue this run (models, thresholds, choices; not --n, device, progress)."""
     keys = ("toy_oracle", "images", "seed", "mllm", "llm", "detector", "segmenter", "inpainter", "box_threshold",
             "text_threshold", "min_area", "max_area", "dilate", "max_objects", "kinds", "steps", "guidance",
-            "inpaint_side",
-            "no_reasoning", "judge_model", "min_sc", "min_pq")
+            "inpaint_side", "no_reasoning", "judge_model", "min_sc", "min_pq")
     return {k: getattr(args, k) for k in keys}
 
 

@@ -8,10 +8,10 @@ by a mask-based inpainting model, with the paper's template instructions.
 
 Inpainter: diffusers' `AutoPipelineForInpainting` by hub id or folder (SD inpainting, SDXL inpainting, ...;
 InsightEdit used PowerPaint, which is not a diffusers pipeline). The image is inpainted at its size (longer
-side at most `max_side`) rounded down to a multiple of 8 and brought back, then composited: pixels outside the mask are the source's exactly, so
-a pair differs only inside its mask (the background consistency the paper aims for). Removal prompts the
-pipeline with `remove_prompt` and the object's name as the negative prompt; the generator is seeded per pair,
-so a resumed run draws the same images.
+side at most `max_side`) rounded down to a multiple of 8 and brought back, then composited: pixels outside
+the mask are the source's exactly, so a pair differs only inside its mask (the background consistency the paper
+aims for). Removal prompts the pipeline with `remove_prompt` and the object's name as the negative prompt; the
+generator is seeded per pair, so a resumed run draws the same images.
 """
 from __future__ import annotations
 
