@@ -1,6 +1,7 @@
 """Score a checkpoint's edits on an evaluation manifest: a table per category, JSON, and a contact sheet.
 
     python evaluate.py --ckpt runs/toy-s3 --data toyworld/eval.jsonl --out results.json
+    python evaluate.py --data toyworld/eval.jsonl         # no --ckpt: the shipped toy checkpoint, as infer.py
     python evaluate.py --ckpt runs/s3 --data advancededit_eval.jsonl --limit 500 --seed 0 --clip openai/clip-vit-large-patch14
     python evaluate.py --ckpt runs/s3 --data eval.jsonl --pred-dir edits/      # score edits made earlier
     python evaluate.py ... --judge-url http://localhost:8000/v1 --judge-model qwen2-vl   # VIEScore, off by default
@@ -35,7 +36,7 @@ COLUMNS = ("count", "psnr_bg", "ssim_bg", "psnr_in", "success_rate", "lpips_bg",
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
-    p.add_argument("--ckpt", required=True, help="run folder or checkpoint folder")
+    p.add_argument("--ckpt", help="run folder or checkpoint folder (default: the shipped toy checkpoint, as infer.py)")
     p.add_argument("--data", required=True, help="editing manifest (JSONL with source, target, instruction)")
     p.add_argument("--out", default="results.json", help="results JSON (a contact sheet PNG is written beside it)")
     p.add_argument("--limit", type=int, help="score only the first N rows")
@@ -56,6 +57,11 @@ def parse_args(argv):
     p.add_argument("--judge-url", help="OpenAI-compatible endpoint for VIEScore (off by default)")
     p.add_argument("--judge-model", default="gpt-4o")
     p.add_argument("--device")
+    p.add_argument("--protocol", help="score as a benchmark does: reason-edit (--data: its folder), magicbrush or "
+                   "gedit (--data: a manifest); see minedit/benchmarks.py and the README")
+    p.add_argument("--dino", help="magicbrush: a DINO ViT id or folder for the DINO score (e.g. facebook/dino-vits16)")
+    p.add_argument("--lpips", default="auto", help="reason-edit: LPIPS network (squeeze as SmartEdit, alex, vgg), "
+                   "off, or auto (squeeze when the lpips package is installed)")
     return p.parse_args(argv)
 
 
@@ -71,10 +77,15 @@ def main(argv=None) -> int:
         raise UserError(f"--batch-size {a.batch_size}: must be at least 1")
     if a.steps is not None and a.steps <= 0:
         raise UserError(f"--steps {a.steps}: must be at least 1")
+    if a.protocol:  # a benchmark's own layout and formulas (minedit/benchmarks.py, minedit/protocols.py)
+        from minedit import benchmarks
+
+        return benchmarks.run(a)
     import infer
     from minedit import metrics, runtime, toydraw
     from minedit.data import load_image, load_mask, read_manifest
 
+    a.ckpt = a.ckpt or infer.TOY_CKPT
     infer.check_out_path(a.out)
     rows, bad = read_manifest(a.data, kind="edit")
     for line, why in bad:
@@ -156,16 +167,11 @@ def main(argv=None) -> int:
 
 def add_clip_scores(path, images, results, device):
     import torch
-    from transformers import AutoTokenizer, CLIPModel
 
-    from minedit import build, metrics
+    from minedit import metrics
+    from minedit.protocols import load_clip
 
-    local = build._pretrained(path, meta=False)
-    model = CLIPModel.from_pretrained(local).to(device).eval()
-    try:
-        tok = AutoTokenizer.from_pretrained(local)
-    except (OSError, ValueError):  # the toy bases keep CLIP's tokenizer next to SD's text encoder
-        tok = AutoTokenizer.from_pretrained(os.path.join(os.path.dirname(local), "sd", "tokenizer"))
+    model, tok = load_clip(path, device)
     with torch.no_grad():
         ci, cs = metrics.clip_scores(model, tok, [as_array(p) for _, _, p, _ in images],
                                      [t for *_, t in images], [as_array(t) for _, t, _, _ in images])

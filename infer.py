@@ -15,6 +15,7 @@ keeping aspect, sides rounded to what the VAE and UNet need), edited, and resize
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -52,6 +53,8 @@ def parse_args(argv):
     p.add_argument("--batch-size", type=int, default=8, help="with --batch: edits per UNet batch")
     p.add_argument("--device", help="cpu, cuda, ... (default: CUDA if present)")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--attention-maps", metavar="PATH.png", help="one edit: also write the UNet's cross-attention "
+                   "map of each conditioning token at three steps (a PNG sheet, raw maps beside it as .npz)")
     return p.parse_args(argv)
 
 
@@ -74,6 +77,12 @@ def check_args(a):
         raise UserError("--instruction is empty — say what to change, e.g. \"remove the red circle\"")
     if a.instruction is not None:
         a.instruction = clean_text(a.instruction, "--instruction")
+    if a.attention_maps:
+        from minedit.attnmaps import check_path
+
+        if a.batch:
+            raise UserError("--attention-maps records one edit — drop --batch, or give --image and --instruction")
+        check_path(a.attention_maps)
 
 
 def clean_text(text: str, what: str) -> str:
@@ -146,6 +155,8 @@ def main(argv=None) -> int:
         if a.image is None and a.out is None:
             out = os.path.join(os.getcwd(), "example-edited.png")
         check_out_path(out)
+        if a.attention_maps and os.path.abspath(a.attention_maps) == os.path.abspath(out):
+            raise UserError(f"--attention-maps {a.attention_maps} is also the edit's --out — give them two names")
         jobs = [(image, instruction, a.mask, out)]
 
     check_inputs(a.ckpt or TOY_CKPT, jobs if not a.batch else [])
@@ -159,8 +170,20 @@ def main(argv=None) -> int:
     settings = sampling_settings(cfg, a, a.ckpt or TOY_CKPT)
 
     t0 = time.perf_counter()
-    done = edit_files(model, rt, jobs, settings, a.resolution or cfg.resolution, a.batch_size if a.batch else 1,
-                      [a.seed + i for i in range(len(jobs))], verbose=not a.batch)
+    recorder = contextlib.nullcontext()
+    if a.attention_maps:  # hooks that only read the attention layers' inputs: the edit itself is unchanged
+        from minedit.attnmaps import AttentionRecorder, spread_steps
+
+        recorder = AttentionRecorder(model.unet, spread_steps(settings["steps"]), text_encoder=model.text_encoder)
+    with recorder:
+        done = edit_files(model, rt, jobs, settings, a.resolution or cfg.resolution,
+                          a.batch_size if a.batch else 1, [a.seed + i for i in range(len(jobs))], verbose=not a.batch)
+    if a.attention_maps:
+        from minedit.attnmaps import save
+        from minedit.data import load_image
+
+        npz = save(a.attention_maps, model, recorder, load_image(jobs[0][0]), jobs[0][1])
+        print(f"wrote {a.attention_maps} and {npz}")
     if a.batch:
         print(f"wrote {done} edits to {a.out_dir}")
     print(f"{(time.perf_counter() - t0) / max(1, done):.2f} s per edit on {rt.device}")

@@ -7,18 +7,20 @@ CPU toy (tiny models built from the config; the toy world supplies data when --d
     python train.py --stage 2 --init runs/toy-s1 --out runs/toy-s2 --resume      # continue an interrupted run
     python train.py --stage 2 --init runs/toy-s1 --out runs/toy-s2 --stop-after 500  # time-boxed: save, exit 0
 One GPU, real weights by hub id or local folder:
-    python train.py --config full --stage 1 --data cc12m.jsonl --out runs/s1 --precision=bf16
-    python train.py --config full --stage 2 --data ip2p.jsonl,magicbrush.jsonl:2 --init runs/s1 --out runs/s2
+    python train.py --preset full --stage 1 --data cc12m.jsonl --out runs/s1 --precision=bf16
+    python train.py --preset full --stage 2 --data ip2p.jsonl,magicbrush.jsonl:2 --init runs/s1 --out runs/s2
 Many GPUs / nodes (DDP; the global batch = batch_size × grad_accum × world size):
-    torchrun --nproc_per_node 8 train.py --config full --stage 2 --data edits.jsonl --init runs/s1 --out runs/s2
+    torchrun --nproc_per_node 8 train.py --preset full --stage 2 --data edits.jsonl --init runs/s1 --out runs/s2
 Dry run (build on the meta device: the parameter table, no weights, no network):
-    python train.py --recipe insightedit --config full --stage 2 --dry-run
+    python train.py --recipe insightedit --preset full --stage 2 --dry-run
 
-Any config field can be set as --field=value (see minedit/config.py); an unknown field is an error.
+Any config field can be set as --field=value (--help lists them all, with defaults); an unknown field is an error.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import os
 import shutil
@@ -29,7 +31,8 @@ import time
 import torch
 
 from minedit import checkpoint as ckpt
-from minedit.config import Config, apply_overrides, preset
+from minedit.config import HELP, PRESETS, RECIPES, Config, apply_overrides, preset
+from minedit.confighelp import field_help
 from minedit.errors import UserError, run_cli
 
 # Config fields that also have a conventional dashed flag.
@@ -37,10 +40,16 @@ FLAG_FIELDS = ("max_steps", "save_every", "sample_every", "precision", "batch_si
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
-    p.add_argument("--stage", type=int)
-    p.add_argument("--recipe", choices=["insightedit", "smartedit", "ip2p", "mindedit"])
-    p.add_argument("--config", choices=["toy", "full"])
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # --help shows this recipe's defaults
+    pre.add_argument("--recipe", choices=RECIPES)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
+                                epilog=field_help(pre.parse_known_args(argv)[0].recipe or "insightedit"),
+                                formatter_class=functools.partial(argparse.RawDescriptionHelpFormatter, width=120))
+    p.add_argument("--stage", type=int, help="the stage to train (default: the recipe's first, or the one after "
+                   "--init's)")
+    p.add_argument("--recipe", choices=RECIPES)
+    p.add_argument("--preset", choices=PRESETS, help="toy (default; tiny models on a CPU) or full (the papers' "
+                   "models by hub id): the defaults every other field starts from")
     p.add_argument("--data", help="MANIFEST[:WEIGHT][,MANIFEST[:WEIGHT] ...]")
     p.add_argument("--out", help="run folder")
     p.add_argument("--init", help="the previous stage's run folder")
@@ -51,7 +60,7 @@ def parse_args(argv):
     p.add_argument("--dry-run", action="store_true", help="print the parameter table (built on meta) and exit")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: CUDA if present)")
     for f in FLAG_FIELDS:
-        p.add_argument("--" + f.replace("_", "-"), dest=f, default=None)
+        p.add_argument("--" + f.replace("_", "-"), dest=f, default=None, metavar="X", help=f"= --{f}=X: {HELP[f]}")
     losses = p.add_mutually_exclusive_group()  # MIND-Edit stage 1: the independent models of Table 2 (#3-#5)
     losses.add_argument("--text-only", dest="mind_losses", action="store_const", const="text",
                         help="mindedit stage 1: train the text head only (= --mind_losses=text)")
@@ -76,8 +85,8 @@ def resolve_config(args, overrides):
         if args.recipe and args.recipe != cfg.recipe:
             raise UserError(f"--init {args.init} is a {cfg.recipe} run, not {args.recipe} — init from a "
                             f"{args.recipe} run or drop --recipe")
-        if args.config and args.config != cfg.preset:
-            raise UserError(f"--init {args.init} is a {cfg.preset} run, not {args.config} — drop --config")
+        if args.preset and args.preset != cfg.preset:
+            raise UserError(f"--init {args.init} is a {cfg.preset} run, not {args.preset} — drop --preset")
         previous, stage = cfg.stage, args.stage or cfg.stage + 1
         # Everything carries over from the previous stage except the stage and its learning rate.
         cfg = Config.from_dict({**cfg.to_dict(), "stage": stage, "lr": preset(cfg.recipe, cfg.preset, stage).lr})
@@ -85,7 +94,7 @@ def resolve_config(args, overrides):
             raise UserError(f"--init {args.init} is a stage-{previous} run; stage {cfg.stage} does not follow it "
                             f"— run stage {previous + 1}")
     else:
-        cfg = preset(args.recipe or "insightedit", args.config or "toy", args.stage)
+        cfg = preset(args.recipe or "insightedit", args.preset or "toy", args.stage)
     if args.stage is not None and args.stage != cfg.stage and not args.resume:
         cfg.stage = args.stage
     apply_overrides(cfg, overrides)
@@ -159,7 +168,7 @@ def build_data(cfg, args, rt):
                              barrier=rt.barrier)
         manifests = [(os.path.join(world, "captions.jsonl" if kind == "caption" else "train.jsonl"), 1.0)]
     else:
-        raise UserError("--data is required with --config full — pass one or more JSONL manifests")
+        raise UserError("--data is required with --preset full — pass one or more JSONL manifests")
     ds = EditDataset(manifests, cfg.resolution, kind=kind, max_bad_fraction=cfg.max_bad_fraction, seed=cfg.seed)
     if cfg.uses_vision_head and cfg.stage == 1:
         missing = [r for r in ds.rows if not str(r.get("optimized_instruction") or "").strip()]
@@ -264,6 +273,8 @@ def main(argv=None) -> int:
     warmup = max(1, round(cfg.warmup_ratio * cfg.max_steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, training.lr_lambda(warmup, cfg.max_steps))
     scaler = rt.grad_scaler()
+    ema = training.EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None  # after set_stage: trainable only
+    averaged = ema.applied if ema is not None else contextlib.nullcontext  # the weights that are saved/sampled
     step, draw, skipped = 0, 0, 0
     if args.resume:
         last = ckpt.find_checkpoint(args.out)
@@ -275,6 +286,8 @@ def main(argv=None) -> int:
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         step, draw, skipped = state["step"], state["draw"], state["skipped"]
+        if ema is not None:
+            ema.load_state(state["ema"])
     if rt.is_main:
         print(format_param_table(table, f"{cfg.recipe} · {cfg.preset} · stage {cfg.stage}"))
         global_batch = cfg.batch_size * cfg.grad_accum * rt.world_size
@@ -302,7 +315,11 @@ def main(argv=None) -> int:
             state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "scaler": scaler.state_dict() if scaler is not None else {}, "rng": training.rng_state(),
                      "step": step, "draw": draw, "skipped": skipped}
-            ckpt.save_checkpoint(args.out, step, cfg, model.checkpoint_state(cfg.stage), state)
+            if ema is not None:
+                state["ema"] = ema.state()
+            with averaged():
+                weights = {k: v.clone() for k, v in model.checkpoint_state(cfg.stage).items()}
+            ckpt.save_checkpoint(args.out, step, cfg, weights, state)
         rt.barrier()
 
     samples_per_step = cfg.batch_size * cfg.grad_accum * rt.world_size
@@ -339,6 +356,8 @@ def main(argv=None) -> int:
             scaler.update()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
+        if ema is not None:
+            ema.update(step)
         step += 1
         bar.update(1)
         if in_a_row >= cfg.nan_patience:
@@ -366,7 +385,9 @@ def main(argv=None) -> int:
             if flag.item() and stop["signal"] is None:
                 stop["signal"] = "SIGTERM"
         if cfg.sample_every and step % cfg.sample_every == 0 and rt.is_main and cfg.stage > 1:
-            write_samples(model, data.dataset, cfg, rt, os.path.join(args.out, "samples", f"step-{step:07d}.png"))
+            with averaged():
+                write_samples(model, data.dataset, cfg, rt,
+                              os.path.join(args.out, "samples", f"step-{step:07d}.png"))
         if step % cfg.save_every == 0 and step < cfg.max_steps:
             save()
     bar.close()

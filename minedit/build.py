@@ -1,7 +1,9 @@
 """Load or build every base model the recipes use: the MLLM, CLIP text and image encoders, VAE, UNet, scheduler.
 
 Each builder has two roads, chosen by the config's `*_path` field:
-  * a hub id or a local folder: `from_pretrained(path, dtype=...)` (never `trust_remote_code`);
+  * a hub id or a local folder: `from_pretrained(path, dtype=...)` (never `trust_remote_code`). The UNet and VAE
+    say `low_cpu_mem_usage=False`: without `accelerate` diffusers would choose it anyway, after a warning; on
+    safetensors it maps the file and holds one copy of the weights, as accelerate's road does (bench/RESULTS.md);
   * "" (the toy preset), or `meta=True` (the dry run of the full preset): build the architecture from the
     config's fields with random weights. Under `meta=True` nothing is allocated and nothing is downloaded.
 
@@ -224,7 +226,7 @@ def build_vae(cfg: Config, dtype=torch.float32, meta: bool = False):
     from diffusers import AutoencoderKL
 
     if path := _pretrained(cfg.sd_path, meta):
-        return AutoencoderKL.from_pretrained(path, subfolder="vae", dtype=dtype)
+        return AutoencoderKL.from_pretrained(path, subfolder="vae", dtype=dtype, low_cpu_mem_usage=False)
     n = len(cfg.vae_channels)
     with _device_ctx(meta):
         vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=cfg.vae_channels,
@@ -263,7 +265,7 @@ def build_unet(cfg: Config, dtype=torch.float32, meta: bool = False):
     from diffusers import UNet2DConditionModel
 
     if path := _pretrained(cfg.sd_path, meta):
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", dtype=dtype)
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", dtype=dtype, low_cpu_mem_usage=False)
         _check_loaded_unet(cfg, unet.config)
         return expand_unet_in_channels(unet, 8)
     with _device_ctx(meta):
@@ -293,24 +295,30 @@ def build_sampler_scheduler(name: str, train_scheduler):
     return cls.from_config(train_scheduler.config)
 
 
+def llava_processor(mllm, tokenizer):
+    """A LlavaProcessor for a LLaVA built from the config (the toy bases): CLIP preprocessing at the vision
+    tower's size, `tokenizer` and its chat template."""
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    size = mllm.config.vision_config.image_size
+    images = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                                image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
+    return LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=mllm.config.vision_config.patch_size,
+                          vision_feature_select_strategy="default", chat_template=tokenizer.chat_template,
+                          num_additional_image_tokens=1)
+
+
 def save_bases(out: str, cfg: Config, mllm=None, tokenizer=None, text_encoder=None, text_tokenizer=None,
                vae=None, unet=None, image_encoder=None, scheduler=None) -> dict:
     """Write base models in the public layouts that the loaders above read (LLaVA folder with its processor;
     diffusers folder unet/ vae/ text_encoder/ tokenizer/ scheduler/; CLIP vision folder), and return the
     `*_path` config values that point at them. This is how the toy bases ship, and how tests exercise the
     from_pretrained road offline."""
-    from transformers import CLIPImageProcessor, LlavaProcessor
-
     paths = {}
     if mllm is not None:
         folder = os.path.join(out, "mllm")
         mllm.save_pretrained(folder)
-        size = mllm.config.vision_config.image_size
-        images = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
-                                    image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
-        LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=mllm.config.vision_config.patch_size,
-                       vision_feature_select_strategy="default", chat_template=tokenizer.chat_template,
-                       num_additional_image_tokens=1).save_pretrained(folder)
+        llava_processor(mllm, tokenizer).save_pretrained(folder)
         paths["mllm_path"] = folder
     if unet is not None:
         folder = os.path.join(out, "sd")

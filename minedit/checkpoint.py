@@ -163,4 +163,4 @@ def check_compatible(saved: Config, current: Config) -> None:
         shown = ", ".join(f"{k} ({getattr(saved, k)!r} in the checkpoint, {getattr(current, k)!r} here)"
                           for k in bad[:4])
         raise UserError(f"checkpoint config differs in {shown}{' ...' if len(bad) > 4 else ''} — "
-                        "use the checkpoint's own --recipe/--config, or retrain")
+                        "use the checkpoint's own --recipe/--preset, or retrain")

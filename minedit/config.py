@@ -6,131 +6,154 @@ unknown keys are an error, and the resolved config is written as JSON next to ev
 Base models are named by `*_path` fields: a hub id or a local folder loads real weights through
 `from_pretrained`; an empty string builds the part from the architecture fields below it (random init),
 which is what the toy preset does and what the `meta`-device dry run does for the full preset.
+
+Each field is declared with `arch(default, help)` or `setting(default, help)`. The help text is what
+`train.py --help` prints (minedit/confighelp.py); `arch` marks the fields that fix the trained weights' shapes
+(ARCH_FIELDS: a checkpoint loads only into a config that agrees on them). Declaring every field one way or the
+other means a new training field cannot silently become one that blocks old checkpoints. The toy/full choice is
+called `preset` everywhere: the field saved in config.json and train.py's `--preset` (formerly `--config`).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 from .errors import UserError
 
 RECIPES = ("insightedit", "smartedit", "ip2p", "mindedit")
 BIM_RECIPES = ("insightedit", "smartedit")  # the recipes built with a BIM (unless --bim=false)
 PRESETS = ("toy", "full")
+RENAMED = {"config": "preset"}  # flags of earlier versions -> today's name (refused with a pointer to it)
 
 
 class ConfigError(UserError):
     """A config that cannot run: the message names the field and the fix."""
 
 
+def arch(default, help: str):
+    """A field that fixes the shapes (or meaning) of trained weights: a checkpoint loads only into a config that
+    agrees on every such field (checkpoint.check_compatible)."""
+    return field(default=default, metadata={"help": help, "arch": True})
+
+
+def setting(default, help: str):
+    """A field a checkpoint does not depend on: where base weights come from, training and inference settings."""
+    return field(default=default, metadata={"help": help, "arch": False})
+
+
 @dataclass
 class Config:
-    recipe: str = "insightedit"
-    preset: str = "toy"
+    # Every field is declared with arch(...) or setting(...): its help text is train.py --help's, and a new field
+    # has to say whether old checkpoints still load into a config that changes it.
+    recipe: str = arch("insightedit", "insightedit | smartedit | ip2p | mindedit (docs/DESIGN.md §1)")
+    preset: str = arch("toy", "toy (tiny models, CPU) | full (the papers' models); picks every other default")
 
     # --- base models: hub id / local folder, or "" to build from the architecture fields -------------------
-    mllm_path: str = ""            # LLaVA (LlavaForConditionalGeneration + its processor)
-    sd_path: str = ""              # diffusers layout: unet/ vae/ text_encoder/ tokenizer/ scheduler/
-    clip_path: str = ""            # CLIP image encoder with projection (IAA targets, CLIP-I)
+    mllm_path: str = setting("", "LLaVA (LlavaForConditionalGeneration + its processor)")
+    sd_path: str = setting("", "diffusers layout: unet/ vae/ text_encoder/ tokenizer/ scheduler/")
+    clip_path: str = setting("", "CLIP image encoder with projection (IAA targets, CLIP-I)")
 
     # --- MLLM architecture (LLaVA: CLIP vision tower + projector + Llama) -------------------------------------
-    llm_vocab: int = 32064
-    llm_hidden: int = 4096
-    llm_intermediate: int = 11008
-    llm_layers: int = 32
-    llm_heads: int = 32
-    llm_kv_heads: int = 32
-    llm_max_positions: int = 4096
-    vision_hidden: int = 1024      # = width of the patch features v that BIM reads
-    vision_intermediate: int = 4096
-    vision_layers: int = 24
-    vision_heads: int = 16
-    vision_image_size: int = 336
-    vision_patch: int = 14
-    vision_feature_layer: int = -2  # penultimate layer, as LLaVA-1.5
+    llm_vocab: int = arch(32064, "LLM vocabulary rows before the [MM] tokens are added")
+    llm_hidden: int = arch(4096, "LLM width d (the [MM] hidden states h are B×r×d)")
+    llm_intermediate: int = arch(11008, "LLM MLP width")
+    llm_layers: int = arch(32, "LLM decoder layers")
+    llm_heads: int = arch(32, "LLM attention heads")
+    llm_kv_heads: int = arch(32, "LLM key/value heads (< llm_heads: grouped-query attention)")
+    llm_max_positions: int = arch(4096, "LLM context length")
+    vision_hidden: int = arch(1024, "vision tower width = width of the patch features v that BIM reads")
+    vision_intermediate: int = arch(4096, "vision tower MLP width")
+    vision_layers: int = arch(24, "vision tower layers")
+    vision_heads: int = arch(16, "vision tower attention heads")
+    vision_image_size: int = arch(336, "vision tower input side in pixels")
+    vision_patch: int = arch(14, "vision tower patch side in pixels")
+    vision_feature_layer: int = arch(-2, "vision tower layer LLaVA reads (-2: penultimate, as LLaVA-1.5)")
 
     # --- CLIP text encoder (the UNet's cross-attention space) and CLIP image encoder --------------------------
-    text_vocab: int = 49408
-    text_hidden: int = 768         # = UNet cross_attention_dim = Q-Former width
-    text_intermediate: int = 3072
-    text_layers: int = 12
-    text_heads: int = 12
-    text_max_length: int = 77      # = number of Q-Former queries
-    clip_hidden: int = 1024
-    clip_intermediate: int = 4096
-    clip_layers: int = 24
-    clip_heads: int = 16
-    clip_image_size: int = 224
-    clip_patch: int = 14
-    clip_embed_dim: int = 768      # projected image embedding: the IAA target width
+    text_vocab: int = arch(49408, "CLIP text vocabulary")
+    text_hidden: int = arch(768, "CLIP text width = UNet cross_attention_dim = Q-Former width")
+    text_intermediate: int = arch(3072, "CLIP text MLP width")
+    text_layers: int = arch(12, "CLIP text layers")
+    text_heads: int = arch(12, "CLIP text attention heads")
+    text_max_length: int = arch(77, "CLIP text length = number of Q-Former queries")
+    clip_hidden: int = arch(1024, "CLIP image encoder width")
+    clip_intermediate: int = arch(4096, "CLIP image encoder MLP width")
+    clip_layers: int = arch(24, "CLIP image encoder layers")
+    clip_heads: int = arch(16, "CLIP image encoder attention heads")
+    clip_image_size: int = arch(224, "CLIP image encoder input side in pixels")
+    clip_patch: int = arch(14, "CLIP image encoder patch side in pixels")
+    clip_embed_dim: int = arch(768, "projected CLIP image embedding: the IAA / vision-head target width")
 
     # --- UNet and VAE (SD1.5 / InstructPix2Pix) ----------------------------------------------------------------
-    unet_channels: tuple = (320, 640, 1280, 1280)
-    unet_layers_per_block: int = 2
-    unet_head_dim: int = 8         # diffusers' (misnamed) attention_head_dim = number of heads in SD1.5
-    unet_norm_groups: int = 32
-    unet_cross_attn_blocks: tuple = (True, True, True, False)  # which down blocks have cross-attention
-    vae_channels: tuple = (128, 256, 512, 512)
-    vae_layers_per_block: int = 2
-    vae_norm_groups: int = 32
-    vae_scaling_factor: float = 0.18215
-    prediction_type: str = "epsilon"  # the toy preset uses v_prediction (DESIGN §10)
-    beta_schedule: str = "scaled_linear"
-    train_timesteps: int = 1000
+    unet_channels: tuple = arch((320, 640, 1280, 1280), "UNet block widths")
+    unet_layers_per_block: int = arch(2, "UNet resnet layers per block")
+    unet_head_dim: int = arch(8, "diffusers' (misnamed) attention_head_dim = number of heads in SD1.5")
+    unet_norm_groups: int = arch(32, "UNet GroupNorm groups")
+    unet_cross_attn_blocks: tuple = arch((True, True, True, False), "which down blocks have cross-attention")
+    vae_channels: tuple = arch((128, 256, 512, 512), "VAE block widths (latent side = image side / 2^(n-1))")
+    vae_layers_per_block: int = arch(2, "VAE resnet layers per block")
+    vae_norm_groups: int = arch(32, "VAE GroupNorm groups")
+    vae_scaling_factor: float = arch(0.18215, "latent scale of the target latents (SD1.5's)")
+    prediction_type: str = arch("epsilon", "epsilon | v_prediction (the toy preset's; DESIGN §10)")
+    beta_schedule: str = arch("scaled_linear", "diffusers noise schedule name")
+    train_timesteps: int = arch(1000, "diffusion timesteps of the noise schedule")
 
     # --- bridge --------------------------------------------------------------------------------------------
-    num_mm_tokens: int = 32        # r
-    qformer_layers: int = 6
-    qformer_heads: int = 12
-    qformer_ffn: int = 3072
-    bim: bool = True               # False: SmartEdit Table 2 "plain", the Q-Former output goes straight to the UNet
-    bim_width: int = 1024
-    bim_heads: int = 16
-    iaa_tokens: int = 4            # N
-    vision_head_layer: int = 21    # m (MIND-Edit): hidden_states[m] feeds the vision head F_v
+    num_mm_tokens: int = arch(32, "r, the number of [MM] tokens")
+    qformer_layers: int = arch(6, "Q-Former layers (cross-attention in every second one)")
+    qformer_heads: int = arch(12, "Q-Former attention heads")
+    qformer_ffn: int = arch(3072, "Q-Former MLP width")
+    bim: bool = arch(True, "false: SmartEdit Table 2 'plain', the Q-Former output goes straight to the UNet")
+    bim_width: int = arch(1024, "BIM's own width")
+    bim_heads: int = arch(16, "BIM attention heads")
+    iaa_tokens: int = arch(4, "N, image tokens for the decoupled cross-attention")
+    vision_head_layer: int = arch(21, "m (MIND-Edit): hidden_states[m] feeds the vision head F_v")
 
     # --- MIND-Edit stage 1 (paper eq. 6: l_text + lambda * l_embed) ------------------------------------------
-    mind_losses: str = "joint"     # joint | text | embed: Table 2's independent models (train.py --text-only ...)
-    mind_embed_weight: float = 2.0  # lambda
-    topt_max_tokens: int = 77      # greedy T_opt decoding cap (CLIP's text length)
+    mind_losses: str = setting("joint", "joint | text | embed: Table 2's independent models (--text-only ...)")
+    mind_embed_weight: float = setting(2.0, "lambda, the weight of l_embed")
+    topt_max_tokens: int = setting(77, "greedy T_opt decoding cap (CLIP's text length)")
 
     # --- LoRA (paper: rank 16, alpha 27; SmartEdit's public code used 8/16) ---------------------------------
-    lora_rank: int = 16
-    lora_alpha: float = 27.0
-    lora_dropout: float = 0.05
-    lora_targets: str = "q_proj,v_proj"
+    lora_rank: int = arch(16, "LoRA rank")
+    lora_alpha: float = arch(27.0, "LoRA alpha (the update is scaled by alpha / rank)")
+    lora_dropout: float = setting(0.05, "dropout on the LoRA input")
+    lora_targets: str = arch("q_proj,v_proj", "comma-separated names of the LLM linears that get LoRA")
 
     # --- training ------------------------------------------------------------------------------------------
-    stage: int = 2
-    resolution: int = 256
-    batch_size: int = 4            # per device
-    grad_accum: int = 1
-    lr: float = 1e-5
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.001
-    max_steps: int = 10000
-    clip_grad: float = 1.0
-    precision: str = "bf16"        # bf16 | fp16 (CUDA + GradScaler) | fp32
-    grad_checkpointing: bool = False
-    seed: int = 0
-    drop_text: float = 0.05        # classifier-free-guidance dropout, per sample (InstructPix2Pix)
-    drop_image: float = 0.05
-    drop_both: float = 0.05
-    num_workers: int = 2
-    save_every: int = 1000
-    sample_every: int = 1000
-    log_every: int = 10
-    max_bad_fraction: float = 0.1
-    nan_patience: int = 5          # consecutive non-finite losses before the run stops
-    toy_samples: int = 4000        # toy preset without --data: size of the generated toy world
+    stage: int = setting(2, "training stage (docs/DESIGN.md §4); the preset picks the recipe's first")
+    resolution: int = setting(256, "training image side in pixels")
+    batch_size: int = setting(4, "per device (global batch = batch_size × grad_accum × world size)")
+    grad_accum: int = setting(1, "micro-batches accumulated per optimizer step")
+    lr: float = setting(1e-5, "AdamW learning rate (the full preset: 2e-4 in stage 1)")
+    weight_decay: float = setting(0.0, "AdamW weight decay")
+    warmup_ratio: float = setting(0.001, "linear warm-up, as a fraction of max_steps")
+    max_steps: int = setting(10000, "optimizer steps of the run (the learning-rate schedule spans them)")
+    clip_grad: float = setting(1.0, "gradient-norm clip; 0 = off")
+    precision: str = setting("bf16", "bf16 | fp16 (CUDA + GradScaler) | fp32")
+    grad_checkpointing: bool = setting(False, "recompute activations in the backward pass (UNet and LLM)")
+    seed: int = setting(0, "seeds every random draw of the run")
+    drop_text: float = setting(0.05, "classifier-free-guidance dropout of the text conditions, per sample")
+    drop_image: float = setting(0.05, "guidance dropout of the source image, per sample")
+    drop_both: float = setting(0.05, "guidance dropout of both, per sample")
+    snr_gamma: float = setting(0.0, "Min-SNR-γ loss weighting (γ = 5 in its paper); 0 = off, the papers' plain MSE")
+    mask_loss_weight: float = setting(1.0, "loss weight inside the edit mask (1 = off; an ablation, not in the papers)")
+    ema_decay: float = setting(0.0, "EMA of the trained weights, saved as the checkpoint's weights; 0 = off")
+    num_workers: int = setting(2, "DataLoader worker processes")
+    save_every: int = setting(1000, "steps between checkpoints")
+    sample_every: int = setting(1000, "steps between sample grids (stages 2-3; 0 = never)")
+    log_every: int = setting(10, "steps between log lines")
+    max_bad_fraction: float = setting(0.1, "stop when more than this fraction of a manifest's rows is bad")
+    nan_patience: int = setting(5, "consecutive non-finite losses before the run stops")
+    toy_samples: int = setting(4000, "toy preset without --data: size of the generated toy world")
 
     # --- inference -----------------------------------------------------------------------------------------
-    steps: int = 50
-    text_guidance: float = 7.5
-    image_guidance: float = 1.5
-    ip_scale: float = 1.0
-    scheduler: str = "EulerAncestralDiscreteScheduler"
+    steps: int = setting(50, "sampler steps")
+    text_guidance: float = setting(7.5, "s_T, text guidance scale")
+    image_guidance: float = setting(1.5, "s_I, image guidance scale")
+    ip_scale: float = setting(1.0, "lambda of the decoupled cross-attention's image branch; 0 = off")
+    scheduler: str = setting("EulerAncestralDiscreteScheduler", "any diffusers scheduler class name")
 
     # ----- derived views ----------------------------------------------------------------------------------
     @property
@@ -189,11 +212,15 @@ class Config:
         for name in ("batch_size", "grad_accum", "max_steps", "steps", "resolution", "num_mm_tokens", "lora_rank"):
             if getattr(self, name) <= 0:
                 bad(name, "must be a positive integer")
-        for name in ("text_guidance", "image_guidance", "lr", "weight_decay", "ip_scale"):
+        for name in ("text_guidance", "image_guidance", "lr", "weight_decay", "ip_scale", "snr_gamma"):
             if getattr(self, name) < 0:
                 bad(name, "must be >= 0")
         if self.resolution % self.latent_factor:
             bad("resolution", f"must be a multiple of the VAE's downsampling factor {self.latent_factor}")
+        if self.mask_loss_weight <= 0:
+            bad("mask_loss_weight", "must be > 0 (1 = every pixel weighs the same)")
+        if not 0 <= self.ema_decay < 1:
+            bad("ema_decay", "must be in [0, 1) (0 = no EMA; 0.999 is typical)")
         if not 0 <= self.drop_text + self.drop_image + self.drop_both <= 1:
             bad("drop_text", "the three guidance-dropout probabilities must sum to at most 1")
         return self
@@ -298,6 +325,8 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     for item in overrides:
         key, eq, value = item.lstrip("-").partition("=")
         key = key.replace("-", "_")
+        if key in RENAMED:
+            raise ConfigError(f"--{key} is now called --{RENAMED[key]} (same values) — write --{RENAMED[key]}")
         if not eq:
             raise ConfigError(f"{item}: write overrides as --field=value")
         if key not in by_name:
@@ -315,9 +344,5 @@ def diff_keys(a: Config, b: Config, keys: tuple | None = None) -> list[str]:
 
 
 # Fields that fix the shapes of the trainable weights: a checkpoint only loads into a config that agrees on them.
-ARCH_FIELDS = tuple(f.name for f in fields(Config) if f.name not in {
-    "stage", "resolution", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_ratio", "max_steps",
-    "clip_grad", "precision", "grad_checkpointing", "seed", "drop_text", "drop_image", "drop_both",
-    "num_workers", "save_every", "sample_every", "log_every", "max_bad_fraction", "nan_patience", "steps",
-    "text_guidance", "image_guidance", "ip_scale", "scheduler", "lora_dropout", "mllm_path", "sd_path",
-    "clip_path", "mind_losses", "mind_embed_weight", "topt_max_tokens"})
+ARCH_FIELDS = tuple(f.name for f in fields(Config) if f.metadata["arch"])
+HELP = {f.name: f.metadata["help"] for f in fields(Config)}  # field -> its one-line help text

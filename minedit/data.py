@@ -1,4 +1,4 @@
-"""Editing and caption data: JSONL manifests, robust image loading, aligned transforms (DESIGN.md §9).
+"""Editing and caption data: JSONL manifests, robust image loading, aligned transforms (DESIGN §9).
 
 Manifest: one JSON object per line, blank lines ignored, paths relative to the manifest's folder.
     edit rows     {"source", "target", "instruction", "mask"?, "optimized_instruction"?, "category"?, "kind"?, ...}

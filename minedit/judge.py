@@ -152,6 +152,11 @@ class _ChatJudge:
     def _ask(self, messages: list[dict], images: list[bytes]) -> str:
         raise NotImplementedError
 
+    def ask(self, messages: list[dict], images: list[bytes]) -> str:
+        """Any chat with ``{"type": "image"}`` placeholders (filled by ``images`` in order) -> the raw answer; the
+        benchmarks' own judge prompts (protocols.py) go through here."""
+        return self._ask(messages, images)
+
     def score(self, source_png: bytes, edited_png: bytes, instruction: str) -> dict:
         messages = build_prompt(instruction)
         for _ in range(1 + self.retries):

@@ -36,6 +36,7 @@ from .config import Config
 from .iaa import IAA, iaa_loss
 from .ip_adapter import image_projection
 from .lora import inject_lora
+from .losses import diffusion_loss
 from .errors import UserError
 from .mm_tokens import add_mm_tokens, load_mm_rows, mask_original_rows, mm_rows_state_dict
 from .qformer import QFormer
@@ -332,7 +333,10 @@ class EditModel(nn.Module):
         else:
             goal = noise
         pred = self.unet_forward(z_t, z_src, t, f_txt, cond.v_txt, f_img)
-        parts["diff"] = F.mse_loss(pred.float(), goal.float())
+        mask = batch["mask"] if cfg.mask_loss_weight != 1.0 else None  # B×1×H×W, ones where a row has none
+        parts["diff"] = diffusion_loss(pred, goal, t, self.noise_scheduler.alphas_cumprod,
+                                       self.noise_scheduler.config.prediction_type, cfg.snr_gamma, mask,
+                                       cfg.mask_loss_weight)
         return self._total(parts)
 
     @staticmethod

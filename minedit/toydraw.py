@@ -1,4 +1,4 @@
-"""Drawing toy scenes, placing shapes, and the set of right answers to an add (DESIGN.md §10).
+"""Drawing toy scenes, placing shapes, and the set of right answers to an add (DESIGN §10).
 
 A scene object is a dict {shape, colour, size ("small"/"large"), x, y} with its centre in pixels; shapes are
 drawn without anti-aliasing in exact palette colours, so a target image is exact and a mask is a footprint.

@@ -1,4 +1,4 @@
-"""The toy world's language: its palette, sizes, world knowledge and every phrasing template (DESIGN.md §10).
+"""The toy world's language: its palette, sizes, world knowledge and every phrasing template (DESIGN §10).
 
 minedit/toyworld.py draws scenes and edits and fills these templates; they live apart so that either file reads
 in one sitting. VOCAB is every word a template can emit, as split by `tokenize_words`: the toy tokenizers are

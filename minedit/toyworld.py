@@ -1,4 +1,4 @@
-"""The toy world: drawn shape scenes with exact edits and instructions at three levels (DESIGN.md §10).
+"""The toy world: drawn shape scenes with exact edits and instructions at three levels (DESIGN §10).
 
 A scene is a plain background (white, gray or black) and 1-3 shapes that do not touch, each a (shape, colour,
 size, centre). An edit changes the scene description and the target is re-rendered from it, so it is exact:

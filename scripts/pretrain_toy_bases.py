@@ -1,4 +1,4 @@
-"""Pretrain the toy world's base models: the stand-ins for SD's VAE, CLIP and LLaVA (DESIGN.md §10).
+"""Pretrain the toy world's base models: the stand-ins for SD's VAE, CLIP and LLaVA (DESIGN §10).
 
     python scripts/pretrain_toy_bases.py --out assets/toy/base
 
@@ -10,7 +10,8 @@ No pretrained weights exist offline, so the toy world trains its own tiny bases 
 architecture sizes of `preset("insightedit", "toy")`, and saves them in the public layouts that the package loads
 by local path (`mllm_path`, `sd_path`, `clip_path`):
 
-  out/sd/      vae/ (trained), text_encoder/ (CLIP text tower), tokenizer/, unet/ (random, 8 channels), scheduler/
+  out/sd/      vae/ (trained), text_encoder/ (CLIP text tower), tokenizer/, unet/ (text-to-image, 4 channels),
+               scheduler/
   out/clip/    the whole CLIPModel (loads as CLIPModel and as CLIPVisionModelWithProjection) + tokenizer
   out/mllm/    LlavaForConditionalGeneration + LlavaProcessor (word-level toy tokenizer, chat template)
   out/metrics.json, out/README.md
@@ -23,7 +24,10 @@ What each part learns, on the train split of `cached_world(seed, n)` (the eval s
      config of `build_text_encoder` and becomes sd/text_encoder (the UNet's cross-attention space); the vision
      tower has the config of `build_image_encoder`. The text tokenizer appends "</s>": CLIPTextModel with an
      eos id other than 2 pools at the first eos, which must exist.
-  3. MLLM: next-token loss on the assistant answer (prompt masked) for two tasks mixed in every batch: image +
+  3. UNet: text-to-image on the editing world's (image, caption) pairs with the VAE and text tower above frozen:
+     the toy world's "Stable Diffusion" (scripts/pretrain_toy_unet.py says how, and how it is scored). The
+     editing UNet is widened from it 4 -> 8 channels as InstructPix2Pix widens SD 1.5.
+  4. MLLM: next-token loss on the assistant answer (prompt masked) for two tasks mixed in every batch: image +
      "describe the picture." -> caption, and image + instruction -> the explicit `optimized_instruction`
      (the toy world's T_opt, e.g. "remove the green triangle"), so the MLLM grounds instructions in the image.
      Prompts are built exactly as the recipes build them (`build.chat_prompt`: chat template, <image> x 64).
@@ -58,11 +62,13 @@ import torch.nn.functional as F
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python scripts/...` from a checkout
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling pretrain_toy_unet.py, however loaded
 
 from minedit import build  # noqa: E402
 from minedit.config import preset  # noqa: E402
 from minedit.toyphrases import CATEGORIES, KINDS, tokenize_words  # noqa: E402
 from minedit.toyworld import cached_world  # noqa: E402
+from pretrain_toy_unet import pretrain_unet  # noqa: E402  (scripts/ is on sys.path when run as a script)
 
 CAPTION_PROMPT = "describe the picture."
 EDIT_SHARE = 0.6  # fraction of each MLLM batch drawn from the instruction task (the rest: captions)
@@ -328,13 +334,20 @@ def train_mllm(cfg, clip, images, caps, edits, eval_sets, steps, batch, lr, g):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Saving
-def save_all(out: Path, cfg, vae, clip, mllm, mllm_tok, text_tok, unet, scheduler) -> dict:
-    """Everything in the layouts build.py loads; clip/ holds the whole CLIPModel, whose vision half loads as
-    CLIPVisionModelWithProjection (same parameter names, projection_dim set in the vision config)."""
-    from transformers import CLIPImageProcessor, CLIPTextModel
+def clip_text_encoder(clip):
+    """CLIP's text tower as the standalone CLIPTextModel that SD's text_encoder/ folder holds."""
+    from transformers import CLIPTextModel
 
     text_encoder = CLIPTextModel._from_config(clip.config.text_config)
     text_encoder.load_state_dict(clip.text_model.state_dict())  # transformers 5: no text_model wrapper
+    return text_encoder.eval()
+
+
+def save_all(out: Path, cfg, vae, clip, text_encoder, mllm, mllm_tok, text_tok, unet, scheduler) -> dict:
+    """Everything in the layouts build.py loads; clip/ holds the whole CLIPModel, whose vision half loads as
+    CLIPVisionModelWithProjection (same parameter names, projection_dim set in the vision config)."""
+    from transformers import CLIPImageProcessor
+
     paths = build.save_bases(str(out), cfg, mllm=mllm, tokenizer=mllm_tok, text_encoder=text_encoder,
                              text_tokenizer=text_tok, vae=vae, unet=unet, scheduler=scheduler)
     clip.save_pretrained(out / "clip")
@@ -350,13 +363,14 @@ def folder_mb(path: Path) -> float:
 
 
 def write_readme(out: Path, command: str, metrics: dict) -> None:
-    v, c, m = metrics["vae"], metrics["clip"], metrics["mllm"]
+    v, c, u, m = metrics["vae"], metrics["clip"], metrics["unet"], metrics["mllm"]
     acc = m["eval_exact_match"]
     lines = [
         "# Toy base models", "",
-        "Tiny stand-ins for SD's VAE / CLIP and LLaVA, trained from scratch on the toy world (DESIGN.md §10) by",
+        "Tiny stand-ins for SD's VAE / CLIP and LLaVA, trained from scratch on the toy world (DESIGN §10) by",
         "`scripts/pretrain_toy_bases.py`. Load them by path: `mllm_path=<this>/mllm`, `sd_path=<this>/sd`,",
-        "`clip_path=<this>/clip`. The UNet in sd/unet is random (the editing stages train it).", "",
+        "`clip_path=<this>/clip`. The UNet in sd/unet is the toy text-to-image model (4 channels; the editing",
+        "stages widen it to 8 as InstructPix2Pix widens SD 1.5).", "",
         f"    {command}", "",
         f"Seed {metrics['seed']}, toy world n={metrics['world_n']} ({metrics['n_train']} train / "
         f"{metrics['n_eval']} eval samples), {metrics['threads']} thread(s), wall time "
@@ -367,11 +381,15 @@ def write_readme(out: Path, command: str, metrics: dict) -> None:
         f"{v['scaling_factor']} |",
         f"| CLIP | {c['steps']} × {c['batch']} | image->caption top-1 in batches of 32: "
         f"{c['eval_image_to_caption_top1_in_32']:.1%} (chance 3.1 %) |",
+        f"| UNet (text-to-image) | {u['steps']} × {u['batch']} | held-out captions, generated: CLIP top-1 in 32 "
+        f"{u['clip_top1_in_32_generated']:.1%} (real images {u['clip_top1_in_32_real']:.1%}), named colours right "
+        f"{u['colours_right_generated']:.1%} (real {u['colours_right_real']:.1%}) |",
         f"| MLLM | {m['steps']} × {m['batch']} | optimized-instruction exact match: all {acc['all']:.1%}; " +
         ", ".join(f"{k} {acc[k]:.1%}" for k in (*CATEGORIES, *KINDS)) + " |", "",
         "Exact match without the under-determined adds (remove + replace): " +
         ", ".join(f"{k} {acc[f'{k}_remove_replace']:.1%}" for k in CATEGORIES) + ".",
-        "All numbers, with loss curves' ends and sample answers, are in metrics.json.", ""]
+        "All numbers, with loss curves' ends and sample answers, are in metrics.json. Generations of the",
+        "text-to-image UNet from held-out captions (DDIM 25 steps, guidance 3):", "", "![t2i](t2i-grid.png)", ""]
     (out / "README.md").write_text("\n".join(lines))
 
 
@@ -382,6 +400,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--n", type=int, default=6000, help="toy world size (train + eval samples)")
     ap.add_argument("--steps-vae", type=int, default=4000)
     ap.add_argument("--steps-clip", type=int, default=3000)
+    ap.add_argument("--steps-unet", type=int, default=3000)
+    ap.add_argument("--unet-world-n", type=int, default=24000,
+                    help="the UNet's world: the one the editing stages train on (seed + 1000, this size)")
     ap.add_argument("--steps-mllm", type=int, default=3000)
     ap.add_argument("--batch-vae", type=int, default=16)
     ap.add_argument("--batch-clip", type=int, default=64)
@@ -414,6 +435,10 @@ def main(argv: list[str] | None = None) -> dict:
     clip, m_clip = train_clip(cfg, text_tok, cap_images, [r["caption"] for r in caption_rows], eval_images,
                               eval_captions, args.steps_clip, args.batch_clip, 1e-3, g)
     log(f"clip: {json.dumps(m_clip)}")
+    text_encoder = clip_text_encoder(clip)
+    unet, m_unet = pretrain_unet(cfg, vae.eval(), text_encoder, text_tok, clip.eval(), out, args.seed,
+                                 n=args.unet_world_n, steps=args.steps_unet)
+    log(f"unet: {json.dumps(m_unet)}")
 
     mllm_tok = build.toy_tokenizer(cfg.llm_max_positions, chat=True)
     n_img = (cfg.vision_image_size // cfg.vision_patch) ** 2
@@ -429,11 +454,10 @@ def main(argv: list[str] | None = None) -> dict:
                                                args.steps_mllm, args.batch_mllm, 1e-3, g)
     log(f"mllm: {json.dumps(m_mllm['eval_exact_match'])}")
 
-    torch.manual_seed(args.seed)  # the random UNet depends on the seed only
-    saved = save_all(out, cfg, vae, clip, mllm, mllm_tok, text_tok, build.build_unet(cfg),
+    saved = save_all(out, cfg, vae, clip, text_encoder, mllm, mllm_tok, text_tok, unet,
                      build.build_noise_scheduler(cfg))
     metrics = {"seed": args.seed, "world_n": args.n, "n_train": len(rows), "n_eval": len(eval_rows),
-               "threads": args.threads, "vae": m_vae, "clip": m_clip, "mllm": m_mllm,
+               "threads": args.threads, "vae": m_vae, "clip": m_clip, "unet": m_unet, "mllm": m_mllm,
                "wall_time_s": time.time() - start, "paths": {k: os.path.relpath(v, out) for k, v in saved.items()}}
     metrics["size_mb"] = folder_mb(out)
     command = "python scripts/pretrain_toy_bases.py " + " ".join(sys.argv[1:] if argv is None else argv)

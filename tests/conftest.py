@@ -1,12 +1,36 @@
 """Shared test helpers."""
 import os
+import subprocess
 import sys
+from pathlib import Path
 
 import torch
 from diffusers import UNet2DConditionModel
 
+ROOT = Path(__file__).resolve().parents[1]
 # The top-level scripts (train.py, infer.py, evaluate.py) are imported by some tests.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, str(ROOT))
+
+
+def run_python(*args, cwd=None, env=None, timeout=300) -> subprocess.CompletedProcess:
+    """`python ARGS` in a subprocess from the repository root (or `cwd`), output captured as text. One intra-op
+    thread unless the environment or `env` says otherwise: on a small shared CPU, torch's spinning worker threads
+    can make a toy run ten times slower. Bytes arguments pass through as they are (non-UTF-8 input tests)."""
+    argv = [a if isinstance(a, bytes) else str(a) for a in args]
+    return subprocess.run([sys.executable, *argv], cwd=cwd or ROOT, capture_output=True, text=True,
+                          errors="replace", timeout=timeout,
+                          env={"OMP_NUM_THREADS": "1", **os.environ, **(env or {})})
+
+
+def run_script(script: str, *args, **kw) -> subprocess.CompletedProcess:
+    """`python SCRIPT ARGS` for a script path relative to the repository root, or `python -m minedit.x ARGS`."""
+    return run_python(*(["-m", script] if script.startswith("minedit.") else [ROOT / script]), *args, **kw)
+
+
+def ok(p: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    """The run succeeded; otherwise the assertion shows the end of its output."""
+    assert p.returncode == 0, f"exit {p.returncode}\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
+    return p
 
 
 def tiny_unet(seed: int = 0, **kw) -> UNet2DConditionModel:

@@ -23,6 +23,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import run_script as run
 from minedit import checkpoint, toyworld
 from minedit.config import preset
 from minedit.model import EditModel
@@ -30,12 +31,6 @@ from minedit.model import EditModel
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 ROOT_USER = os.geteuid() == 0  # root reads and writes through chmod: those two cases cannot be made
-
-
-def run(script, *args, timeout=300):
-    cmd = [sys.executable, *(["-m", script] if script.startswith("minedit.") else [str(ROOT / script)])]
-    return subprocess.run(cmd + [a if isinstance(a, bytes) else str(a) for a in args], cwd=ROOT,
-                          capture_output=True, text=True, errors="replace", timeout=timeout, env=ENV)
 
 
 def fails_well(p, words):
@@ -224,7 +219,7 @@ EVALUATE = [
     ("ckpt-truncated", ["--ckpt", "{ck_trunc}", "--data", "{eval}", "--out", "{d}/r.json"], ["truncated"]),
     ("mind-flag-on-insightedit", [*EV, "--no-topt"], ["MIND-Edit ablations", "drop the flag"]),
     ("instruction-field-unknown", [*EV, "--instruction-field", "nosuch"], ["no 'nosuch'", "--instruction-field"]),
-    ("ckpt-flag-missing", ["--data", "{eval}"], ["--ckpt", "required"]),
+    ("data-flag-missing", ["--ckpt", "{ckpt}"], ["--data", "required"]),  # no --ckpt is the shipped checkpoint
 ]
 
 TOY = [
@@ -372,7 +367,7 @@ def test_torchrun_restarts_a_killed_rank_and_resumes(paths, tmp_path):
 
 # ---- safety: no code path can unpickle a checkpoint or run remote code -----------------------------------------
 def test_no_pickle_no_torch_load_no_remote_code():
-    sources = [ROOT / "train.py", ROOT / "infer.py", ROOT / "evaluate.py", *sorted((ROOT / "minedit").glob("*.py"))]
+    sources = [ROOT / "train.py", ROOT / "infer.py", ROOT / "evaluate.py", *sorted((ROOT / "minedit").rglob("*.py"))]
     for path in sources:
         text = path.read_text()
         code = re.sub(r'"""[\s\S]*?"""|#.*', "", text)  # docstrings and comments may name them

@@ -4,11 +4,8 @@ IP-Adapter weight format through diffusers' own loader, train.py stage 1 -> 2 ->
 going down on a fixed batch, and each ablation switch removing exactly what it claims."""
 import importlib.util
 import json
-import os
 import re
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +16,7 @@ from safetensors.torch import load_file
 
 import infer
 import train
-from conftest import tiny_unet
+from conftest import ok, run_script, tiny_unet
 from minedit import build, mind
 from minedit import data as data_module
 from minedit import training
@@ -119,7 +116,7 @@ def test_flags_map_to_the_config_field():
 
 def test_full_dry_run_tables(capsys):
     for stage in (1, 2):
-        assert train.main(["--recipe", "mindedit", "--config", "full", "--stage", str(stage), "--dry-run"]) == 0
+        assert train.main(["--recipe", "mindedit", "--preset", "full", "--stage", str(stage), "--dry-run"]) == 0
         out = capsys.readouterr().out
         rows = {m[0]: (int(m[1]), m[2]) for m in re.findall(r"^(\S+)\s+(\d+)\s+(trainable|frozen)$", out, re.M)}
         assert {p for p, (_, s) in rows.items() if s == "trainable"} == STAGE_TRAINABLE[("mindedit", stage)]
@@ -272,22 +269,12 @@ def test_no_topt_conditions_on_the_raw_instruction(model, monkeypatch):
 
 # ---------------------------------------------------------------------------------------------------------------
 # train.py stage 1 -> 2 -> infer.py
-def run(*args, script="train.py"):
-    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-
-
-def ok(p):
-    assert p.returncode == 0, f"exit {p.returncode}\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
-    return p
-
-
 @pytest.fixture(scope="module")
 def chain(world, tmp_path_factory):
     root = tmp_path_factory.mktemp("mindchain")
-    ok(run("--recipe", "mindedit", "--stage", "1", "--data", str(world / "train.jsonl"), "--out",
+    ok(run_script("train.py", "--recipe", "mindedit", "--stage", "1", "--data", str(world / "train.jsonl"), "--out",
            str(root / "s1"), "--max-steps", "2", *QUICK))
-    ok(run("--stage", "2", "--init", str(root / "s1"), "--data", str(world / "train.jsonl"), "--out",
+    ok(run_script("train.py", "--stage", "2", "--init", str(root / "s1"), "--data", str(world / "train.jsonl"), "--out",
            str(root / "s2"), "--max-steps", "2", *QUICK))
     return root
 
@@ -306,8 +293,8 @@ def test_stage_hand_off_and_infer_end_to_end(chain, world, tmp_path):
     row = json.loads((world / "train.jsonl").read_text().splitlines()[0])
     source = world / row["source"]
     out = tmp_path / "edited.png"
-    p = ok(run("--ckpt", str(chain / "s2"), "--image", str(source), "--instruction", row["instruction"],
-               "--out", str(out), "--steps", "2", script="infer.py"))
+    p = ok(run_script("infer.py", "--ckpt", str(chain / "s2"), "--image", str(source), "--instruction",
+                      row["instruction"], "--out", str(out), "--steps", "2"))
     topt = (tmp_path / "edited.txt").read_text().strip()
     assert f"optimized instruction: {topt}" in p.stdout
     assert Image.open(out).size == Image.open(source).size

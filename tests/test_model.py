@@ -92,7 +92,7 @@ def test_fresh_bim_and_lora_change_nothing():
 @pytest.mark.parametrize("name", ["toy", "full"])
 def test_dry_run_every_stage(recipe, name, capsys):
     for stage in preset(recipe, name).stages:
-        assert train.main(["--recipe", recipe, "--config", name, "--stage", str(stage), "--dry-run"]) == 0
+        assert train.main(["--recipe", recipe, "--preset", name, "--stage", str(stage), "--dry-run"]) == 0
         out = capsys.readouterr().out
         assert "total trainable" in out and "total frozen" in out
         rows = {m[0]: m[2] for m in re.findall(r"^(\S+)\s+(\d+)\s+(trainable|frozen)$", out, re.M)}
@@ -100,7 +100,7 @@ def test_dry_run_every_stage(recipe, name, capsys):
 
 
 def test_full_dry_run_lora_line_matches_arithmetic(capsys):
-    train.main(["--recipe", "insightedit", "--config", "full", "--stage", "2", "--dry-run"])
+    train.main(["--recipe", "insightedit", "--preset", "full", "--stage", "2", "--dry-run"])
     out = capsys.readouterr().out
     lora = int(re.search(r"^lora\s+(\d+)\s+trainable$", out, re.M).group(1))
     # LLaVA-1.5-7B: 32 layers × {q_proj, v_proj} (4096 -> 4096) × rank 16 × (in + out)

@@ -2,23 +2,18 @@
 import json
 import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from conftest import run_script as run
 from minedit import checkpoint, toydraw, toyworld
 from minedit.config import preset
 from minedit.model import EditModel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run(script, *args, cwd=None):
-    return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], capture_output=True,
-                          text=True, cwd=cwd, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -161,3 +156,22 @@ def test_condition_gap_is_zero_exactly_when_the_text_has_no_path(world, tmp_path
         gaps[name] = [row["null_text"] - row["cond"] for row in table]
     assert gaps["no-text-path"] == [0.0] * 4
     assert all(g != 0 for g in gaps["plain"])
+
+
+@pytest.mark.slow
+def test_lever_study_script_runs_each_lever_and_prints_its_table(tmp_path):
+    """scripts/toy_levers.sh end to end at a tiny size: each lever trains, is scored on the validation world and
+    gets a table row; a second invocation finds everything done and only prints the table again."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OUT": str(tmp_path / "lev"), "STEPS": "2", "TOY_SAMPLES": "40",
+           "VAL_N": "20", "LEVERS": "base mask5", "MINEDIT_CACHE": str(tmp_path / "cache")}
+    cmd = ["bash", os.path.join(ROOT, "scripts", "toy_levers.sh")]
+    first = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    rows = [line for line in first.stdout.splitlines() if line.startswith("| ip2p-")]
+    assert [r.split("|")[1].strip() for r in rows] == ["ip2p-base", "ip2p-mask5"]
+    assert json.loads((tmp_path / "lev" / "ip2p-mask5" / "config.json").read_text())["mask_loss_weight"] == 5.0
+    assert (tmp_path / "lev" / "random-sd-x16" / "sd" / "unet").is_dir()  # the random-UNet levers' bases
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert again.returncode == 0 and "made " not in again.stdout and again.stdout.endswith(first.stdout[-200:])
+    bad = subprocess.run(cmd, capture_output=True, text=True, env={**env, "LEVERS": "nope"}, timeout=600)
+    assert bad.returncode == 2 and "error: unknown lever nope" in bad.stderr

@@ -34,7 +34,8 @@ def run(tmp_path_factory):
         script = load_script()
         out = tmp / "base"
         metrics = script.main(["--out", str(out), "--n", "45", "--steps-vae", "12", "--steps-clip", "3",
-                               "--steps-mllm", "3", "--batch-vae", "8", "--batch-clip", "8", "--batch-mllm", "4"])
+                               "--steps-mllm", "3", "--batch-vae", "8", "--batch-clip", "8", "--batch-mllm", "4",
+                               "--steps-unet", "2", "--unet-world-n", "40"])
     finally:
         mp.undo()
     return script, out, metrics
@@ -62,6 +63,19 @@ def test_vae_reconstruction_improved_and_scaling_factor_saved(run, model):
     v = metrics["vae"]
     assert v["eval_psnr_db"] > v["eval_psnr_db_at_init"] + 1.0  # the eval reconstruction loss went down
     assert model.vae.config.scaling_factor == pytest.approx(1 / v["latent_std"], rel=1e-3)
+
+
+def test_text_to_image_unet_saved_with_4_channels_and_widened_to_8(run, model):
+    from diffusers import UNet2DConditionModel
+
+    _, out, metrics = run
+    t2i = UNet2DConditionModel.from_pretrained(out / "sd", subfolder="unet")
+    assert t2i.config.in_channels == 4 and (out / "t2i-grid.png").is_file()
+    assert 0 <= metrics["unet"]["clip_top1_in_32_generated"] <= 1 and metrics["unet"]["steps"] == 2
+    conv = model.unet.conv_in
+    conv = getattr(conv, "conv", conv)  # BIM wraps conv_in with its residual
+    assert conv.in_channels == 8
+    assert torch.equal(conv.weight[:, :4], t2i.conv_in.weight) and not conv.weight[:, 4:].any()
 
 
 def test_editmodel_loads_saved_bases_and_runs_a_step(model):

@@ -3,10 +3,8 @@ fixed batch, DDP = one process with the same global batch, exact resume, SIGKILL
 CLI's refusals. The real script runs in subprocesses; the loss test calls `train.main` in-process (the same loop,
 without paying the imports five times)."""
 import json
-import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
+from conftest import ok, run_python
 from minedit import checkpoint as ckpt
 from minedit import data as data_module
 from minedit import training
@@ -40,16 +39,8 @@ def world(tmp_path_factory):
 
 
 def run(*args, launcher=(TRAIN,), env=None) -> subprocess.CompletedProcess:
-    """`python train.py ARGS` (or `python LAUNCHER... ARGS`) in a subprocess, from the repository root. One
-    intra-op thread unless told otherwise: on a small shared CPU, torch's spinning worker threads can make a toy
-    run ten times slower."""
-    return subprocess.run([sys.executable, *launcher, *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={"OMP_NUM_THREADS": "1", **os.environ, **(env or {})})
-
-
-def ok(p: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert p.returncode == 0, f"exit {p.returncode}\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
-    return p
+    """`python train.py ARGS` (or `python LAUNCHER... ARGS`) in a subprocess, from the repository root."""
+    return run_python(*launcher, *args, env=env)
 
 
 def user_error(p: subprocess.CompletedProcess | tuple, *words: str) -> str:
@@ -222,12 +213,15 @@ def test_torchrun_two_processes_match_one_process(chain, world, tmp_path):
 
 # ---------------------------------------------------------------------------------------------------------------
 # 4. Exact resume: 6 steps straight = 3 steps (--stop-after) then --resume for 3, bit for bit
+# (also with the optional training levers: the EMA's shadow and trained values both come back)
 @pytest.mark.slow
-def test_resume_is_bit_exact(chain, world, tmp_path):
+@pytest.mark.parametrize("levers", [[], ["--ema_decay=0.9", "--snr_gamma=5", "--mask_loss_weight=4"]],
+                         ids=["plain", "ema-minsnr-mask"])
+def test_resume_is_bit_exact(chain, world, tmp_path, levers):
     root, procs = chain
     ok(procs["ie1"])
     args = ["--stage", "2", "--init", str(root / "ie1"), "--data", str(world / "train.jsonl"), "--max-steps", "6",
-            "--save-every", "3", "--lora_dropout=0.1", *QUICK]  # dropout: the global RNG matters too
+            "--save-every", "3", "--lora_dropout=0.1", *QUICK, *levers]  # dropout: the global RNG matters too
     ok(run(*args, "--out", str(tmp_path / "straight")))
     half = ok(run(*args, "--out", str(tmp_path / "split"), "--stop-after", "3"))
     assert "stopped by --stop-after at step 3 of 6" in half.stdout

@@ -15,6 +15,7 @@ import io
 import math
 
 from ..judge import HTTPJudge, _json_objects, _number
+from ..protocols import vie_overall
 
 PQ_PROMPT = (
     "You are a strict evaluator of image quality. Rate this image, produced by an image editor, on two integer "
@@ -62,8 +63,8 @@ def decide(sc: dict, pq: tuple[float, float] | None, min_sc: float, min_pq: floa
         return "judge answer unusable (semantic consistency)", scores
     if pq is None:
         return "judge answer unusable (perceptual quality)", scores
-    scores["sc"], scores["pq"] = min(scores["s_i"], scores["s_n"]), min(pq)
-    scores["overall"] = math.sqrt(scores["sc"] * scores["pq"])
+    o = vie_overall((scores["s_i"], scores["s_n"]), pq)  # SC = min, PQ = min, O = sqrt(SC * PQ)
+    scores.update(sc=o["sc"], pq=o["pq"], overall=o["o"])
     if scores["sc"] < min_sc:
         return f"semantic consistency below {min_sc:g}", scores
     if scores["pq"] < min_pq:
@@ -72,7 +73,7 @@ def decide(sc: dict, pq: tuple[float, float] | None, min_sc: float, min_pq: floa
 
 
 class QualityFilter:
-    """Scores a pair with a chat judge (`HTTPJudge`, or any judge with `score` and `_ask`) and decides."""
+    """Scores a pair with a chat judge (`HTTPJudge`, `LocalJudge`: anything with `score` and `ask`) and decides."""
 
     def __init__(self, judge, min_sc: float = 3, min_pq: float = 3):
         self.judge, self.min_sc, self.min_pq = judge, min_sc, min_pq
@@ -86,7 +87,7 @@ class QualityFilter:
         sc = self.judge.score(src, tgt, instruction)
         pq = None
         for _ in range(2):  # one more try on a malformed answer, as the semantic judge does
-            pq = parse_pq(self.judge._ask(pq_messages(), [tgt]))
+            pq = parse_pq(self.judge.ask(pq_messages(), [tgt]))
             if pq is not None:
                 break
         return decide(sc, pq, self.min_sc, self.min_pq)
