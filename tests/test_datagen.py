@@ -1,9 +1,6 @@
 """minedit.datagen without model weights: the text logic against fixed model answers, the filter decisions, the
 manifest and its resumption, fault handling, and the --toy-oracle run end to end into train.py."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +21,7 @@ from minedit.datagen.toy import ToyEditor, ToyOracle
 from minedit.errors import UserError, run_cli
 from minedit.judge import LocalJudge
 
-ROOT = Path(__file__).resolve().parents[1]
-
+from conftest import ok, run_script
 
 class Fixed:
     """A stand-in model: answers each question by the first key found in it, and records what it was asked."""
@@ -319,20 +315,14 @@ def test_cli_judge_down_is_one_error_line(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_toy_oracle_end_to_end_trains(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
     out = tmp_path / "data"
-    p = subprocess.run([sys.executable, "-m", "minedit.datagen", "--toy-oracle", "--n", "12", "--out", str(out),
-                        "--no-progress"], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
-    assert p.returncode == 0, p.stderr
+    p = ok(run_script("minedit.datagen", "--toy-oracle", "--n", 12, "--out", out, "--no-progress"))
     rows = [json.loads(x) for x in lines(out / "manifest.jsonl")]
     assert f"{len(rows)} pairs in" in p.stdout and "written" in p.stdout and "not run (no --judge-url)" in p.stdout
     assert {r["kind"] for r in rows} == {"remove", "add", "replace"} and len(lines(out / "captions.jsonl")) == 12
     assert len(lines(out / "simple.jsonl")) == len(rows)
-    t = subprocess.run([sys.executable, "train.py", "--recipe", "ip2p", "--stage", "2", "--data",
-                        str(out / "manifest.jsonl"), "--out", str(tmp_path / "run"), "--max-steps", "3",
-                        "--batch-size", "4", "--sample-every", "0", "--log_every=1"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
-    assert t.returncode == 0, t.stderr[-2000:]
+    ok(run_script("train.py", "--recipe", "ip2p", "--stage", 2, "--data", out / "manifest.jsonl", "--out",
+                  tmp_path / "run", "--max-steps", 3, "--batch-size", 4, "--sample-every", 0, "--log_every=1"))
     log = [json.loads(x) for x in lines(tmp_path / "run" / "log.jsonl")]
     assert [r["step"] for r in log] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in log)
 

@@ -3,9 +3,6 @@ inpainting pipeline, the toy MLLM), built from configs and loaded back by folder
 plumbing, shapes, thresholds and the manifest. Random weights give random boxes and masks, so the tests check
 invariants (bounds, areas, the background kept outside the mask), not what is found."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +16,8 @@ from minedit.datagen.manifest import Output, Tally
 from minedit.datagen.masks import Detector, Segmenter, mask_objects
 from minedit.datagen.mllm import MLLM
 from minedit.datagen.run import Pipeline, list_images, run
+
+from conftest import ok, run_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SD = ROOT / "assets" / "toy" / "base" / "sd"
@@ -40,7 +39,7 @@ def save_grounding_dino(path):
                               encoder_ffn_dim=32, decoder_ffn_dim=32, num_queries=8, num_feature_levels=2,
                               max_text_len=32, encoder_n_points=2, decoder_n_points=2)
     GroundingDinoForObjectDetection(cfg).save_pretrained(path)
-    os.makedirs(path, exist_ok=True)
+    Path(path).mkdir(parents=True, exist_ok=True)
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "red", "blue", "circle", "square", "cup", "dog"]
     Path(path, "vocab.txt").write_text("\n".join(words) + "\n")
     tok = BertTokenizerFast(vocab_file=str(Path(path, "vocab.txt")))
@@ -194,19 +193,16 @@ def test_cli_on_real_parts_counts_garbage_and_broken_images(models, tmp_path):
     (tmp_path / "in").mkdir()
     scene().save(tmp_path / "in" / "a.png")
     (tmp_path / "in" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
-    args = [sys.executable, "-m", "minedit.datagen", "--images", str(tmp_path / "in"), "--out",
-            str(tmp_path / "out"), "--mllm", TOY_MLLM, "--detector", str(models / "gd"), "--segmenter",
-            str(models / "sam"), "--inpainter", str(models / "inpaint"), "--steps", "2", "--no-progress",
-            "--max-new-tokens", "24"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    p = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
-    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    args = ["--images", tmp_path / "in", "--out", tmp_path / "out", "--mllm", TOY_MLLM, "--detector", models / "gd",
+            "--segmenter", models / "sam", "--inpainter", models / "inpaint", "--steps", 2, "--no-progress",
+            "--max-new-tokens", 24]
+    p = ok(run_script("minedit.datagen", *args))
+    assert "Traceback" not in p.stderr
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())["tally"]
     assert summary["inputs"] == {"kept": 1, "dropped: unreadable image": 1}
     assert sum(summary["objects"].values()) == 1  # the toy MLLM's answer: parsed, repaired, or a counted drop
-    bad_args = [str(tmp_path / "nowhere") if a == str(models / "inpaint") else a for a in args]
-    bad_args[bad_args.index("--out") + 1] = str(tmp_path / "o2")
-    bad = subprocess.run(bad_args, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    args[args.index("--inpainter") + 1], args[args.index("--out") + 1] = tmp_path / "nowhere", tmp_path / "o2"
+    bad = run_script("minedit.datagen", *args)
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error: ") and "--inpainter" in bad.stderr
     assert "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
 
