@@ -32,6 +32,8 @@ Measuring it:
     benchmarks.py   their data layouts and runs, for evaluate.py --protocol
 Sharing it:
     export.py       a run as a diffusers pipeline, a peft adapter or a merged LLaVA folder
+Making data:
+    datagen/        InsightEdit's AdvancedEdit pipeline: caption/objects, masks, edit pairs, recaption, filter
 The toy world (DESIGN §10):
     toyworld.py     scenes, exact edits, instructions at three levels, manifests, the cached world
     toyphrases.py   its palette, world knowledge and phrasing templates
