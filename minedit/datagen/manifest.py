@@ -20,7 +20,7 @@ import os
 from collections import Counter
 from pathlib import Path
 
-from ..checkpoint import _write_atomic
+from ..fsio import write_text
 from ..errors import UserError
 
 STEPS = ("inputs", "objects", "masks", "edits", "recaption", "quality", "written")
@@ -102,7 +102,7 @@ class Output:
                 key = "id" if name == "done.jsonl" else "image_id"
                 keep = [r for r in rows if r.get(key) in self.done]
                 if len(keep) != len(path.read_text(errors="replace").splitlines()):
-                    _write_atomic(str(path), "".join(json.dumps(r) + "\n" for r in keep))
+                    write_text(str(path), "".join(json.dumps(r) + "\n" for r in keep))
 
     def _check_settings(self, settings: dict) -> None:
         """A rerun continues only the same run: other models or thresholds would mix two datasets in one file."""
@@ -114,7 +114,7 @@ class Output:
                 raise UserError(f"--out {self.root} holds a run with other settings ({', '.join(diff)}) — rerun "
                                 "with the same flags to continue it, or choose a new --out")
         else:
-            _write_atomic(str(path), json.dumps(settings, indent=1) + "\n")
+            write_text(str(path), json.dumps(settings, indent=1) + "\n")
 
     def path(self, name: str) -> tuple[Path, str]:
         """(absolute path, path relative to the output folder) of an image file."""
@@ -137,7 +137,7 @@ class Output:
         self.tally.add(tally)
         summary = {"inputs_done": len(self.done), "pairs_kept": sum(self.tally.counts["written"].values()),
                    "tally": self.tally.as_dict()}
-        _write_atomic(str(self.root / "summary.json"), json.dumps(summary, indent=1) + "\n")
+        write_text(str(self.root / "summary.json"), json.dumps(summary, indent=1) + "\n")
 
 
 def write_simple(out_dir) -> int:
@@ -145,5 +145,5 @@ def write_simple(out_dir) -> int:
     root = Path(out_dir)
     rows = [dict(r, instruction=r["simple_instruction"], category="simple")
             for r in _read_jsonl(root / "manifest.jsonl") if r.get("simple_instruction")]
-    _write_atomic(str(root / "simple.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
+    write_text(str(root / "simple.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
     return len(rows)
