@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import fsio
 from .errors import UserError
 
 
@@ -216,9 +217,7 @@ def save(path: str, model, recorder: AttentionRecorder, source, instruction: str
     img_labels = [f"img{i}" for i in range(0 if image is None else image.shape[1])]
     sheet = render(source, text[:, :show], labels[:show], image, img_labels, recorder.timesteps,
                    sorted(recorder.steps), recorder.ip_scale, hidden=len(labels) - show)
-    tmp = path + ".tmp.png"
-    sheet.save(tmp)
-    os.replace(tmp, path)
+    fsio.save_image(sheet, path, where="--attention-maps")
     arrays = dict(text=text.astype(np.float32), text_labels=np.array(labels), text_shown=np.int64(show),
                   timesteps=np.array(recorder.timesteps, dtype=np.int64),
                   steps=np.array(sorted(recorder.steps)[:len(recorder.timesteps)], dtype=np.int64),
@@ -227,7 +226,6 @@ def save(path: str, model, recorder: AttentionRecorder, source, instruction: str
         arrays.update(image=image.astype(np.float32), image_labels=np.array(img_labels),
                       ip_scale=np.float32(recorder.ip_scale))
     npz = os.path.splitext(path)[0] + ".npz"
-    with open(npz + ".tmp", "wb") as f:
+    with fsio.atomic_path(npz, where="--attention-maps") as tmp, open(tmp, "wb") as f:
         np.savez(f, **arrays)
-    os.replace(npz + ".tmp", npz)
     return npz

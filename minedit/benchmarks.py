@@ -23,7 +23,7 @@ import sys
 
 import numpy as np
 
-from . import metrics, protocols
+from . import fsio, metrics, protocols
 from .errors import UserError
 
 PROTOCOLS = ("reason-edit", "magicbrush", "gedit")
@@ -205,10 +205,7 @@ def run(a) -> int:
         print(f"{a.protocol} — {name}\n{format_summary(s)}")
     out = {"protocol": a.protocol, "ckpt": a.ckpt, "data": a.data, "seed": a.seed, "clip": clip_path or None,
            "summary": summary, "samples": results}
-    tmp = a.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(out, f, indent=1, default=float)
-    os.replace(tmp, a.out)
+    fsio.write_text(a.out, json.dumps(out, indent=1, default=float))
     print(f"wrote {a.out}")
     return 0
 

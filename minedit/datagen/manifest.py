@@ -20,6 +20,7 @@ import os
 from collections import Counter
 from pathlib import Path
 
+from .. import fsio
 from ..fsio import write_text
 from ..errors import UserError
 
@@ -75,9 +76,7 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 def save_image(image, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    fsio.save_image(image, str(path))
 
 
 class Output:
