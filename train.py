@@ -325,7 +325,9 @@ def main(argv=None) -> int:
             if ema is not None:
                 state["ema"] = ema.state()
             with averaged():
-                weights = {k: v.clone() for k, v in model.checkpoint_state(cfg.stage).items()}
+                weights = model.checkpoint_state(cfg.stage)
+                if ema is not None:  # the trained values come back when the block ends: keep the averaged ones
+                    weights = {k: v.clone() for k, v in weights.items()}
             guarded(ckpt.save_checkpoint, args.out, step, cfg, weights, state)
         rt.barrier()
 

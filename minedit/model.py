@@ -333,10 +333,10 @@ class EditModel(nn.Module):
         else:
             goal = noise
         pred = self.unet_forward(z_t, z_src, t, f_txt, cond.v_txt, f_img)
-        mask = batch["mask"] if cfg.mask_loss_weight != 1.0 else None  # B×1×H×W, ones where a row has none
+        # The edit mask (B×1×H×W, ones where a row has none) weighs the loss only when mask_loss_weight != 1.
         parts["diff"] = diffusion_loss(pred, goal, t, self.noise_scheduler.alphas_cumprod,
-                                       self.noise_scheduler.config.prediction_type, cfg.snr_gamma, mask,
-                                       cfg.mask_loss_weight)
+                                       self.noise_scheduler.config.prediction_type, cfg.snr_gamma,
+                                       batch.get("mask"), cfg.mask_loss_weight)
         return self._total(parts)
 
     @staticmethod

@@ -68,7 +68,6 @@ from minedit import build  # noqa: E402
 from minedit.config import preset  # noqa: E402
 from minedit.toyphrases import CATEGORIES, KINDS, tokenize_words  # noqa: E402
 from minedit.toyworld import cached_world  # noqa: E402
-from pretrain_toy_unet import pretrain_unet  # noqa: E402  (scripts/ is on sys.path when run as a script)
 
 CAPTION_PROMPT = "describe the picture."
 EDIT_SHARE = 0.6  # fraction of each MLLM batch drawn from the instruction task (the rest: captions)
@@ -435,6 +434,8 @@ def main(argv: list[str] | None = None) -> dict:
     clip, m_clip = train_clip(cfg, text_tok, cap_images, [r["caption"] for r in caption_rows], eval_images,
                               eval_captions, args.steps_clip, args.batch_clip, 1e-3, g)
     log(f"clip: {json.dumps(m_clip)}")
+    from pretrain_toy_unet import pretrain_unet  # its sibling: the UNet stage (it imports this file's helpers)
+
     text_encoder = clip_text_encoder(clip)
     unet, m_unet = pretrain_unet(cfg, vae.eval(), text_encoder, text_tok, clip.eval(), out, args.seed,
                                  n=args.unet_world_n, steps=args.steps_unet)

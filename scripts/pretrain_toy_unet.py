@@ -39,23 +39,15 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python scripts/...` from a checkout
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling pretrain_toy_bases.py, however loaded
 
 from minedit import build  # noqa: E402
 from minedit.config import preset  # noqa: E402
 from minedit.toyphrases import BACKGROUNDS, COLOURS, tokenize_words  # noqa: E402
 from minedit.toyworld import cached_world  # noqa: E402
+from pretrain_toy_bases import clip_retrieval, load_images, log, read_jsonl, schedule, step  # noqa: E402
 
 P_NULL = 0.1  # fraction of captions replaced by "" (classifier-free guidance, as SD fine-tuning does)
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def load_images(root: Path, paths: list[str]) -> torch.Tensor:
-    """N×3×H×W float in [-1, 1]."""
-    arr = np.stack([np.asarray(Image.open(root / p).convert("RGB")) for p in paths])
-    return torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
 @torch.no_grad()
@@ -94,10 +86,7 @@ def train_t2i(cfg, vae, context, null_context, images, steps: int, batch: int, l
     mean, std = latent_moments(vae, images)
     scale = vae.config.scaling_factor
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
-    warmup = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warmup, 0.5 * (
-        1 + np.cos(np.pi * max(0, s - warmup) / max(1, steps - warmup)))))
-    history = []
+    sched, history = schedule(opt, steps, max(1, steps // 20)), []
     unet.train()
     for s in range(steps):
         idx = torch.randint(len(images), (batch,), generator=g)
@@ -108,11 +97,7 @@ def train_t2i(cfg, vae, context, null_context, images, steps: int, batch: int, l
         t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=g)
         pred = unet(scheduler.add_noise(z0, noise, t), t, encoder_hidden_states=ctx).sample
         loss = F.mse_loss(pred, scheduler.get_velocity(z0, noise, t))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        step(unet, opt, sched, loss)
         history.append(loss.item())
         if (s + 1) % 100 == 0:
             log(f"t2i step {s + 1}/{steps} loss {np.mean(history[-100:]):.4f}")
@@ -183,8 +168,6 @@ def grid(images: torch.Tensor, captions: list[str], path: Path, cols: int = 8, s
 
 def t2i_quality(unet, vae, text_encoder, tok, clip, cfg, eval_images, eval_captions, null_context, out: Path):
     """Generate from held-out captions; CLIP retrieval and named colours, for generations and the real images."""
-    from pretrain_toy_bases import clip_retrieval  # same toy CLIP retrieval the bases report
-
     context = encode_captions(text_encoder, tok, cfg, eval_captions)
     generated = generate(unet, vae, context, null_context, cfg)
     grid(generated[:32], eval_captions[:32], out / "t2i-grid.png")
@@ -201,8 +184,7 @@ def pretrain_unet(cfg, vae, text_encoder, tok, clip, out: Path, seed: int = 0, n
     metrics (loss ends, held-out quality), writing the grid of generations to out/t2i-grid.png."""
     g = torch.Generator().manual_seed(seed)
     root = Path(cached_world(seed=seed + 1000, n=n, size=cfg.resolution))
-    caps = [json.loads(line) for line in (root / "captions.jsonl").read_text().splitlines() if line.strip()]
-    evals = [json.loads(line) for line in (root / "eval.jsonl").read_text().splitlines() if line.strip()][:eval_n]
+    caps, evals = read_jsonl(root / "captions.jsonl"), read_jsonl(root / "eval.jsonl")[:eval_n]
     log(f"toy world {root}: {len(caps)} train (image, caption) pairs, {len(evals)} held-out captions")
     context = encode_captions(text_encoder, tok, cfg, [c["caption"] for c in caps])
     null_context = encode_captions(text_encoder, tok, cfg, [""])
