@@ -18,7 +18,7 @@ STEPS=${STEPS:-1500}
 ALIGN=${ALIGN:-300}
 BASE=${BASE:-assets/toy/base}            # its sd/unet is the text-to-image toy UNet
 RANDOM_SD=${RANDOM_SD:-$OUT/random-sd}   # the same bases with a random UNet (made below): the "no prior" lever
-LEVERS=${LEVERS:-"base random-unet ema minsnr mask5 lr1e-3 xattn16"}
+LEVERS=${LEVERS:-"base random-unet ema minsnr mask5 lr1e-3 xattn16 vae1"}
 TOY_SAMPLES=${TOY_SAMPLES:-24000}        # training world (as scripts/train_toy.sh)
 VAL_N=${VAL_N:-3000}                     # validation world: its eval split (10 %) is scored
 mkdir -p "$OUT/results"
@@ -34,28 +34,46 @@ lever_flags() {  # the overrides that make each lever; everything else is the to
     xattn16)     # cross-attention at the 16×16 level too (an architecture change: ip2p only, as stage 1 fixes it)
                  [ "$RECIPE" = ip2p ] || { echo "error: xattn16 needs RECIPE=ip2p" >&2; exit 2; }
                  echo "--sd_path=$RANDOM_SD-x16/sd --unet_cross_attn_blocks=True,True,True" ;;
-    *) echo "error: unknown lever $1 — choose from base random-unet ema minsnr mask5 lr1e-3 xattn16" >&2; exit 2 ;;
+    vae1)        # VAE downsampling factor 1 (32×32 latents, 4× the UNet's compute; its VAE is made below)
+                 [ "$RECIPE" = ip2p ] || { echo "error: vae1 needs RECIPE=ip2p" >&2; exit 2; }
+                 echo "--sd_path=$RANDOM_SD-f1/sd --vae_channels=32" ;;
+    *) echo "error: unknown lever $1 — choose from base random-unet ema minsnr mask5 lr1e-3 xattn16 vae1" >&2; exit 2 ;;
   esac
 }
 
 VAL="$OUT/val-world/eval.jsonl"
 [ -f "$OUT/val-world/meta.json" ] || python3 -m minedit.toyworld --out "$OUT/val-world" --n "$VAL_N" --seed 555
 # Random-UNet bases: the shipped bases with sd/unet replaced by a freshly initialised one (with and without
-# cross-attention at the 16×16 level), so those levers change the UNet's start and nothing else.
-for x16 in "" "-x16"; do
+# cross-attention at the 16×16 level; with a factor-1 VAE), so those levers change the UNet's start and nothing
+# else. The factor-1 VAE (one block, no downsampling) is trained here like the shipped one, for VAE1_STEPS steps.
+VAE1_STEPS=${VAE1_STEPS:-1500}
+for x16 in "" "-x16" $([[ " $LEVERS " == *" vae1 "* ]] && echo "-f1"); do
   [ -d "$RANDOM_SD$x16/sd/unet" ] && continue
-  python3 - "$BASE" "$RANDOM_SD$x16" "$x16" <<'EOF'
+  python3 - "$BASE" "$RANDOM_SD$x16" "$x16" "$VAE1_STEPS" <<'EOF'
 import shutil, sys, torch
 from minedit import build
 from minedit.config import preset
-base, out, x16 = sys.argv[1:]
+base, out, x16, vae1_steps = sys.argv[1:]
 shutil.copytree(base, out, dirs_exist_ok=True)
 cfg = preset("insightedit", "toy")
-if x16:
+if x16 == "-x16":
     cfg.unet_cross_attn_blocks = (True, True, True)
 torch.manual_seed(0)
 shutil.rmtree(f"{out}/sd/unet")
 build.build_unet(cfg).save_pretrained(f"{out}/sd/unet")
+if x16 == "-f1":
+    sys.path.insert(0, "scripts")
+    import pretrain_toy_bases as ptb
+    from minedit.toyworld import cached_world
+    cfg.vae_channels = (32,)
+    root = ptb.Path(cached_world(seed=0, n=6000, size=cfg.resolution))
+    train, ev = ptb.read_jsonl(root / "captions.jsonl"), ptb.read_jsonl(root / "eval.jsonl")
+    images = ptb.load_images(root, sorted({r["image"] for r in train}))
+    vae, m = ptb.train_vae(cfg, images, ptb.load_images(root, [r["source"] for r in ev]), int(vae1_steps), 16,
+                           2e-3, 16, torch.Generator().manual_seed(0))
+    print("factor-1 vae:", m)
+    shutil.rmtree(f"{out}/sd/vae")
+    vae.save_pretrained(f"{out}/sd/vae")
 EOF
 done
 
