@@ -6,7 +6,7 @@
     python evaluate.py --ckpt runs/s3 --data eval.jsonl --pred-dir edits/      # score edits made earlier
     python evaluate.py ... --judge-url http://localhost:8000/v1 --judge-model qwen2-vl   # VIEScore, off by default
 
-Per sample, per category and overall (minedit/metrics.py defines each precisely):
+Per sample, per category and overall (minedit/eval/metrics.py defines each precisely):
     psnr_bg, ssim_bg   background fidelity vs the target (outside the mask; the whole image without one)
     psnr_in            inside the mask vs the target
     success            edit success where targets are exact (≥ 90 % of in-mask pixels within 0.15 of the
@@ -16,7 +16,7 @@ Per sample, per category and overall (minedit/metrics.py defines each precisely)
                        (--clip, default the checkpoint's clip_path; skipped when it has none)
     viescore           ½(S_n/5 + S_i/5) from an MLLM judge (InsightEdit supp. eq. 1), with --judge-url
 Toy-world add rows (`add_region`) have many right answers ("add a star at the top"): each is scored against the
-valid target nearest the edit (minedit.toydraw.nearest_target), and `valid_targets` says how many there were.
+valid target nearest the edit (minedit.toy.draw.nearest_target), and `valid_targets` says how many there were.
 """
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def parse_args(argv):
     p.add_argument("--judge-model", default="gpt-4o")
     p.add_argument("--device")
     p.add_argument("--protocol", help="score as a benchmark does: reason-edit (--data: its folder), magicbrush or "
-                   "gedit (--data: a manifest); see minedit/benchmarks.py and the README")
+                   "gedit (--data: a manifest); see minedit/eval/benchmarks.py and the README")
     p.add_argument("--dino", help="magicbrush: a DINO ViT id or folder for the DINO score (e.g. facebook/dino-vits16)")
     p.add_argument("--lpips", default="auto", help="reason-edit: LPIPS network (squeeze as SmartEdit, alex, vgg), "
                    "off, or auto (squeeze when the lpips package is installed)")
@@ -82,13 +82,15 @@ def main(argv=None) -> int:
         raise UserError(f"--judge-url {a.judge_url}: give the endpoint's full URL, e.g. http://localhost:8000/v1")
     if a.pred_dir and os.path.exists(a.pred_dir) and not os.path.isdir(a.pred_dir):
         raise UserError(f"--pred-dir {a.pred_dir} is a file — name a folder for the edits")
-    if a.protocol:  # a benchmark's own layout and formulas (minedit/benchmarks.py, minedit/protocols.py)
-        from minedit import benchmarks
+    if a.protocol:  # a benchmark's own layout and formulas (minedit/eval/benchmarks.py, minedit/eval/protocols.py)
+        from minedit.eval import benchmarks
 
         return benchmarks.run(a)
     import infer
-    from minedit import metrics, runtime, toydraw
+    from minedit import runtime
     from minedit.data import load_image, load_mask, read_manifest
+    from minedit.eval import metrics
+    from minedit.toy import draw as toydraw
 
     a.ckpt = a.ckpt or infer.TOY_CKPT
     infer.check_out_path(a.out)
@@ -200,8 +202,8 @@ def check_edits_stamp(pred_dir: str, a, cfg, settings: dict, making: bool) -> di
 def add_clip_scores(path, images, results, device):
     import torch
 
-    from minedit import metrics
-    from minedit.protocols import load_clip
+    from minedit.eval import metrics
+    from minedit.eval.protocols import load_clip
 
     model, tok = load_clip(path, device)
     with torch.no_grad():
@@ -214,7 +216,7 @@ def add_clip_scores(path, images, results, device):
 def add_viescore(url, model_name, images, results):
     import io
 
-    from minedit.judge import HTTPJudge
+    from minedit.eval.judge import HTTPJudge
 
     judge = HTTPJudge(url, model_name, api_key=os.environ.get("MINEDIT_JUDGE_KEY"))
 

@@ -76,7 +76,7 @@ def check_args(a):
     if a.instruction is not None:
         a.instruction = clean_text(a.instruction, "--instruction")
     if a.attention_maps:
-        from minedit.attnmaps import check_path
+        from minedit.eval.attnmaps import check_path
 
         if a.batch:
             raise UserError("--attention-maps records one edit — drop --batch, or give --image and --instruction")
@@ -193,15 +193,15 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     recorder = contextlib.nullcontext()
     if a.attention_maps:  # hooks that only read the attention layers' inputs: the edit itself is unchanged
-        from minedit.attnmaps import AttentionRecorder, spread_steps
+        from minedit.eval.attnmaps import AttentionRecorder, spread_steps
 
         recorder = AttentionRecorder(model.unet, spread_steps(settings["steps"]), text_encoder=model.text_encoder)
     with recorder:
         done = edit_files(model, rt, jobs, settings, a.resolution or cfg.resolution,
                           a.batch_size if a.batch else 1, [a.seed + i for i in range(len(jobs))], verbose=not a.batch)
     if a.attention_maps:
-        from minedit.attnmaps import save
         from minedit.data import load_image
+        from minedit.eval.attnmaps import save
 
         npz = save(a.attention_maps, model, recorder, load_image(jobs[0][0]), jobs[0][1])
         print(f"wrote {a.attention_maps} and {npz}")

@@ -32,9 +32,10 @@ import torch
 
 from minedit import checkpoint as ckpt
 from minedit import fsio, runlock
-from minedit.config import HELP, PRESETS, RECIPES, Config, apply_overrides, preset
+from minedit.config import HELP, PRESETS, RECIPES, Config
 from minedit.confighelp import field_help
 from minedit.errors import UserError, run_cli
+from minedit.presets import apply_overrides, preset
 
 # Config fields that also have a conventional dashed flag.
 FLAG_FIELDS = ("max_steps", "save_every", "sample_every", "precision", "batch_size", "grad_accum", "lr", "seed")
@@ -166,7 +167,7 @@ def build_data(cfg, args, rt):
             except ValueError:
                 raise UserError(f"--data {item}: the weight after ':' must be a number") from None
     elif cfg.preset == "toy":
-        from minedit.toyworld import cached_world
+        from minedit.toy.world import cached_world
 
         world = cached_world(seed=cfg.seed + 1000, n=cfg.toy_samples, size=cfg.resolution, main=rt.is_main,
                              barrier=rt.barrier)

@@ -20,9 +20,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from minedit import runtime  # noqa: E402
-from minedit.config import apply_overrides, preset  # noqa: E402
 from minedit.errors import UserError  # noqa: E402
 from minedit.model import EditModel  # noqa: E402
+from minedit.presets import apply_overrides, preset  # noqa: E402
 
 MID = dict(
     unet_channels=(80, 160, 320, 320), unet_layers_per_block=2, unet_head_dim=8, unet_norm_groups=16,

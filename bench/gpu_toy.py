@@ -42,9 +42,10 @@ import common
 
 from minedit import checkpoint as ckpt
 from minedit import runtime, training
-from minedit.config import RECIPES, preset
+from minedit.config import RECIPES
 from minedit.errors import UserError, run_cli
 from minedit.model import EditModel, load_model
+from minedit.presets import preset
 from minedit.sampler import edit
 
 FP32_TOL = 1e-3        # max |Δ| of a device fp32 edit against the CPU fp32 edit (pixels in [-1, 1])

@@ -44,7 +44,7 @@ def rss_bytes() -> int:
 
 
 def cfg_for(size: str, folder: str = ""):
-    from minedit.config import preset
+    from minedit.presets import preset
 
     cfg = preset("insightedit", size)
     cfg.sd_path = folder

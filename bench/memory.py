@@ -56,9 +56,10 @@ from transformers.utils import logging as transformers_logging
 import common
 
 from minedit import runtime, training
-from minedit.config import RECIPES, preset
+from minedit.config import RECIPES
 from minedit.errors import UserError, run_cli
 from minedit.model import EditModel
+from minedit.presets import preset
 from minedit.sampler import edit
 
 GIB = 2 ** 30

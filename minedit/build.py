@@ -7,9 +7,8 @@ Each builder has two roads, chosen by the config's `*_path` field:
   * "" (the toy preset), or `meta=True` (the dry run of the full preset): build the architecture from the
     config's fields with random weights. Under `meta=True` nothing is allocated and nothing is downloaded.
 
-The toy tokenizer is word-level over the toy world's vocabulary (DESIGN §10): it is built offline, in
-milliseconds, and covers every word the scene generator can write. Its chat template mimics LLaVA-1.5's
-("USER: <image>\\n... ASSISTANT:").
+The toy parts' tokenizer (minedit/toy/tokenizer.py) is imported only on the toy road, so loading real models
+never touches the toy world.
 """
 from __future__ import annotations
 
@@ -19,14 +18,9 @@ import os
 import torch
 
 from .config import Config
-from .unet import expand_unet_in_channels
+from .parts.unet import expand_unet_in_channels
 
 IMAGE_TOKEN = "<image>"
-TOY_CHAT_TEMPLATE = (
-    "{% for m in messages %}{{ m['role'].upper() }}: "
-    "{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }} {% endif %}"
-    "{% endfor %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
-)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -71,27 +65,6 @@ def _pretrained(path: str, meta: bool) -> str | None:
     if not os.path.isdir(path) and os.path.isdir(os.path.join(REPO, path)):
         return os.path.join(REPO, path)
     return path
-
-
-def toy_tokenizer(max_length: int, chat: bool):
-    """A word-level fast tokenizer over the toy vocabulary (ids 0-4 are special)."""
-    from tokenizers import Tokenizer, normalizers, pre_tokenizers
-    from tokenizers.models import WordLevel
-    from transformers import PreTrainedTokenizerFast
-
-    from .toyphrases import VOCAB
-
-    specials = ["<unk>", "<pad>", "<s>", "</s>", IMAGE_TOKEN]
-    vocab = {w: i for i, w in enumerate(specials + sorted(set(VOCAB) - set(specials)))}
-    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Punctuation()])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
-                                   eos_token="</s>", model_max_length=max_length)
-    fast.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
-    if chat:
-        fast.chat_template = TOY_CHAT_TEMPLATE
-    return fast
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -173,6 +146,8 @@ def build_mllm(cfg: Config, dtype=torch.float32, meta: bool = False):
         return model, tokenizer, n_img
     with _device_ctx(meta):
         model = LlavaForConditionalGeneration._from_config(llava_config(cfg), dtype=dtype)
+    from .toy.tokenizer import toy_tokenizer  # the toy road only: real models bring their own
+
     tokenizer = None if meta and cfg.preset == "full" else toy_tokenizer(cfg.llm_max_positions, chat=True)
     return model, tokenizer, n_img
 
@@ -193,6 +168,8 @@ def build_text_encoder(cfg: Config, dtype=torch.float32, meta: bool = False):
                           projection_dim=cfg.clip_embed_dim, pad_token_id=1, bos_token_id=2, eos_token_id=3)
     with _device_ctx(meta):
         model = CLIPTextModel._from_config(conf, dtype=dtype)
+    from .toy.tokenizer import toy_tokenizer  # the toy road only: real models bring their own
+
     tokenizer = None if meta and cfg.preset == "full" else toy_tokenizer(cfg.text_max_length, chat=False)
     return model, tokenizer
 
@@ -293,42 +270,3 @@ def build_sampler_scheduler(name: str, train_scheduler):
         raise ValueError(f"unknown scheduler {name!r}: use a diffusers scheduler class name such as "
                          "EulerAncestralDiscreteScheduler or DDIMScheduler")
     return cls.from_config(train_scheduler.config)
-
-
-def llava_processor(mllm, tokenizer):
-    """A LlavaProcessor for a LLaVA built from the config (the toy bases): CLIP preprocessing at the vision
-    tower's size, `tokenizer` and its chat template."""
-    from transformers import CLIPImageProcessor, LlavaProcessor
-
-    size = mllm.config.vision_config.image_size
-    images = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
-                                image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
-    return LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=mllm.config.vision_config.patch_size,
-                          vision_feature_select_strategy="default", chat_template=tokenizer.chat_template,
-                          num_additional_image_tokens=1)
-
-
-def save_bases(out: str, cfg: Config, mllm=None, tokenizer=None, text_encoder=None, text_tokenizer=None,
-               vae=None, unet=None, image_encoder=None, scheduler=None) -> dict:
-    """Write base models in the public layouts that the loaders above read (LLaVA folder with its processor;
-    diffusers folder unet/ vae/ text_encoder/ tokenizer/ scheduler/; CLIP vision folder), and return the
-    `*_path` config values that point at them. This is how the toy bases ship, and how tests exercise the
-    from_pretrained road offline."""
-    paths = {}
-    if mllm is not None:
-        folder = os.path.join(out, "mllm")
-        mllm.save_pretrained(folder)
-        llava_processor(mllm, tokenizer).save_pretrained(folder)
-        paths["mllm_path"] = folder
-    if unet is not None:
-        folder = os.path.join(out, "sd")
-        unet.save_pretrained(os.path.join(folder, "unet"))
-        vae.save_pretrained(os.path.join(folder, "vae"))
-        text_encoder.save_pretrained(os.path.join(folder, "text_encoder"))
-        text_tokenizer.save_pretrained(os.path.join(folder, "tokenizer"))
-        (scheduler or build_noise_scheduler(cfg)).save_pretrained(os.path.join(folder, "scheduler"))
-        paths["sd_path"] = folder
-    if image_encoder is not None:
-        image_encoder.save_pretrained(os.path.join(out, "clip"))
-        paths["clip_path"] = os.path.join(out, "clip")
-    return paths

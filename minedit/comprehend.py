@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from . import build
-from .mm_tokens import MM_TOKEN, mm_forward
+from .parts.mm_tokens import MM_TOKEN, mm_forward
 
 
 def mllm_inputs(model, images: torch.Tensor, texts: list[str]):

@@ -8,7 +8,8 @@ import re
 import textwrap
 from dataclasses import fields
 
-from .config import Config, preset
+from .config import Config
+from .presets import preset
 
 
 def _show(value) -> str:

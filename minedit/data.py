@@ -56,7 +56,7 @@ def read_manifest(path, kind: str = "edit") -> tuple[list[dict], list[tuple[int,
     path = Path(path)
     if not path.is_file():
         raise DataError(f"manifest {path} {'is a directory' if path.is_dir() else 'not found'} — check the path, "
-                        f"or write one with `python -m minedit.toyworld --out DIR`")
+                        f"or write one with `python -m minedit.toy --out DIR`")
     rows, bad = [], []
     try:
         data = path.read_bytes()

@@ -30,6 +30,9 @@ What each carries, and why:
   ``save_pretrained`` with its processor and the extended tokenizer: ``LlavaForConditionalGeneration`` (or
   ``LlavaOnevisionForConditionalGeneration``) ``.from_pretrained(DIR)`` computes what minedit's MLLM computes.
 
+`save_bases` writes base models (not a run) in the same public layouts: how the toy bases in assets/toy/base
+ship (scripts/pretrain_toy_bases.py), and how tests exercise build's from_pretrained road offline.
+
 Every export is written into a hidden temporary folder and renamed into place, so ``--out`` is either complete
 or absent; ``minedit_export.json`` beside the weights names the run, the format and the sampling settings.
 """
@@ -43,6 +46,7 @@ import shutil
 
 import torch
 
+from .config import Config
 from .errors import UserError, run_cli
 
 FORMATS = ("diffusers", "peft", "llava")
@@ -94,7 +98,7 @@ def mllm_processor(model):
         processor = build.mllm_processor(model.cfg.mllm_path)
         processor.tokenizer = model.tokenizer
         return processor
-    return build.llava_processor(model.mllm, model.tokenizer)
+    return llava_processor(model.mllm, model.tokenizer)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -133,7 +137,7 @@ def check_format(cfg, fmt: str) -> None:
 
 def peft_adapter(model) -> tuple[dict, dict]:
     """-> (LoraConfig keyword arguments, adapter tensors in peft's key layout) for the run's MLLM."""
-    from .lora import lora_state_dict
+    from .parts.lora import lora_state_dict
 
     mllm = model.mllm
     adapters = lora_state_dict(mllm)  # {"<layer>.lora_A": r×in, "<layer>.lora_B": out×r}
@@ -176,7 +180,7 @@ def export_peft(model, folder: str, dtype: torch.dtype) -> dict:
 
 
 def export_llava(model, folder: str, dtype: torch.dtype) -> dict:
-    from .lora import lora_state_dict, merge_lora
+    from .parts.lora import lora_state_dict, merge_lora
 
     mllm = model.mllm
     adapter_keys = set(lora_state_dict(mllm))  # "<layer>.lora_A"/"lora_B": the parameter names LoRA added
@@ -190,6 +194,50 @@ def export_llava(model, folder: str, dtype: torch.dtype) -> dict:
 
 
 EXPORTERS = {"diffusers": export_diffusers, "peft": export_peft, "llava": export_llava}
+
+
+# ---------------------------------------------------------------- base models in their public layouts
+def llava_processor(mllm, tokenizer):
+    """A LlavaProcessor for a LLaVA built from the config (the toy bases): CLIP preprocessing at the vision
+    tower's size, `tokenizer` and its chat template."""
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    from .build import CLIP_MEAN, CLIP_STD
+
+    size = mllm.config.vision_config.image_size
+    images = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                                image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
+    return LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=mllm.config.vision_config.patch_size,
+                          vision_feature_select_strategy="default", chat_template=tokenizer.chat_template,
+                          num_additional_image_tokens=1)
+
+
+def save_bases(out: str, cfg: Config, mllm=None, tokenizer=None, text_encoder=None, text_tokenizer=None,
+               vae=None, unet=None, image_encoder=None, scheduler=None) -> dict:
+    """Write base models in the public layouts that minedit.build's loaders read (LLaVA folder with its processor;
+    diffusers folder unet/ vae/ text_encoder/ tokenizer/ scheduler/; CLIP vision folder), and return the
+    `*_path` config values that point at them. This is how the toy bases ship, and how tests exercise the
+    from_pretrained road offline."""
+    from . import build
+
+    paths = {}
+    if mllm is not None:
+        folder = os.path.join(out, "mllm")
+        mllm.save_pretrained(folder)
+        llava_processor(mllm, tokenizer).save_pretrained(folder)
+        paths["mllm_path"] = folder
+    if unet is not None:
+        folder = os.path.join(out, "sd")
+        unet.save_pretrained(os.path.join(folder, "unet"))
+        vae.save_pretrained(os.path.join(folder, "vae"))
+        text_encoder.save_pretrained(os.path.join(folder, "text_encoder"))
+        text_tokenizer.save_pretrained(os.path.join(folder, "tokenizer"))
+        (scheduler or build.build_noise_scheduler(cfg)).save_pretrained(os.path.join(folder, "scheduler"))
+        paths["sd_path"] = folder
+    if image_encoder is not None:
+        image_encoder.save_pretrained(os.path.join(out, "clip"))
+        paths["clip_path"] = os.path.join(out, "clip")
+    return paths
 
 
 def export(run: str, fmt: str, out: str, dtype: str = "fp32") -> str:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from . import build
 from .errors import UserError
-from .vision_head import embed_loss
+from .parts.vision_head import embed_loss
 
 
 class MindInputs(NamedTuple):

@@ -30,17 +30,17 @@ from torch import nn
 
 from . import build, mind
 from .comprehend import comprehend
-from .attention import install_decoupled_attention
-from .bim import BIM, conv_in_residual, wrap_conv_in
 from .config import Config
-from .iaa import IAA, iaa_loss
-from .ip_adapter import image_projection
-from .lora import inject_lora
-from .losses import diffusion_loss
 from .errors import UserError
-from .mm_tokens import add_mm_tokens, load_mm_rows, mask_original_rows, mm_rows_state_dict
-from .qformer import QFormer
-from .vision_head import VisionHead
+from .losses import diffusion_loss
+from .parts.attention import install_decoupled_attention
+from .parts.bim import BIM, conv_in_residual, wrap_conv_in
+from .parts.iaa import IAA, iaa_loss
+from .parts.ip_adapter import image_projection
+from .parts.lora import inject_lora
+from .parts.mm_tokens import add_mm_tokens, load_mm_rows, mask_original_rows, mm_rows_state_dict
+from .parts.qformer import QFormer
+from .parts.vision_head import VisionHead
 
 # The trainable parts per recipe and stage (DESIGN §4). Everything not listed is frozen.
 STAGE_TRAINABLE = {

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from . import build
-from .attention import set_ip_scale
+from .parts.attention import set_ip_scale
 
 
 @torch.no_grad()

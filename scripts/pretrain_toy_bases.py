@@ -64,10 +64,11 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python scripts/...` from a checkout
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling pretrain_toy_unet.py, however loaded
 
-from minedit import build  # noqa: E402
-from minedit.config import preset  # noqa: E402
-from minedit.toyphrases import CATEGORIES, KINDS, tokenize_words  # noqa: E402
-from minedit.toyworld import cached_world  # noqa: E402
+from minedit import build, export  # noqa: E402
+from minedit.presets import preset  # noqa: E402
+from minedit.toy.phrases import CATEGORIES, KINDS, tokenize_words  # noqa: E402
+from minedit.toy.tokenizer import toy_tokenizer  # noqa: E402
+from minedit.toy.world import cached_world  # noqa: E402
 
 CAPTION_PROMPT = "describe the picture."
 EDIT_SHARE = 0.6  # fraction of each MLLM batch drawn from the instruction task (the rest: captions)
@@ -89,7 +90,7 @@ def text_tokenizer(cfg):
     """The toy word-level tokenizer, wrapping every text as <s> ... </s> so CLIP's eos pooling is meaningful."""
     from tokenizers.processors import TemplateProcessing
 
-    tok = build.toy_tokenizer(cfg.text_max_length, chat=False)
+    tok = toy_tokenizer(cfg.text_max_length, chat=False)
     bos, eos = tok.bos_token, tok.eos_token
     tok.backend_tokenizer.post_processor = TemplateProcessing(
         single=f"{bos} $A {eos}", special_tokens=[(bos, tok.bos_token_id), (eos, tok.eos_token_id)])
@@ -347,7 +348,7 @@ def save_all(out: Path, cfg, vae, clip, text_encoder, mllm, mllm_tok, text_tok, 
     CLIPVisionModelWithProjection (same parameter names, projection_dim set in the vision config)."""
     from transformers import CLIPImageProcessor
 
-    paths = build.save_bases(str(out), cfg, mllm=mllm, tokenizer=mllm_tok, text_encoder=text_encoder,
+    paths = export.save_bases(str(out), cfg, mllm=mllm, tokenizer=mllm_tok, text_encoder=text_encoder,
                              text_tokenizer=text_tok, vae=vae, unet=unet, scheduler=scheduler)
     clip.save_pretrained(out / "clip")
     text_tok.save_pretrained(out / "clip")
@@ -441,7 +442,7 @@ def main(argv: list[str] | None = None) -> dict:
                                  n=args.unet_world_n, steps=args.steps_unet)
     log(f"unet: {json.dumps(m_unet)}")
 
-    mllm_tok = build.toy_tokenizer(cfg.llm_max_positions, chat=True)
+    mllm_tok = toy_tokenizer(cfg.llm_max_positions, chat=True)
     n_img = (cfg.vision_image_size // cfg.vision_patch) ** 2
     caps, edits = mllm_examples(mllm_tok, n_img, rows, image_index, caption_rows)
     eval_index = {r["source"]: i for i, r in enumerate(eval_rows)}

@@ -42,9 +42,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python scripts/
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling pretrain_toy_bases.py, however loaded
 
 from minedit import build  # noqa: E402
-from minedit.config import preset  # noqa: E402
-from minedit.toyphrases import BACKGROUNDS, COLOURS, tokenize_words  # noqa: E402
-from minedit.toyworld import cached_world  # noqa: E402
+from minedit.presets import preset  # noqa: E402
+from minedit.toy.phrases import BACKGROUNDS, COLOURS, tokenize_words  # noqa: E402
+from minedit.toy.world import cached_world  # noqa: E402
 from pretrain_toy_bases import clip_retrieval, load_images, log, read_jsonl, schedule, step  # noqa: E402
 
 P_NULL = 0.1  # fraction of captions replaced by "" (classifier-free guidance, as SD fine-tuning does)

@@ -42,7 +42,7 @@ lever_flags() {  # the overrides that make each lever; everything else is the to
 }
 
 VAL="$OUT/val-world/eval.jsonl"
-[ -f "$OUT/val-world/meta.json" ] || python3 -m minedit.toyworld --out "$OUT/val-world" --n "$VAL_N" --seed 555
+[ -f "$OUT/val-world/meta.json" ] || python3 -m minedit.toy --out "$OUT/val-world" --n "$VAL_N" --seed 555
 # Random-UNet bases: the shipped bases with sd/unet replaced by a freshly initialised one (with and without
 # cross-attention at the 16×16 level; with a factor-1 VAE), so those levers change the UNet's start and nothing
 # else. The factor-1 VAE (one block, no downsampling) is trained here like the shipped one, for VAE1_STEPS steps.
@@ -64,7 +64,7 @@ build.build_unet(cfg).save_pretrained(f"{out}/sd/unet")
 if x16 == "-f1":
     sys.path.insert(0, "scripts")
     import pretrain_toy_bases as ptb
-    from minedit.toyworld import cached_world
+    from minedit.toy.world import cached_world
     cfg.vae_channels = (32,)
     root = ptb.Path(cached_world(seed=0, n=6000, size=cfg.resolution))
     train, ev = ptb.read_jsonl(root / "captions.jsonl"), ptb.read_jsonl(root / "eval.jsonl")

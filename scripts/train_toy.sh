@@ -26,7 +26,7 @@ BASES="--mllm_path=$BASE/mllm --sd_path=$BASE/sd --clip_path=$BASE/clip"
 COMMON="--toy_samples=$TOY_SAMPLES --sample_every=500 --save_every=500 --log_every=50"
 EVAL="$OUT/eval-world/eval.jsonl"
 
-[ -f "$OUT/eval-world/meta.json" ] || python3 -m minedit.toyworld --out "$OUT/eval-world" --n "$EVAL_N" --seed 777
+[ -f "$OUT/eval-world/meta.json" ] || python3 -m minedit.toy --out "$OUT/eval-world" --n "$EVAL_N" --seed 777
 evaluate() {  # evaluate RUN NAME [flags]: results in $OUT/results-NAME.json (+ .png, -grid.png)
   local run=$1 name=$2; shift 2
   python3 evaluate.py --ckpt "$run" --data "$EVAL" --out "$OUT/results-$name.json" "$@"

@@ -1,4 +1,4 @@
-"""Cross-attention maps (minedit/attnmaps.py, infer.py --attention-maps): the recorded probabilities are the ones
+"""Cross-attention maps (minedit/eval/attnmaps.py, infer.py --attention-maps): the recorded probabilities are the ones
 each layer applies (P·V against the layer's own output), they are non-negative and sum to one over tokens, the
 edit is bit-identical with and without recording, the maps follow the instruction, and the script writes them."""
 import os
@@ -11,10 +11,10 @@ import torch
 from PIL import Image
 
 from conftest import tiny_unet
-from minedit.attention import DecoupledAttnProcessor, install_decoupled_attention
-from minedit.attnmaps import AttentionRecorder, layer_grid, spread_steps, token_labels
 from minedit.data import load_image, to_tensor
 from minedit.errors import UserError
+from minedit.eval.attnmaps import AttentionRecorder, layer_grid, spread_steps, token_labels
+from minedit.parts.attention import DecoupledAttnProcessor, install_decoupled_attention
 from minedit.sampler import edit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -119,8 +119,8 @@ def test_shipped_model_maps_leave_the_edit_alone_and_follow_the_instruction(toy)
 
 @pytest.fixture(scope="module")
 def ip2p():
-    from minedit.config import preset
     from minedit.model import EditModel
+    from minedit.presets import preset
     torch.manual_seed(0)
     return EditModel(preset("ip2p", "toy")).eval()
 
@@ -140,8 +140,8 @@ def test_ip2p_maps_are_named_by_the_instructions_tokens(ip2p):
 def test_mindedit_maps_are_named_by_the_decoded_topt():
     """MIND-Edit conditions the UNet on CLIP_text(T_opt): the labels are T_opt's tokens (the instruction's with
     use_topt=False), and v_insight's image tokens get their own maps."""
-    from minedit.config import preset
     from minedit.model import EditModel
+    from minedit.presets import preset
     torch.manual_seed(0)
     model = EditModel(preset("mindedit", "toy", 2)).eval()
     tok = model.text_tokenizer

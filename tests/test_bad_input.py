@@ -24,9 +24,10 @@ import torch
 from PIL import Image
 
 from conftest import run_script as run
-from minedit import checkpoint, toyworld
-from minedit.config import preset
+from minedit import checkpoint
 from minedit.model import EditModel
+from minedit.presets import preset
+from minedit.toy import world as toyworld
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -258,7 +259,7 @@ TOY = [
 CASES = ([pytest.param("infer.py", *c[1:], id="infer-" + c[0]) for c in INFER]
          + [pytest.param("train.py", *c[1:], id="train-" + c[0]) for c in TRAIN]
          + [pytest.param("evaluate.py", *c[1:], id="evaluate-" + c[0]) for c in EVALUATE]
-         + [pytest.param("minedit.toyworld", *c[1:], id="toyworld-" + c[0]) for c in TOY])
+         + [pytest.param("minedit.toy", *c[1:], id="toy-" + c[0]) for c in TOY])
 NEEDS_PERMISSIONS = ("locked", "/ro/", "ro/t")
 
 

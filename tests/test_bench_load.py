@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from minedit import build
-from minedit.config import preset
+from minedit.presets import preset
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "bench" / "load_time.py")

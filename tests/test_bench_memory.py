@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from minedit import runtime
-from minedit.config import preset
 from minedit.model import EditModel
+from minedit.presets import preset
 
 ROOT = Path(__file__).resolve().parents[1]
 

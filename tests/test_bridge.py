@@ -7,9 +7,9 @@ from diffusers import UNet2DConditionModel
 from torch import nn
 
 from conftest import tiny_unet as shared_tiny_unet
-from minedit.bim import BIM, ConvInWithResidual, conv_in_residual, sincos_2d, wrap_conv_in
-from minedit.iaa import IAA, iaa_loss
-from minedit.qformer import QFormer
+from minedit.parts.bim import BIM, ConvInWithResidual, conv_in_residual, sincos_2d, wrap_conv_in
+from minedit.parts.iaa import IAA, iaa_loss
+from minedit.parts.qformer import QFormer
 
 
 def small_qformer():

@@ -10,9 +10,10 @@ import pytest
 
 import train
 from minedit import checkpoint
-from minedit.config import ARCH_FIELDS, HELP, Config, ConfigError, apply_overrides, preset
+from minedit.config import ARCH_FIELDS, HELP, Config, ConfigError
 from minedit.confighelp import field_help
 from minedit.errors import UserError
+from minedit.presets import apply_overrides, preset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -142,7 +142,7 @@ def test_weights_and_collate(pair):
 
 
 def test_toyworld_rows_load_exactly(tmp_path):
-    from minedit.toyworld import generate
+    from minedit.toy.world import generate
     generate(tmp_path, 6, seed=0)
     ds = EditDataset(str(tmp_path / "train.jsonl"), 32, random_flip=False)
     item, row = ds[0], ds.rows[0]

@@ -19,7 +19,7 @@ from minedit.datagen.recaption import SIMPLE, VERBS, definite, parse_rewrite, re
 from minedit.datagen.run import Pipeline, run, toy_masker
 from minedit.datagen.toy import ToyEditor, ToyOracle
 from minedit.errors import UserError, run_cli
-from minedit.judge import LocalJudge
+from minedit.eval.judge import LocalJudge
 
 from conftest import ok, run_script
 

@@ -211,8 +211,8 @@ def test_text_llm_answers_text_and_refuses_images(tmp_path):
     """The separate object-extraction LLM (--llm): a tiny Llama with the toy tokenizer, loaded back by folder."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from minedit.build import toy_tokenizer
     from minedit.datagen.mllm import LLM
+    from minedit.toy.tokenizer import toy_tokenizer
 
     torch.manual_seed(0)
     LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=1,

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from minedit import checkpoint
-from minedit.config import preset
-from minedit.lora import lora_parameters
 from minedit.model import EditModel, load_model
+from minedit.parts.lora import lora_parameters
+from minedit.presets import preset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOY_MLLM = os.path.join(ROOT, "assets", "toy", "base", "mllm")
@@ -216,8 +216,8 @@ def test_refusals_are_one_error_line(ip2p_run, mllm_run, tmp_path, capsys):
 
 def test_peft_needs_a_loadable_base(tmp_path):
     """A toy run whose LLaVA was built from the config has no base to put an adapter on: refused, not faked."""
-    from minedit.export import check_format
     from minedit.errors import UserError
+    from minedit.export import check_format
 
     with pytest.raises(UserError, match="--format llava"):
         check_format(preset("smartedit", "toy"), "peft")
@@ -231,7 +231,7 @@ def test_peft_adapter_layout_without_mm_tokens_and_missing_peft(monkeypatch):
 
     from minedit.errors import UserError
     from minedit.export import check_format, peft_adapter
-    from minedit.lora import lora_state_dict
+    from minedit.parts.lora import lora_state_dict
 
     torch.manual_seed(0)
     model = EditModel(preset("mindedit", "toy"))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from minedit import toyworld
+from minedit.toy import world as toyworld
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, OMP_NUM_THREADS="1")

@@ -7,7 +7,7 @@ import torch
 
 import train
 from minedit import runtime
-from minedit.toyworld import generate
+from minedit.toy.world import generate
 
 
 @pytest.fixture

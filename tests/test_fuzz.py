@@ -18,10 +18,11 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from minedit import checkpoint
-from minedit.config import Config, apply_overrides, preset
+from minedit.config import Config
 from minedit.data import EditDataset, load_image, load_mask, read_manifest
 from minedit.errors import UserError
-from minedit.judge import LocalJudge, parse_scores
+from minedit.eval.judge import LocalJudge, parse_scores
+from minedit.presets import apply_overrides, preset
 
 EXAMPLES = int(os.environ.get("MINEDIT_FUZZ_EXAMPLES", "80"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,

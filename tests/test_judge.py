@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from minedit.errors import UserError
-from minedit.judge import HTTPJudge, LocalJudge, build_prompt, parse_scores, viescore
+from minedit.eval.judge import HTTPJudge, LocalJudge, build_prompt, parse_scores, viescore
 
 SRC, EDIT = b"\x89PNG-source-bytes", b"\x89PNG-edited-bytes"
 INSTRUCTION = 'Is there anything round? Replace it with a "blue" square.'
@@ -234,7 +234,7 @@ def test_evaluate_counts_missing_judgements(server, tmp_path, capsys):
     import shutil
 
     import evaluate
-    from minedit import toyworld
+    from minedit.toy import world as toyworld
 
     toyworld.generate(str(tmp_path / "world"), n=12, seed=3, size=32)
     rows = [json.loads(r) for r in (tmp_path / "world" / "train.jsonl").read_text().splitlines()][:3]

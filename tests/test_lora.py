@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from transformers import CLIPVisionConfig, LlamaConfig, LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration
 
-from minedit.lora import (LoRALinear, inject_lora, load_lora_state_dict, lora_parameters, lora_state_dict,
+from minedit.parts.lora import (LoRALinear, inject_lora, load_lora_state_dict, lora_parameters, lora_state_dict,
                           merge_lora, unmerge_lora)
 
 

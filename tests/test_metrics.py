@@ -8,8 +8,8 @@ import pytest
 import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from minedit import metrics
-from minedit.metrics import aggregate, background, clip_scores, edit_scores, psnr, ssim
+from minedit.eval import metrics
+from minedit.eval.metrics import aggregate, background, clip_scores, edit_scores, psnr, ssim
 
 
 def _structured(h, w, rng):

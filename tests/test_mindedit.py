@@ -20,14 +20,14 @@ from conftest import ok, run_script, tiny_unet
 from minedit import build, mind
 from minedit import data as data_module
 from minedit import training
-from minedit.attention import decoupled_processors, install_decoupled_attention
-from minedit.config import preset
 from minedit.errors import run_cli
-from minedit.ip_adapter import (image_projection, ip_adapter_state_dict, load_ip_adapter,
+from minedit.parts.attention import decoupled_processors, install_decoupled_attention
+from minedit.presets import preset
+from minedit.parts.ip_adapter import (image_projection, ip_adapter_state_dict, load_ip_adapter,
                                 load_ip_adapter_state_dict, save_ip_adapter)
 from minedit.model import STAGE_TRAINABLE, EditModel
 from minedit.sampler import edit
-from minedit.toyworld import generate
+from minedit.toy.world import generate
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ["--batch-size", "4", "--sample-every", "0", "--log_every=1"]

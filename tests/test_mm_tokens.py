@@ -7,7 +7,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (CLIPVisionConfig, LlamaConfig, LlamaForCausalLM, LlavaConfig,
                           LlavaForConditionalGeneration, PreTrainedTokenizerFast)
 
-from minedit.mm_tokens import (MM_TOKEN, add_mm_tokens, load_mm_rows, mask_original_rows, mm_forward,
+from minedit.parts.mm_tokens import (MM_TOKEN, add_mm_tokens, load_mm_rows, mask_original_rows, mm_forward,
                                mm_row_params, mm_rows_state_dict)
 
 R = 4

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import train
-from minedit.config import preset
 from minedit.model import STAGE_TRAINABLE, EditModel
+from minedit.presets import preset
 
 COMBOS = [(r, s) for (r, s) in STAGE_TRAINABLE]
 

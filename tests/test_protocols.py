@@ -12,10 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-from minedit import checkpoint, protocols
-from minedit.config import preset
-from minedit.judge import LocalJudge
+from minedit import checkpoint
+from minedit.eval import protocols
+from minedit.eval.judge import LocalJudge
 from minedit.model import EditModel
+from minedit.presets import preset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOY_CLIP = os.path.join(ROOT, "assets", "toy", "base", "clip")

@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from minedit import fsio, runlock, toyworld, training
-from minedit.config import preset
+from minedit import fsio, runlock, training
 from minedit.errors import UserError
+from minedit.presets import preset
+from minedit.toy import world as toyworld
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -5,8 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from minedit.config import preset
 from minedit.model import EditModel
+from minedit.presets import preset
 from minedit.sampler import edit
 
 

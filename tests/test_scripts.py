@@ -9,9 +9,10 @@ import torch
 from PIL import Image
 
 from conftest import run_script as run
-from minedit import checkpoint, toydraw, toyworld
-from minedit.config import preset
+from minedit import checkpoint
 from minedit.model import EditModel
+from minedit.presets import preset
+from minedit.toy import draw as toydraw, world as toyworld
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

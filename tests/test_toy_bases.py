@@ -11,9 +11,9 @@ import torch
 from transformers import AutoTokenizer, CLIPModel, CLIPTextModel, CLIPVisionModelWithProjection
 
 from minedit import build
-from minedit.config import apply_overrides, preset
 from minedit.errors import UserError
 from minedit.model import EditModel
+from minedit.presets import apply_overrides, preset
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "pretrain_toy_bases.py"
 

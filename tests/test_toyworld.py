@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from minedit import toydraw, toyphrases
-from minedit import toyworld as tw
+from minedit.toy import draw as toydraw, phrases as toyphrases
+from minedit.toy import world as tw
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT_FIELDS = ("instruction", "simple_instruction", "advanced_instruction", "optimized_instruction", "caption",
@@ -164,7 +164,7 @@ def test_generate_rejects_bad_arguments(tmp_path):
 
 
 def _cli(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "minedit.toyworld", *args], cwd=cwd, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "minedit.toy", *args], cwd=cwd, capture_output=True,
                           text=True, timeout=120, env={"PYTHONPATH": str(ROOT), "PATH": ""})
 
 

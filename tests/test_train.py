@@ -17,7 +17,7 @@ from minedit import checkpoint as ckpt
 from minedit import data as data_module
 from minedit import training
 from minedit.errors import run_cli
-from minedit.toyworld import generate
+from minedit.toy.world import generate
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "train.py")

@@ -4,7 +4,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from conftest import tiny_unet
-from minedit.unet import expand_unet_in_channels
+from minedit.parts.unet import expand_unet_in_channels
 
 
 def inputs():

@@ -17,9 +17,10 @@ import pytest
 import torch
 from PIL import Image
 
-from minedit import checkpoint, fsio, toyworld
-from minedit.config import preset
+from minedit import checkpoint, fsio
 from minedit.errors import UserError
+from minedit.presets import preset
+from minedit.toy import world as toyworld
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}

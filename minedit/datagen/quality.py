@@ -14,8 +14,8 @@ from __future__ import annotations
 import io
 import math
 
-from ..judge import HTTPJudge, _json_objects, _number
-from ..protocols import vie_overall
+from ..eval.judge import HTTPJudge, _json_objects, _number
+from ..eval.protocols import vie_overall
 
 PQ_PROMPT = (
     "You are a strict evaluator of image quality. Rate this image, produced by an image editor, on two integer "

@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..toydraw import dilate, footprint, render
-from ..toyphrases import COLOURS, SHAPES
-from ..toyrefer import explicit, reasoning, understanding
-from ..toyworld import _scene
+from ..toy.draw import dilate, footprint, render
+from ..toy.phrases import COLOURS, SHAPES
+from ..toy.refer import explicit, reasoning, understanding
+from ..toy.world import _scene
 
 
 class ToyOracle:

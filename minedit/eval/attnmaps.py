@@ -30,8 +30,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import fsio
-from .errors import UserError
+from .. import fsio
+from ..errors import UserError
 
 
 def spread_steps(n_steps: int, k: int = 3) -> list[int]:
@@ -77,7 +77,7 @@ class AttentionRecorder:
     def __enter__(self):
         from diffusers.models.attention_processor import Attention  # lazy: infer.py checks paths before loading
 
-        from .attention import DecoupledAttnProcessor
+        from ..parts.attention import DecoupledAttnProcessor
 
         self._decoupled = DecoupledAttnProcessor
         self._call = -1

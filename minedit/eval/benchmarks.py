@@ -23,8 +23,9 @@ import sys
 
 import numpy as np
 
-from . import fsio, metrics, protocols
-from .errors import UserError
+from .. import fsio
+from ..errors import UserError
+from . import metrics, protocols
 
 PROTOCOLS = ("reason-edit", "magicbrush", "gedit")
 CAPTION_FIELDS = ("local_caption", "caption", "target_caption")
@@ -48,12 +49,12 @@ class Editor:
         """jobs: (source path, instruction, output path); the ones whose output exists are skipped."""
         import infer
 
-        from . import runtime
+        from .. import runtime
         todo = [(j, s) for j, s in zip(jobs, seeds) if not os.path.isfile(j[2])]
         if not todo:
             return 0
         if self.model is None:
-            from .model import load_model
+            from ..model import load_model
 
             self.rt = runtime.setup("bf16" if runtime.pick_device(self.a.device).type == "cuda" else "fp32",
                                     self.a.device)
@@ -181,7 +182,7 @@ def run(a) -> int:
     if a.protocol == "gedit" and not (a.judge_url or getattr(a, "judge", None)):
         raise UserError("--protocol gedit needs a judge — pass --judge-url (an OpenAI-compatible endpoint)")
     editor = Editor(a)
-    from .runtime import pick_device
+    from ..runtime import pick_device
 
     device = pick_device(a.device)
     clip_path = a.clip or editor.cfg.clip_path
@@ -211,7 +212,7 @@ def run(a) -> int:
 
 
 def read_rows(path: str, kind: str, limit) -> list[dict]:
-    from .data import read_manifest
+    from ..data import read_manifest
 
     rows, bad = read_manifest(path, kind=kind)
     if not rows:

@@ -38,7 +38,7 @@ import urllib.request
 from collections.abc import Callable
 from typing import Protocol
 
-from .errors import UserError
+from ..errors import UserError
 
 SYSTEM_PROMPT = (
     "You are a strict evaluator of instruction-based image editing. You are given an editing instruction, the "

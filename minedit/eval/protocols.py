@@ -31,8 +31,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import UserError
 from . import metrics
-from .errors import UserError
 
 REASON_EDIT_SIZE = 256
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -108,7 +108,7 @@ def load_clip(path: str, device):
     """A CLIPModel and its tokenizer by hub id or folder (the toy bases keep the tokenizer beside SD's)."""
     from transformers import AutoTokenizer, CLIPModel
 
-    from .build import _pretrained, quiet_loading
+    from ..build import _pretrained, quiet_loading
 
     local = _pretrained(path, meta=False)
     try:
@@ -128,7 +128,7 @@ def load_dino(path: str, device):
     """A DINO ViT (transformers ViTModel / Dinov2Model) by hub id or folder."""
     from transformers import AutoModel
 
-    from .build import quiet_loading
+    from ..build import quiet_loading
 
     try:
         with quiet_loading():

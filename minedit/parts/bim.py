@@ -159,7 +159,7 @@ def wrap_conv_in(unet: nn.Module) -> nn.Module:
 def conv_in_residual(unet: nn.Module, v_txt: torch.Tensor | None):
     """Add v_txt to the output of `unet.conv_in` for every UNet call inside the block; always cleared after."""
     if not isinstance(unet.conv_in, ConvInWithResidual):
-        raise TypeError("unet.conv_in is not wrapped: call minedit.bim.wrap_conv_in(unet) first")
+        raise TypeError("unet.conv_in is not wrapped: call minedit.parts.bim.wrap_conv_in(unet) first")
     unet.conv_in.residual = v_txt
     try:
         yield unet

@@ -10,7 +10,7 @@ import math
 import numpy as np
 from PIL import Image, ImageDraw
 
-from minedit.toyphrases import BACKGROUNDS, COLOURS, RADIUS
+from .phrases import BACKGROUNDS, COLOURS, RADIUS
 
 
 def draw_shape(draw: ImageDraw.ImageDraw, o: dict, size: int, fill) -> None:

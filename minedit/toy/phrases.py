@@ -1,6 +1,6 @@
 """The toy world's language: its palette, sizes, world knowledge and every phrasing template (DESIGN §10).
 
-minedit/toyworld.py draws scenes and edits and fills these templates; they live apart so that either file reads
+world.py draws scenes and edits and fills these templates; they live apart so that either file reads
 in one sitting. VOCAB is every word a template can emit, as split by `tokenize_words`: the toy tokenizers are
 built from it, so a word added to a template here reaches them without further changes.
 """

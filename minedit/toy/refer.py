@@ -1,6 +1,6 @@
 """Referring expressions of the toy world: the phrases that pick out exactly one shape of a scene.
 
-Each level of InsightEdit's evaluation has its own kind (toyworld.py's docstring lists them): `explicit` names
+Each level of InsightEdit's evaluation has its own kind (world.py's docstring lists them): `explicit` names
 colour and shape (with size or position where those are not unique), `understanding` compares positions, sizes
 and counts, `reasoning` goes through attribute knowledge ("the shape with three corners", "the colour of grass").
 Every phrase returned here fits objs[t] and no other shape; positions are compared at `margin` pixels.
@@ -8,7 +8,7 @@ Every phrase returned here fits objs[t] and no other shape; positions are compar
 """
 from __future__ import annotations
 
-from minedit.toyphrases import (
+from .phrases import (
     ALIKE, BIGGER, COLOURED_HEAD, COLOUR_CLAUSES, COLOUR_OF, COUNTING, EXPLICIT, HEADS, NAMED_HEAD,
     NEW_COLOUR_CLAUSES, NEW_SHAPE_CLUES, NUMBERS, ORDINAL, ORDINALS, QUESTIONS, RELATIVE, SHAPES, SHAPE_CLUES, SIDE,
     SMALLER,

@@ -14,7 +14,7 @@ Every referring expression is checked to fit exactly one shape, with positions c
 0.15 x image side, so the target is well defined. Adds are under-determined by nature: the phrase fixes shape,
 colour (size when it says one) and a region, and one free place in that region is drawn; the row's
 `add_region` records the freedom (free sizes, box of centres) so that evaluation can accept any valid answer
-(`minedit.toydraw.valid_targets`, `nearest_target`).
+(`minedit.toy.draw.valid_targets`, `nearest_target`).
 
 Row texts: `instruction` (what trains: the simple phrasing on simple rows, the advanced one otherwise),
 `simple_instruction` (colour+shape phrasing, plus size or position where colour+shape is not unique),
@@ -24,32 +24,29 @@ T_opt), `caption` and `target_caption`. Rows also carry the scene descriptions (
 Choices the design left open: no anti-aliasing (exact palette pixels); sample i draws from numpy's
 default_rng([seed, i]), so a file never depends on n; category = i mod 3 and kind = (i div 3) mod 3, balanced
 exactly; the last round(n x eval_fraction) samples are the eval split; captions.jsonl holds the source and target
-images of the train split only. The words and templates live in toyphrases.py (with VOCAB), the referring
-expressions built from them in toyrefer.py, drawing in toydraw.py.
+images of the train split only. The words and templates live in phrases.py (with VOCAB), the referring
+expressions built from them in refer.py, drawing in draw.py; `python -m minedit.toy` (__main__.py) writes a world.
 `cached_world` keeps one generated world per (VERSION, seed, n, size) for training runs to reuse.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import re
 import shutil
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from minedit.toyphrases import (
+from .phrases import (
     SHAPES, COLOURS, BACKGROUNDS, BG_WEIGHTS, RADIUS, CATEGORIES, KINDS, COLOUR_OF, COLOUR_OF_PHRASE, REMOVE,
     REMOVE_Q, REPLACE, REPLACE_Q, RESHAPE, RESHAPE_Q, RECOLOUR, RECOLOUR_Q, ADD, OPTIMIZED, SIDE_WHERE, RELATIONS,
     CORNER, SAME_COLOUR, COPY, WHERE, CAPTIONS, EMPTY_CAPTIONS,
 )
-from minedit.toydraw import dilate, fits, footprint, place, render
-from minedit.toyrefer import explicit, new_desc, pick, reasoning, understanding
+from .draw import dilate, fits, footprint, place, render
+from .refer import explicit, new_desc, pick, reasoning, understanding
 
 VERSION = 2  # bump when the generator's output changes: cached worlds are keyed by it
 
@@ -238,7 +235,7 @@ def sample(rng: np.random.Generator, size: int = 32, category: str | None = None
             **({"add_region": e["free"]} if "free" in e else {})}
 
 
-# ---------------------------------------------------------------- writer and CLI
+# ---------------------------------------------------------------- writer
 def generate(out_dir, n: int, seed: int, size: int = 32, eval_fraction: float = 0.1) -> dict:
     """Write images/, train.jsonl, eval.jsonl, captions.jsonl and meta.json under out_dir; returns the meta."""
     if not isinstance(n, int) or n <= 0:
@@ -293,33 +290,3 @@ def cached_world(seed: int, n: int, size: int = 32, root=None, main: bool = True
     if not (path / "meta.json").is_file():
         raise RuntimeError(f"toy world {path} is missing — generate it on the main process first")
     return str(path)
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m minedit.toyworld", description=__doc__.split("\n")[0])
-    ap.add_argument("--out", required=True, help="output folder (created if missing)")
-    ap.add_argument("--n", type=int, default=3000, help="number of editing samples")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--size", type=int, default=32, help="image side in pixels")
-    ap.add_argument("--eval-fraction", type=float, default=0.1)
-    args = ap.parse_args(argv)
-    if not args.out.strip():
-        print("error: --out is empty — name the folder to write the world to, e.g. --out toyworld", file=sys.stderr)
-        return 2
-    start = time.time()
-    try:
-        meta = generate(args.out, args.n, args.seed, args.size, args.eval_fraction)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"error: cannot write to {args.out}: {e.strerror or e} — choose a writable --out folder",
-              file=sys.stderr)
-        return 2
-    print(f"wrote {meta['n_train']} train + {meta['n_eval']} eval samples to {args.out} "
-          f"in {time.time() - start:.1f} s")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
