@@ -39,7 +39,8 @@ Measuring it (eval/):
     judge.py        VIEScore with an MLLM judge (optional)
     protocols.py    the benchmarks' own formulas: Reason-Edit, MagicBrush, GEdit-Bench (VIEScore SC/PQ/O)
     benchmarks.py   their data layouts and runs, for evaluate.py --protocol
-    attnmaps.py     per-token cross-attention maps of one edit, recorded with read-only hooks (attnsheet.py: the sheet)
+    attnmaps.py     per-token cross-attention maps of one edit, recorded with read-only hooks
+    attnsheet.py    their sheet: a heat map per token over the source, per recorded step
 Data in and out:
     datasets/       `python -m minedit.datasets`: public editing / caption datasets -> manifests
     datagen/        InsightEdit's AdvancedEdit pipeline: caption/objects, masks, edit pairs, recaption, filter
