@@ -12,7 +12,7 @@ The parts (parts/), one per paper concept:
     qformer.py      BLIP-2-style Q-Former: 77 queries -> CLIP-text space
     bim.py          SmartEdit's Bidirectional Interaction Module + the UNet conv_in residual
     iaa.py          InsightEdit's Image Alignment Adapter (mapper, linear, LayerNorm)
-    attention.py    decoupled (IP-Adapter-style) cross-attention processor
+    decoupled_attention.py  IP-Adapter-style cross-attention: Z = Attn(Q,K_txt,V_txt) + λ·Attn(Q,K_img,V_img)
     ip_adapter.py   IP-Adapter's image projection and its public weight format
     vision_head.py  MIND-Edit's vision head F_v: MLLM hidden states -> v_insight
     unet.py         the 8-channel editing UNet set-up

@@ -33,7 +33,7 @@ from .comprehend import comprehend
 from .config import Config
 from .errors import UserError
 from .losses import diffusion_loss
-from .parts.attention import install_decoupled_attention
+from .parts.decoupled_attention import install_decoupled_attention
 from .parts.bim import BIM, conv_in_residual, wrap_conv_in
 from .parts.iaa import IAA, iaa_loss
 from .parts.ip_adapter import image_projection

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from . import build
-from .parts.attention import set_ip_scale
+from .parts.decoupled_attention import set_ip_scale
 
 
 @torch.no_grad()

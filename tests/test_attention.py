@@ -12,7 +12,7 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from safetensors.torch import load_file, save_file
 
 from conftest import tiny_unet
-from minedit.parts.attention import (
+from minedit.parts.decoupled_attention import (
     DecoupledAttnProcessor,
     decoupled_parameters,
     decoupled_processors,

@@ -14,7 +14,7 @@ from conftest import tiny_unet
 from minedit.data import load_image, to_tensor
 from minedit.errors import UserError
 from minedit.eval.attnmaps import AttentionRecorder, layer_grid, spread_steps, token_labels
-from minedit.parts.attention import DecoupledAttnProcessor, install_decoupled_attention
+from minedit.parts.decoupled_attention import DecoupledAttnProcessor, install_decoupled_attention
 from minedit.sampler import edit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

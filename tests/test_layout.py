@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MAX_LINES = 330  # the issue's "~300", with room for a docstring paragraph
 MAX_FUNCTION_LINES = 80
 # The one function the issue lets stay long: it mirrors diffusers' AttnProcessor2_0 op for op.
-LONG_FUNCTIONS = {("minedit/parts/attention.py", "__call__")}
+LONG_FUNCTIONS = {("minedit/parts/decoupled_attention.py", "__call__")}
 # Files still over MAX_LINES on this branch, each with the work that brings it down. Strict: a file that has come
 # down fails the test until its entry is removed, so the list can only shrink.
 OVERSIZE_PENDING = {"minedit/model.py": "EditModel composed from parts that own their parameters (issue 16, item 3)"}

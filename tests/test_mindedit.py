@@ -21,7 +21,7 @@ from minedit import build, mind
 from minedit import data as data_module
 from minedit import training
 from minedit.errors import run_cli
-from minedit.parts.attention import decoupled_processors, install_decoupled_attention
+from minedit.parts.decoupled_attention import decoupled_processors, install_decoupled_attention
 from minedit.presets import preset
 from minedit.parts.ip_adapter import (image_projection, ip_adapter_state_dict, load_ip_adapter,
                                 load_ip_adapter_state_dict, save_ip_adapter)

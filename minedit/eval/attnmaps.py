@@ -77,7 +77,7 @@ class AttentionRecorder:
     def __enter__(self):
         from diffusers.models.attention_processor import Attention  # lazy: infer.py checks paths before loading
 
-        from ..parts.attention import DecoupledAttnProcessor
+        from ..parts.decoupled_attention import DecoupledAttnProcessor
 
         self._decoupled = DecoupledAttnProcessor
         self._call = -1

@@ -1,7 +1,7 @@
 """IP-Adapter's image projection and its public weight format (MIND-Edit §3.4 "Visual Representation Decoding").
 
     v_insight (or CLIP_image(I)): B×D ──Linear(D → N·C)──► B×N×C ──LayerNorm(C)──► f_img (N = 4, C = UNet
-    cross-attention width), read by the decoupled cross-attention (`attention.DecoupledAttnProcessor`).
+    cross-attention width), read by the decoupled cross-attention (decoupled_attention.DecoupledAttnProcessor).
 
 The projection is diffusers' own `ImageProjection` (parameters `image_embeds.*`, `norm.*`). The public IP-Adapter
 file (`ip-adapter_sd15.bin`, what diffusers' `load_ip_adapter` reads) is one dict
@@ -18,7 +18,7 @@ SD1.5 IP-Adapter can initialise the generation module and ours can be used with 
 import torch
 from diffusers.models.embeddings import ImageProjection
 
-from .attention import decoupled_processors
+from .decoupled_attention import decoupled_processors
 
 
 def image_projection(embed_dim: int, cross_dim: int, num_tokens: int = 4) -> ImageProjection:
