@@ -52,7 +52,7 @@ for x16 in "" "-x16" $([[ " $LEVERS " == *" vae1 "* ]] && echo "-f1"); do
   python3 - "$BASE" "$RANDOM_SD$x16" "$x16" "$VAE1_STEPS" <<'EOF'
 import shutil, sys, torch
 from minedit import build
-from minedit.config import preset
+from minedit.presets import preset
 base, out, x16, vae1_steps = sys.argv[1:]
 shutil.copytree(base, out, dirs_exist_ok=True)
 cfg = preset("insightedit", "toy")
