@@ -24,6 +24,7 @@ Running it:
     datasets/       `python -m minedit.datasets`: public editing / caption datasets -> manifests
     training.py     the pieces of the hand-written training loop that train.py reads top to bottom
     checkpoint.py   run folders and checkpoints: safetensors + JSON, written atomically
+    runfolder.py    train.py's run folder: --out checks, lock (runlock.py), torchrun restarts, signals, log.jsonl
     errors.py       the one error type for bad input, printed as `error: ...`
 Measuring it:
     metrics.py      background / in-mask PSNR, edit success, CLIP-I, CLIPScore, LPIPS
