@@ -21,17 +21,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import json
 import os
-import shutil
-import signal
 import sys
-import time
+from dataclasses import dataclass
 
 import torch
 
 from minedit import checkpoint as ckpt
-from minedit import fsio, runlock
+from minedit import fsio, runfolder, training
 from minedit.config import HELP, PRESETS, RECIPES, Config
 from minedit.confighelp import field_help
 from minedit.errors import UserError, run_cli
@@ -119,39 +116,6 @@ def dry_run(cfg) -> int:
     return 0
 
 
-def prepare_out(args, rt) -> bool:
-    """Create the run folder (emptying the old run's files under --overwrite) and prove it writable; the
-    refusals themselves ran earlier, in check_out. -> whether this call made the folder."""
-    made = not os.path.exists(args.out)
-    holds_run = os.path.isfile(os.path.join(args.out, "config.json"))
-    if rt.is_main:
-        fsio.makedirs(args.out)
-        runlock.acquire(args.out)  # before --overwrite empties anything: a live run is never touched
-        if holds_run and args.overwrite and not args.resume:
-            for name in os.listdir(args.out):
-                if name.startswith(("ckpt-", ".ckpt-")) or name in ("latest", "log.jsonl", "samples", "config.json"):
-                    path = os.path.join(args.out, name)
-                    shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-        try:
-            os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
-            probe = os.path.join(args.out, f".probe-{os.getpid()}")
-            open(probe, "w").close()
-            os.remove(probe)
-        except OSError as e:
-            raise UserError(f"cannot write to --out {args.out} ({e.strerror}) — choose a writable folder") from None
-    rt.barrier()
-    return made
-
-
-def remove_if_unused(out: str) -> None:
-    """Undo prepare_out's folder when the run failed before writing anything (e.g. a base model would not load),
-    so that the same command can simply be rerun."""
-    samples = os.path.join(out, "samples")
-    runlock.release(out)
-    if os.path.isdir(samples) and not os.listdir(samples) and os.listdir(out) == ["samples"]:
-        shutil.rmtree(out)
-
-
 def build_data(cfg, args, rt):
     """The dataset of the stage (caption pairs for stage 1, editing triples after), wrapped with its draws."""
     from minedit.data import EditDataset
@@ -189,254 +153,149 @@ def build_data(cfg, args, rt):
     return Draws(ds, cfg.seed, latent, cfg.train_timesteps), ds.sample_weights()
 
 
-def elastic_restart(args) -> None:
-    """torchrun --max-restarts restarts every rank with the same command line: continue this run, do not refuse
-    the folder it already wrote. With a checkpoint -> --resume; killed before the first one -> start over."""
-    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) <= 0 or args.resume or not args.out:
-        return
-    if not os.path.isfile(os.path.join(args.out, "config.json")):
-        return
-    try:
-        ckpt.find_checkpoint(args.out)
-        args.resume = True
-    except UserError:
-        args.overwrite = True
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"restarted by torchrun (restart {os.environ['TORCHELASTIC_RESTART_COUNT']}): "
-              + ("resuming from the last checkpoint" if args.resume else "no checkpoint yet, starting over"),
-              file=sys.stderr)
+def build_model(cfg, args):
+    """The recipe's model, built from the config, with the previous stage's weights under --init (a resumed run
+    loads its own checkpoint later, in `resume`)."""
+    from minedit.model import EditModel
 
-
-def join_restarted_group(device) -> None:
-    """After a torchrun restart, join the process group under a key prefix of this attempt: the agent's store
-    still holds the previous attempt's gloo/nccl addresses, and the new ranks would connect to dead ones.
-    (runtime.setup then finds the group initialised.)"""
-    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    if restart <= 0 or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return
-    store, rank, world = next(torch.distributed.rendezvous("env://"))
-    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world,
-                                         store=torch.distributed.PrefixStore(f"attempt-{restart}", store))
-
-
-def check_out(args) -> None:
-    """Refuse a missing, file, read-only or already-used --out (unless --resume/--overwrite): before anything
-    heavy is imported or built."""
-    if not args.out:
-        raise UserError("--out is required — name the run folder to write, e.g. --out runs/stage2")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise UserError(f"--out {args.out} is a file — name a folder")
-    if os.path.isfile(os.path.join(args.out, "config.json")) and not (args.resume or args.overwrite):
-        raise UserError(f"{args.out} already holds a run — pass --resume to continue it, --overwrite to replace "
-                        "it, or choose another --out")
-    parent = os.path.dirname(os.path.abspath(args.out))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.access(parent if not os.path.isdir(args.out) else args.out, os.W_OK):
-        raise UserError(f"cannot write to --out {args.out} (read-only) — choose a writable folder")
-
-
-def main(argv=None) -> int:
-    args, overrides = parse_args(argv)
-    elastic_restart(args)
-    cfg = resolve_config(args, overrides)
-    if args.stop_after is not None and args.stop_after <= 0:
-        raise UserError(f"--stop-after {args.stop_after}: must be a positive number of steps")
-    if args.dry_run:
-        return dry_run(cfg)
-    check_out(args)
-
-    from torch.nn.parallel import DistributedDataParallel as DDP
-    from tqdm import tqdm
-
-    from minedit import runtime, training
-    from minedit.data import collate
-
-    join_restarted_group(runtime.pick_device(args.device))
-    rt = runtime.setup(cfg.precision, args.device)
-    data, weights = build_data(cfg, args, rt)  # a bad manifest fails before the folder or the model is made
-    made_out = prepare_out(args, rt)
-    from minedit.model import EditModel, format_param_table
-
-    # ---- model: build, take the previous stage's weights, apply the stage's trainable split ---------------------
     torch.manual_seed(cfg.seed)  # the same random init (toy bases, new modules) on every rank
-    try:
-        model = EditModel(cfg)
-        if args.init and not args.resume:
-            source = ckpt.find_checkpoint(args.init)
-            ckpt.check_compatible(ckpt.load_config(source), cfg)
-            model.load_checkpoint_state(ckpt.load_weights(source))
-    except BaseException:
-        if made_out and rt.is_main:
-            remove_if_unused(args.out)
-        raise
-    table = model.set_stage(cfg.stage, rt.frozen_dtype)
-    model.to(rt.device)
-    params = model.trainable_parameters()
+    model = EditModel(cfg)
+    if args.init and not args.resume:
+        source = ckpt.find_checkpoint(args.init)
+        ckpt.check_compatible(ckpt.load_config(source), cfg)
+        model.load_checkpoint_state(ckpt.load_weights(source))
+    return model
 
-    optimizer = torch.optim.AdamW(training.param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
-    warmup = max(1, round(cfg.warmup_ratio * cfg.max_steps))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, training.lr_lambda(warmup, cfg.max_steps))
-    scaler = rt.grad_scaler()
-    ema = training.EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None  # after set_stage: trainable only
-    averaged = ema.applied if ema is not None else contextlib.nullcontext  # the weights that are saved/sampled
-    step, draw, skipped = 0, 0, 0
-    if args.resume:
-        last = ckpt.find_checkpoint(args.out)
-        ckpt.check_compatible(ckpt.load_config(last), cfg)
-        model.load_checkpoint_state(ckpt.load_weights(last))
-        state = ckpt.load_state(last)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        step, draw, skipped = state["step"], state["draw"], state["skipped"]
-        changes = training.resume_changes(ckpt.load_config(last), cfg, step)
-        if changes and rt.is_main:
-            print(f"warning: --resume with {len(changes)} changed config field(s):\n  " + "\n  ".join(changes),
-                  file=sys.stderr)
-        if ema is not None:
-            ema.load_state(state["ema"])
+
+@dataclass
+class Progress:
+    """Where the run is. step, draw and skipped are saved in every checkpoint; in_a_row is not (it restarts)."""
+    step: int = 0  # optimizer steps done
+    draw: int = 0  # global samples drawn (training.DrawStream continues from here: the data order on resume)
+    skipped: int = 0  # steps skipped for non-finite gradients, in all
+    in_a_row: int = 0  # non-finite losses in a row: the run stops at cfg.nan_patience
+
+
+@dataclass
+class Optim:
+    """What updates the trained weights: AdamW, its warm-up + cosine schedule, the fp16 loss scaler (disabled, a
+    no-op, in bf16/fp32) and the optional EMA of the weights (the values saved and sampled)."""
+    params: list
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    ema: training.EMA | None
+
+    @classmethod
+    def build(cls, model, cfg, rt) -> "Optim":
+        """Called after set_stage: the groups, the clipped set and the EMA cover the stage's trainable weights."""
+        optimizer = torch.optim.AdamW(training.param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
+        warmup = max(1, round(cfg.warmup_ratio * cfg.max_steps))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, training.lr_lambda(warmup, cfg.max_steps))
+        ema = training.EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+        return cls(model.trainable_parameters(), optimizer, scheduler, rt.grad_scaler(), ema)
+
+    def step(self, p: Progress, losses: dict, clip: float) -> None:
+        """Unscale and clip the accumulated gradients; step only if they are finite (one host sync per step);
+        then the scale, the schedule and the EMA. A skipped step is counted in p.skipped and, unless it is the
+        fp16 scaler's own overflow signal, in p.in_a_row: early in an fp16 run, overflowing gradients of a finite
+        loss tell the scaler to halve its scale, several steps in a row — no fault while the scale is >= 1."""
+        self.scaler.unscale_(self.optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else float("inf"))
+        finite_grads, finite_loss = torch.stack([torch.isfinite(norm), torch.isfinite(sum(losses.values()))]).tolist()
+        if finite_grads:
+            self.scaler.step(self.optimizer)
+            p.in_a_row = 0
+        else:
+            overflow = self.scaler.is_enabled() and finite_loss and self.scaler.get_scale() >= 1.0
+            p.skipped, p.in_a_row = p.skipped + 1, p.in_a_row + (0 if overflow else 1)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(p.step)
+
+    def averaged(self):
+        """The weights that are saved and sampled: the EMA's average swapped in for the block, if there is one."""
+        return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
+
+
+def resume(out: str, cfg, model, opt: Optim, rt) -> tuple[Progress, dict]:
+    """Load --out's last checkpoint into the model and the optimizer; warn about changed config fields.
+    -> the progress and the saved RNG state (restored last, by the caller: making the loader draws from it)."""
+    last = ckpt.find_checkpoint(out)
+    saved = ckpt.load_config(last)
+    ckpt.check_compatible(saved, cfg)
+    model.load_checkpoint_state(ckpt.load_weights(last))
+    state = ckpt.load_state(last)
+    opt.optimizer.load_state_dict(state["optimizer"])
+    opt.scheduler.load_state_dict(state["scheduler"])
+    if state.get("scaler"):  # empty when saved in bf16/fp32: an fp16 resume then starts a fresh scale
+        opt.scaler.load_state_dict(state["scaler"])
+    progress = Progress(state["step"], state["draw"], state["skipped"])
+    changes = training.resume_changes(saved, cfg, progress.step)
+    if changes and rt.is_main:
+        print(f"warning: --resume with {len(changes)} changed config field(s):\n  " + "\n  ".join(changes),
+              file=sys.stderr)
+    if opt.ema is not None:
+        opt.ema.load_state(state["ema"])
+    return progress, state["rng"]
+
+
+def save(out: str, cfg, model, opt: Optim, p: Progress, rt) -> None:
+    """RUN/ckpt-<step>: the stage's weights (the EMA's average when on) and the state --resume continues from.
+    The main rank writes; every rank waits for it."""
+    if rt.is_main:
+        state = {"optimizer": opt.optimizer.state_dict(), "scheduler": opt.scheduler.state_dict(),
+                 "scaler": opt.scaler.state_dict(), "rng": training.rng_state(),
+                 "step": p.step, "draw": p.draw, "skipped": p.skipped}
+        if opt.ema is not None:
+            state["ema"] = opt.ema.state()
+        with opt.averaged():
+            weights = model.checkpoint_state(cfg.stage)
+            if opt.ema is not None:  # the trained values come back when the block ends: keep the averaged ones
+                weights = {k: v.clone() for k, v in weights.items()}
+        ckpt.save_checkpoint(out, p.step, cfg, weights, state)
+    rt.barrier()
+
+
+def announce(out: str, cfg, rt, table, n_samples: int) -> None:
+    """The parameter table and the batch arithmetic on the console; the run's config.json in --out."""
+    from minedit.model import format_param_table
+
     if rt.is_main:
         print(format_param_table(table, f"{cfg.recipe} · {cfg.preset} · stage {cfg.stage}"))
         global_batch = cfg.batch_size * cfg.grad_accum * rt.world_size
         print(f"effective batch {global_batch} = {cfg.batch_size} per device × {cfg.grad_accum} accumulation × "
-              f"{rt.world_size} process(es); {len(data)} samples; device {rt.device}, {cfg.precision}")
-        fsio.write_text(os.path.join(args.out, "config.json"), cfg.to_json())
+              f"{rt.world_size} process(es); {n_samples} samples; device {rt.device}, {cfg.precision}")
+        fsio.write_text(os.path.join(out, "config.json"), cfg.to_json())
+
+
+def data_loader(data, weights, cfg, rt, draw: int):
+    """An endless iterator of this rank's micro-batches, continuing the run's stream of draws at `draw`."""
+    from minedit.data import collate
 
     stream = training.DrawStream(len(data), cfg.seed, rt.rank, rt.world_size, cfg.batch_size, weights, start=draw)
-    loader = iter(torch.utils.data.DataLoader(
+    return iter(torch.utils.data.DataLoader(
         data, batch_size=cfg.batch_size, sampler=stream, collate_fn=collate,
         num_workers=cfg.num_workers, pin_memory=rt.device.type == "cuda", persistent_workers=cfg.num_workers > 0))
-    net = DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None) if rt.distributed \
-        else model
-    if args.resume:  # restored last: making the DataLoader iterator draws from the global RNG
-        training.set_rng_state(state["rng"])
 
-    # ---- signals: finish the step, save, exit 0 -----------------------------------------------------------------
-    stop = {"signal": None}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda s, _f: stop.__setitem__("signal", signal.Signals(s).name))
 
-    def save():
-        if rt.is_main:
-            state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "scaler": scaler.state_dict() if scaler is not None else {}, "rng": training.rng_state(),
-                     "step": step, "draw": draw, "skipped": skipped}
-            if ema is not None:
-                state["ema"] = ema.state()
-            with averaged():
-                weights = model.checkpoint_state(cfg.stage)
-                if ema is not None:  # the trained values come back when the block ends: keep the averaged ones
-                    weights = {k: v.clone() for k, v in weights.items()}
-            guarded(ckpt.save_checkpoint, args.out, step, cfg, weights, state)
-        rt.barrier()
-
-    samples_per_step = cfg.batch_size * cfg.grad_accum * rt.world_size
-    bar = tqdm(total=cfg.max_steps, initial=step, disable=not rt.is_main, dynamic_ncols=True)
-
-    def guarded(write, *args_):
-        """A write that fails (full disk, I/O error) ends the progress bar first: the error gets its own line."""
-        try:
-            return write(*args_)
-        except UserError:
-            bar.close()
-            raise
-
-    log_path = os.path.join(args.out, "log.jsonl")
-    if rt.is_main and step and os.path.isfile(log_path):  # resuming: drop rows logged after the checkpoint
-        keep_log_until(log_path, step)
-    in_a_row, t0 = 0, time.perf_counter()
-    end = min(cfg.max_steps, step + args.stop_after) if args.stop_after else cfg.max_steps
-    model.train()
-    while step < end and stop["signal"] is None:
-        # ---- one optimizer step: grad_accum micro-batches, gradients synchronised on the last one only ----------
-        sums = {}
-        for micro in range(cfg.grad_accum):
-            batch = next(loader)
-            sync = micro == cfg.grad_accum - 1
-            with (net.no_sync() if rt.distributed and not sync else torch.enable_grad()), rt.autocast():
-                loss, parts = net(batch, cfg.stage)
-            loss = loss / cfg.grad_accum
-            (scaler.scale(loss) if scaler is not None else loss).backward()
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + v / cfg.grad_accum
-        draw += samples_per_step
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad if cfg.clip_grad > 0 else float("inf"))
-        # One host sync per step: skip a non-finite step, count it, stop after K in a row. Under the GradScaler
-        # (fp16), overflowing gradients of a finite loss are its signal to halve the scale, which happens several
-        # steps in a row early in a run: skipped, but no fault unless the scale has collapsed below 1.
-        finite_grads, finite_loss = torch.stack([torch.isfinite(norm), torch.isfinite(sum(sums.values()))]).tolist()
-        if finite_grads:
-            (scaler.step(optimizer) if scaler is not None else optimizer.step())
-            in_a_row = 0
-        else:
-            overflow = scaler is not None and finite_loss and scaler.get_scale() >= 1.0
-            skipped, in_a_row = skipped + 1, in_a_row + (0 if overflow else 1)
-        if scaler is not None:
-            scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        if ema is not None:
-            ema.update(step)
-        step += 1
-        bar.update(1)
-        if in_a_row >= cfg.nan_patience:
-            bar.close()
-            raise UserError(f"{in_a_row} non-finite losses in a row at step {step} — lower --lr or use "
-                            f"--precision=fp32; the last good checkpoint in {args.out} is intact")
-        log_now = step % cfg.log_every == 0 or step == cfg.max_steps
-        if log_now and rt.distributed:  # log the global batch's losses, not rank 0's slice of it
-            keys = list(sums)  # the same order on every rank
-            mean = torch.stack([sums[k].double() for k in keys]).to(rt.device)
-            torch.distributed.all_reduce(mean)
-            sums = dict(zip(keys, (mean / rt.world_size).tolist()))
-        if rt.is_main and log_now:
-            rate = samples_per_step * cfg.log_every / (time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            row = {"step": step, "lr": scheduler.get_last_lr()[0], "skipped": skipped, "samples_s": round(rate, 3),
-                   **{k: float(v) for k, v in sums.items()}}
-            row["loss"] = sum(v for k, v in row.items() if k in sums)
-            guarded(fsio.append_line, log_path, json.dumps(row))
-            bar.set_postfix(loss=f"{row['loss']:.4f}", samples_s=f"{rate:.1f}")
-        if rt.distributed:  # every rank must agree to stop on a signal
-            flag = torch.tensor([stop["signal"] is not None], dtype=torch.int32, device=rt.device)
-            torch.distributed.all_reduce(flag)
-            if flag.item() and stop["signal"] is None:
-                stop["signal"] = "SIGTERM"
-        if cfg.sample_every and step % cfg.sample_every == 0 and rt.is_main and cfg.stage > 1:
-            with averaged():
-                guarded(write_samples, model, data.dataset, cfg, rt,
-                        os.path.join(args.out, "samples", f"step-{step:07d}.png"))
-        if step % cfg.save_every == 0 and step < cfg.max_steps:
-            save()
-    bar.close()
-    save()
+def log_step(log, p: Progress, sums: dict, opt: Optim, cfg, rt, bar) -> None:
+    """One log.jsonl row: the global batch's loss parts (averaged over the ranks, not rank 0's slice), their sum,
+    the learning rate, the skipped steps and the samples/s since the previous row."""
+    if rt.distributed:
+        keys = list(sums)  # the same order on every rank
+        mean = torch.stack([sums[k].double() for k in keys]).to(rt.device)
+        torch.distributed.all_reduce(mean)
+        sums = dict(zip(keys, (mean / rt.world_size).tolist()))
     if rt.is_main:
-        why = (f"stopped by {stop['signal']} at step {step}" if stop["signal"] else
-               f"stopped by --stop-after at step {step} of {cfg.max_steps}" if step < cfg.max_steps else
-               f"finished {step} steps")
-        print(f"{why}; checkpoint in {ckpt.find_checkpoint(args.out)}"
-              + (f"; {skipped} non-finite steps skipped" if skipped else ""))
-    runtime.shutdown(rt)
-    return 0
-
-
-def keep_log_until(path: str, step: int) -> None:
-    """Rewrite log.jsonl without the rows of steps after `step` (a run killed between a log and a save would
-    otherwise log those steps twice after --resume); atomic, like every other write of a run."""
-    rows = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except ValueError:  # a line cut short by a crash or a full disk: dropped, not fatal
-                continue
-            if isinstance(row, dict) and isinstance(row.get("step", 0), int) and row.get("step", 0) <= step:
-                rows.append(line if line.endswith("\n") else line + "\n")
-    fsio.write_text(path, "".join(rows))
+        rate = log.rate(cfg.batch_size * cfg.grad_accum * rt.world_size * cfg.log_every)
+        row = {"step": p.step, "lr": opt.scheduler.get_last_lr()[0], "skipped": p.skipped,
+               "samples_s": round(rate, 3), **{k: float(v) for k, v in sums.items()}}
+        row["loss"] = sum(v for k, v in row.items() if k in sums)
+        log.write(row)
+        bar.set_postfix(loss=f"{row['loss']:.4f}", samples_s=f"{rate:.1f}")
 
 
 def write_samples(model, dataset, cfg, rt, path, rows: int = 4):
@@ -448,6 +307,85 @@ def write_samples(model, dataset, cfg, rt, path, rows: int = 4):
     with rt.autocast():
         edit_grid(model, items, path, steps=min(cfg.steps, 20), seed=cfg.seed)
     model.train()
+
+
+def main(argv=None) -> int:
+    # ---- flags and config: a bad flag, field or --out fails here, before anything heavy is built -------------------
+    args, overrides = parse_args(argv)
+    args.resume, args.overwrite = runfolder.restart_mode(args.out, args.resume, args.overwrite)
+    cfg = resolve_config(args, overrides)
+    if args.stop_after is not None and args.stop_after <= 0:
+        raise UserError(f"--stop-after {args.stop_after}: must be a positive number of steps")
+    if args.dry_run:
+        return dry_run(cfg)
+    runfolder.check(args.out, args.resume, args.overwrite)
+
+    # ---- device, data, run folder (a bad manifest fails before the folder or the model is made) ------------------
+    from tqdm import tqdm
+
+    from minedit import runtime
+
+    runfolder.join_restarted_group(runtime.pick_device(args.device))
+    rt = runtime.setup(cfg.precision, args.device)
+    data, weights = build_data(cfg, args, rt)
+    made_out = runfolder.prepare(args.out, args.overwrite and not args.resume, rt)
+
+    # ---- model, optimizer, resume ------------------------------------------------------------------------------
+    with runfolder.removed_on_failure(args.out, made_out and rt.is_main):
+        model = build_model(cfg, args)
+    table = model.set_stage(cfg.stage, rt.frozen_dtype)
+    model.to(rt.device)
+    opt = Optim.build(model, cfg, rt)
+    p, rng = resume(args.out, cfg, model, opt, rt) if args.resume else (Progress(), None)
+    announce(args.out, cfg, rt, table, len(data))
+    loader = data_loader(data, weights, cfg, rt, p.draw)
+    net = torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None) if rt.distributed else model
+    if rng is not None:  # restored last: making the DataLoader iterator draws from the global RNG
+        training.set_rng_state(rng)
+
+    # ---- the loop: grad_accum micro-batches, one optimizer step, then log / sample / save when due ---------------
+    stop, log = runfolder.StopSignal(), runfolder.RunLog(args.out, p.step, rt.is_main)
+    end = min(cfg.max_steps, p.step + args.stop_after) if args.stop_after else cfg.max_steps
+    model.train()
+    with tqdm(total=cfg.max_steps, initial=p.step, disable=not rt.is_main, dynamic_ncols=True) as bar:
+        while p.step < end and stop.name is None:
+            sums = {}  # this step's loss parts, averaged over its micro-batches
+            for micro in range(cfg.grad_accum):
+                batch = next(loader)
+                quiet = rt.distributed and micro < cfg.grad_accum - 1  # DDP syncs gradients on the last one only
+                with net.no_sync() if quiet else contextlib.nullcontext(), rt.autocast():
+                    loss, parts = net(batch, cfg.stage)
+                opt.scaler.scale(loss / cfg.grad_accum).backward()
+                for k, v in parts.items():
+                    sums[k] = sums.get(k, 0.0) + v / cfg.grad_accum
+            p.draw += cfg.batch_size * cfg.grad_accum * rt.world_size
+            opt.step(p, sums, cfg.clip_grad)  # a non-finite step is skipped and counted
+            p.step += 1
+            bar.update(1)
+            if p.in_a_row >= cfg.nan_patience:
+                raise UserError(f"{p.in_a_row} non-finite losses in a row at step {p.step} — lower --lr or use "
+                                f"--precision=fp32; the last good checkpoint in {args.out} is intact")
+            if p.step % cfg.log_every == 0 or p.step == cfg.max_steps:
+                log_step(log, p, sums, opt, cfg, rt, bar)
+            stop.agree(rt)  # under DDP, a signal to any rank stops every rank at this step
+            if cfg.sample_every and p.step % cfg.sample_every == 0 and rt.is_main and cfg.stage > 1:
+                with opt.averaged():
+                    write_samples(model, data.dataset, cfg, rt, os.path.join(args.out, "samples",
+                                                                             f"step-{p.step:07d}.png"))
+            if p.step % cfg.save_every == 0 and p.step < cfg.max_steps:
+                save(args.out, cfg, model, opt, p, rt)
+
+    # ---- the last checkpoint, whatever stopped the loop ------------------------------------------------------------
+    save(args.out, cfg, model, opt, p, rt)
+    if rt.is_main:
+        why = (f"stopped by {stop.name} at step {p.step}" if stop.name else
+               f"stopped by --stop-after at step {p.step} of {cfg.max_steps}" if p.step < cfg.max_steps else
+               f"finished {p.step} steps")
+        print(f"{why}; checkpoint in {ckpt.find_checkpoint(args.out)}"
+              + (f"; {p.skipped} non-finite steps skipped" if p.skipped else ""))
+    runtime.shutdown(rt)
+    return 0
 
 
 if __name__ == "__main__":

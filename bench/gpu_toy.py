@@ -124,22 +124,20 @@ def train_check(recipe: str, stage: int, rt, steps: int, lr: float, ckpt: bool =
     for _ in range(steps):
         with rt.autocast():
             loss, _ = model(batch, stage)
-        (scaler.scale(loss) if scaler is not None else loss).backward()
-        if scaler is not None:
-            scaler.unscale_(optimizer)
+        scaler.scale(loss).backward()  # the scaler is a no-op unless fp16
+        scaler.unscale_(optimizer)
         norm = torch.nn.utils.clip_grad_norm_(params, model.cfg.clip_grad)
         if torch.isfinite(norm):
-            scaler.step(optimizer) if scaler is not None else optimizer.step()
+            scaler.step(optimizer)
         else:
             skipped += 1
-        if scaler is not None:
-            scaler.update()
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.float().item())
     after = loss_now()
     finite = all(torch.isfinite(torch.tensor(losses + [before, after])).tolist())
     return dict(before=before, after=after, skipped=skipped, ok=finite and after < before,
-                scale=scaler.get_scale() if scaler is not None else None)
+                scale=scaler.get_scale() if scaler.is_enabled() else None)
 
 
 def attention_check(recipe: str, stage: int, rt) -> dict:

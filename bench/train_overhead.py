@@ -70,21 +70,18 @@ def train_seconds_per_step(work: str, size: str, args, init: str) -> float:
     return args.batch_size / last["samples_s"]
 
 
-def bare_seconds_per_step(model, batches, optimizer, rt, n: int, sync, scaler=None) -> float:
-    """Seconds per bare step, after n warm-up steps. fp16 steps through a GradScaler, as train.py's do (without
-    one, fp16 gradients underflow; pass the same scaler every call so that its scale carries over)."""
+def bare_seconds_per_step(model, batches, optimizer, rt, n: int, sync, scaler) -> float:
+    """Seconds per bare step, after n warm-up steps. Steps go through `scaler` (rt.grad_scaler()), as train.py's
+    do: fp16 needs it (its gradients underflow without one), in bf16/fp32 it is disabled and a no-op. Pass the
+    same scaler every call so that its scale carries over."""
     it = itertools.cycle(batches)
 
     def step():
         with rt.autocast():
             loss, _ = model(next(it), STAGE)
-        if scaler is None:
-            loss.backward()
-            optimizer.step()
-        else:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
 
     for _ in range(n):  # warm-up, as train.py's first log window

@@ -31,6 +31,7 @@ Running it:
     data.py         JSONL manifests, robust image loading, aligned transforms
     training.py     the pieces of the hand-written training loop that train.py reads top to bottom
     checkpoint.py   run folders and checkpoints: safetensors + JSON, written atomically
+    runfolder.py    train.py's run folder: --out checks, torchrun restarts, signals, log.jsonl trimming
     runlock.py      one training job per run folder
     fsio.py         the one atomic writer (temporary name, fsync, rename) and its one-line errors
     errors.py       the one error type for bad input, printed as `error: ...`

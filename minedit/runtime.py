@@ -47,9 +47,11 @@ class Runtime:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=DTYPES[self.precision])
 
-    def grad_scaler(self):
-        """A GradScaler for fp16 (CUDA only); None otherwise."""
-        return torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        """The loss scaler of fp16 (CUDA only). In bf16/fp32 it is disabled, and a disabled GradScaler is a
+        no-op: scale() returns the loss, unscale_()/update() do nothing, step() is optimizer.step(). So the
+        training step is written once, for every precision."""
+        return torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
 
     def barrier(self):
         if self.distributed:

@@ -129,11 +129,11 @@ def test_append_line_cut_short_leaves_no_half_line(tmp_path, monkeypatch):
 
 def test_resume_log_with_a_torn_last_line(tmp_path):
     """A log cut mid-line (an older crash, another tool) does not stop --resume: the torn line is dropped."""
-    import train
+    from minedit import runfolder
 
     path = tmp_path / "log.jsonl"
     path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"step": 4, "lo')
-    train.keep_log_until(str(path), 2)
+    runfolder.keep_log_until(str(path), 2)
     assert path.read_text() == '{"step": 1}\n{"step": 2}\n'
 
 
