@@ -41,7 +41,7 @@ def render(source, text: np.ndarray, labels: list[str], image: np.ndarray | None
     `hidden`: how many (padding) text tokens were left off the sheet, said in its header."""
     from PIL import Image, ImageDraw
 
-    from .imagegrid import CHAR_W, draw_grid
+    from .imagegrid import draw_grid
 
     w0, h0 = source.size
     s = CELL / max(w0, h0)
@@ -55,7 +55,7 @@ def render(source, text: np.ndarray, labels: list[str], image: np.ndarray | None
     lam += f"; {hidden} padding tokens not shown (in the .npz)" if hidden else ""
     title = ("cross-attention per token (conditional branch, mean over heads and layers); each panel stretched "
              f"min to max; % = the token's share{lam}")
-    chars = max(3, size[0] // CHAR_W)
+    chars = max(3, size[0] // 6)  # ~6 px per character: a long token name is cut, its share stays in view
     rows = []
     for r, t in enumerate(timesteps):
         maps = list(text[r]) + ([] if image is None else list(image[r]))

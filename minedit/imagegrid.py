@@ -13,10 +13,7 @@ per token). The callers decide what goes in a cell; this file decides where it g
 """
 from __future__ import annotations
 
-import textwrap
-
-CHAR_W = 6    # px per character of PIL's default bitmap font: how many characters fit a width
-LINE_H = 12   # px per text line
+LINE_H = 12   # px per text line of PIL's default font
 
 
 def side_by_side(images, side: int):
@@ -41,7 +38,8 @@ def draw_grid(rows, cell: tuple[int, int], lines: int = 1, line_h: int = LINE_H,
     w, h = cell
     cols = max((len(r) for r in rows), default=1)
     width = label_w + cols * (w + gap)
-    head = textwrap.wrap(title, max(20, width // CHAR_W)) if title else []
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))  # measures text before the sheet's height is known
+    head = fit(draw, title, width - 4, lines=len(title))  # all of it
     top = 2 + line_h * len(head) if head else 0
     row_h = h + lines * line_h + gap
     sheet = Image.new("RGB", (width, top + max(1, len(rows)) * row_h), "white")
@@ -51,12 +49,35 @@ def draw_grid(rows, cell: tuple[int, int], lines: int = 1, line_h: int = LINE_H,
     for r, cells in enumerate(rows):
         y = top + r * row_h
         if row_labels:
-            draw.text((4, y + h // 2 - 6), row_labels[r], fill="black")
+            draw.text((4, y + h // 2 - 6), "".join(fit(draw, row_labels[r], label_w - 6, 1)), fill="black")
         for c, (img, caption) in enumerate(cells):
             x = label_w + c * (w + gap)
             if img is not None:
                 img = img.convert("RGB")
                 sheet.paste(img if img.size == (w, h) else img.resize((w, h), Image.NEAREST), (x, y))
-            for n, text in enumerate(textwrap.wrap(caption, max(3, w // CHAR_W))[:lines]):
+            for n, text in enumerate(fit(draw, caption, w - 2, lines)):
                 draw.text((x + 2, y + h + 1 + n * line_h), text, fill="black")
     return sheet
+
+
+def fit(draw, text: str, width: int, lines: int) -> list[str]:
+    """Greedy word wrap measured in the font's pixels: at most `lines` lines, none wider than `width` px (a word
+    wider than a line is cut between characters)."""
+    out, line = [], ""
+    for word in text.split():
+        trial = f"{line} {word}" if line else word
+        if draw.textlength(trial) <= width:
+            line = trial
+            continue
+        if line:
+            out.append(line)
+        line = word
+        while len(line) > 1 and draw.textlength(line) > width:
+            k = len(line) - 1
+            while k > 1 and draw.textlength(line[:k]) > width:
+                k -= 1
+            out.append(line[:k])
+            line = line[k:]
+        if len(out) >= lines:
+            break
+    return (out + [line] if line else out)[:lines]
