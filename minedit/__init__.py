@@ -17,6 +17,7 @@ One file per idea; the design notes are docs/DESIGN.md ("DESIGN §N" in a commen
     build.py        load or build every base model (hub id, local folder, tiny config, meta device)
     model.py        the composed model: forward(batch, stage) -> loss, parts
     sampler.py      the editing sampler: conditioning once per edit, three-branch guidance
+    sampling_flags.py  the sampling flags infer.py and evaluate.py share: declared, checked, turned into settings
     attnmaps.py     per-token cross-attention maps of one edit, recorded with read-only hooks (attnsheet.py: the sheet)
 Running it:
     runtime.py      device, precision and distributed set-up (the one place that names a device)
@@ -25,6 +26,7 @@ Running it:
     training.py     the pieces of the hand-written training loop that train.py reads top to bottom
     checkpoint.py   run folders and checkpoints: safetensors + JSON, written atomically
     errors.py       the one error type for bad input, printed as `error: ...`
+    imagegrid.py    the one grid drawer: rows of captioned cells -> an image (sample grids, sheets)
 Measuring it:
     metrics.py      background / in-mask PSNR, edit success, CLIP-I, CLIPScore, LPIPS
     judge.py        VIEScore with an MLLM judge (optional)
