@@ -30,6 +30,7 @@ import numpy as np
 
 from minedit import fsio
 from minedit.errors import UserError, run_cli
+from minedit.sampling_flags import add_sampling_flags, check_sampling_flags, sampling_settings
 
 COLUMNS = ("count", "psnr_bg", "ssim_bg", "psnr_in", "success_rate", "lpips_bg", "clip_i", "clip_score",
            "viescore")
@@ -41,17 +42,9 @@ def parse_args(argv):
     p.add_argument("--data", required=True, help="editing manifest (JSONL with source, target, instruction)")
     p.add_argument("--out", default="results.json", help="results JSON (a contact sheet PNG is written beside it)")
     p.add_argument("--limit", type=int, help="score only the first N rows")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pred-dir", help="edits already made (NNNNN.png per row); made there if missing")
-    p.add_argument("--steps", type=int)
+    add_sampling_flags(p)  # --steps --seed --scheduler --text-guidance --image-guidance --ip-scale --no-topt ...
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--text-guidance", type=float)
-    p.add_argument("--image-guidance", type=float)
-    p.add_argument("--ip-scale", type=float)
-    p.add_argument("--no-topt", action="store_true", help="mindedit: condition on the raw instruction, not the "
-                   "MLLM's optimized one (MIND-Edit Table 2 #2, v_insight only)")
-    p.add_argument("--no-vinsight", action="store_true", help="mindedit: drop v_insight, i.e. --ip-scale 0 "
-                   "(MIND-Edit Table 2 #1, T_opt only)")
     p.add_argument("--instruction-field", default="instruction",
                    help="which manifest field to edit with (e.g. simple_instruction, optimized_instruction)")
     p.add_argument("--clip", help="CLIPModel id or folder for CLIP-I and CLIPScore")
@@ -66,93 +59,63 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+def check_args(a) -> None:
+    """Each flag on its own, before any file is read (a --protocol run included)."""
+    from minedit import runtime
+
+    if a.limit is not None and a.limit <= 0:
+        raise UserError(f"--limit {a.limit}: must be at least 1")
+    if a.batch_size <= 0:
+        raise UserError(f"--batch-size {a.batch_size}: must be at least 1")
+    check_sampling_flags(a)
+    if a.judge_url and not a.judge_url.startswith(("http://", "https://")):
+        raise UserError(f"--judge-url {a.judge_url}: give the endpoint's full URL, e.g. http://localhost:8000/v1")
+    if a.pred_dir and os.path.exists(a.pred_dir) and not os.path.isdir(a.pred_dir):
+        raise UserError(f"--pred-dir {a.pred_dir} is a file — name a folder for the edits")
+    if a.device:
+        runtime.pick_device(a.device)
+
+
 def as_array(img) -> np.ndarray:
     return np.asarray(img.convert("RGB"), dtype=np.float64) / 255.0
 
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    if a.limit is not None and a.limit <= 0:
-        raise UserError(f"--limit {a.limit}: must be at least 1")
-    if a.batch_size <= 0:
-        raise UserError(f"--batch-size {a.batch_size}: must be at least 1")
-    if a.steps is not None and a.steps <= 0:
-        raise UserError(f"--steps {a.steps}: must be at least 1")
-    if a.judge_url and not a.judge_url.startswith(("http://", "https://")):
-        raise UserError(f"--judge-url {a.judge_url}: give the endpoint's full URL, e.g. http://localhost:8000/v1")
-    if a.pred_dir and os.path.exists(a.pred_dir) and not os.path.isdir(a.pred_dir):
-        raise UserError(f"--pred-dir {a.pred_dir} is a file — name a folder for the edits")
+    check_args(a)
+    import infer
+
+    a.ckpt = a.ckpt or infer.TOY_CKPT
     if a.protocol:  # a benchmark's own layout and formulas (minedit/eval/benchmarks.py, minedit/eval/protocols.py)
         from minedit.eval import benchmarks
 
         return benchmarks.run(a)
-    import infer
     from minedit import runtime
-    from minedit.data import load_image, load_mask, read_manifest
     from minedit.eval import metrics
-    from minedit.toy import draw as toydraw
 
-    a.ckpt = a.ckpt or infer.TOY_CKPT
+    # ---- inputs: the manifest, the checkpoint, the settings; a bad one fails here, before any folder is made ----
     infer.check_out_path(a.out)
-    infer.check_sampling_flags(a)
-    rows, bad = read_manifest(a.data, kind="edit")
-    for line, why in bad:
-        print(f"warning: {a.data} line {line}: {why} (skipped)", file=sys.stderr)
-    rows = rows[: a.limit] if a.limit else rows
-    if not rows:
-        raise UserError(f"{a.data} has no usable rows — each row needs source, target and instruction")
-    for r in rows:
-        if not (r.get(a.instruction_field) or "").strip():
-            raise UserError(f"{a.data}: a row has no {a.instruction_field!r} — choose --instruction-field "
-                            "from the manifest's fields")
-    cfg = infer.check_inputs(a.ckpt, [])  # a bad checkpoint or flag fails here, before any folder is made
-    settings = infer.sampling_settings(cfg, a, a.ckpt)
+    rows = read_rows(a)
+    cfg = infer.check_inputs(a.ckpt, [])
+    settings = sampling_settings(cfg, a, a.ckpt)
     pred_dir = a.pred_dir or os.path.splitext(a.out)[0] + "-edits"
     fsio.makedirs(pred_dir, "--pred-dir")
     preds = [os.path.join(pred_dir, f"{i:05d}.png") for i in range(len(rows))]
 
+    # ---- edits: make the ones the folder lacks (row i always with seed + i) -----------------------------------
     rt = runtime.setup("bf16" if runtime.pick_device(a.device).type == "cuda" else "fp32", a.device)
     todo = [i for i, p in enumerate(preds) if not os.path.isfile(p)]
     made_with = check_edits_stamp(pred_dir, a, cfg, settings, making=bool(todo))
-    latency = None
-    if todo:
-        from minedit.model import load_model
+    latency = make_edits(a, rows, pred_dir, preds, todo, cfg, settings, rt) if todo else None
 
-        model = load_model(a.ckpt, rt.device, rt.frozen_dtype)
-        jobs = [(rows[i]["source"], rows[i][a.instruction_field], None, preds[i]) for i in todo]
-        t0 = time.perf_counter()
-        # Row i always uses seed + i: scoring a subset or completing a folder gives the same edits.
-        infer.edit_files(model, rt, jobs, settings, cfg.resolution, a.batch_size, [a.seed + i for i in todo])
-        latency = (time.perf_counter() - t0) / len(todo)
-        print(f"made {len(todo)} edits in {pred_dir} ({latency:.3f} s per edit on {rt.device})")
-
-    # ---- per-sample scores ---------------------------------------------------------------------------------------
-    results = []
-    images = []
-    for i, (row, pred_path) in enumerate(zip(rows, preds)):
-        source, target, pred = (load_image(p) for p in (row["source"], row["target"], pred_path))
-        size = target.size
-        edited = as_array(pred.resize(size))
-        mask = load_mask(row["mask"], size) if row.get("mask") else None
-        choices = 1
-        # A toy-world add leaves size and place partly free: score against the valid answer nearest the edit.
-        if a.instruction_field == "instruction" and row.get("add_region"):
-            nearest = toydraw.nearest_target(row, edited.astype(np.float32))
-            if nearest:
-                target, mask, choices = nearest
-        mask = np.asarray(mask) > 127 if mask is not None else None
-        s = metrics.edit_scores(edited, as_array(target), as_array(source.resize(size)), mask,
-                                lpips=metrics.LPIPS_AVAILABLE)
-        s.update(index=i, category=row.get("category") or "", kind=row.get("kind") or "",
-                 instruction=row[a.instruction_field], pred=pred_path, valid_targets=choices)
-        results.append(s)
-        images.append((source, target, pred, row[a.instruction_field]))
-
+    # ---- scores: per sample, then CLIP and the judge over all of them ------------------------------------------
+    results, images = score_edits(a, rows, preds)
     clip_path = a.clip or cfg.clip_path
     if clip_path:
         add_clip_scores(clip_path, images, results, rt.device)
     missing = add_viescore(a.judge_url, a.judge_model, images, results) if a.judge_url else None
 
+    # ---- report: tables on stdout, the results JSON, the sheets -----------------------------------------------
     summary = metrics.aggregate(results, by="category")
     print(format_table(summary))
     by_kind = metrics.aggregate(results, by="kind") if any(r["kind"] for r in results) else None
@@ -169,6 +132,66 @@ def main(argv=None) -> int:
         sheets.append(category_grid(images, results, stem + "-grid.png"))
     print(f"wrote {a.out} and {' and '.join(sheets)}")
     return 0
+
+
+def read_rows(a) -> list[dict]:
+    """The manifest's usable rows (at most --limit), each with a non-empty --instruction-field."""
+    from minedit.data import read_manifest
+
+    rows, bad = read_manifest(a.data, kind="edit")
+    for line, why in bad:
+        print(f"warning: {a.data} line {line}: {why} (skipped)", file=sys.stderr)
+    rows = rows[: a.limit] if a.limit else rows
+    if not rows:
+        raise UserError(f"{a.data} has no usable rows — each row needs source, target and instruction")
+    for r in rows:
+        if not (r.get(a.instruction_field) or "").strip():
+            raise UserError(f"{a.data}: a row has no {a.instruction_field!r} — choose --instruction-field "
+                            "from the manifest's fields")
+    return rows
+
+
+def make_edits(a, rows, pred_dir: str, preds: list[str], todo: list[int], cfg, settings: dict, rt) -> float:
+    """Edit rows `todo` into their paths in `preds`, row i with seed a.seed + i: scoring a subset or completing
+    a folder gives the same edits. -> seconds per edit."""
+    import infer
+    from minedit.model import load_model
+
+    model = load_model(a.ckpt, rt.device, rt.frozen_dtype)
+    jobs = [(rows[i]["source"], rows[i][a.instruction_field], None, preds[i]) for i in todo]
+    t0 = time.perf_counter()
+    infer.edit_files(model, rt, jobs, settings, cfg.resolution, a.batch_size, [a.seed + i for i in todo])
+    latency = (time.perf_counter() - t0) / len(todo)
+    print(f"made {len(todo)} edits in {pred_dir} ({latency:.3f} s per edit on {rt.device})")
+    return latency
+
+
+def score_edits(a, rows, preds) -> tuple[list[dict], list[tuple]]:
+    """Each edit against its row's target -> (per-sample scores, (source, target, edit, instruction) images).
+    A toy-world add leaves size and place partly free: it is scored against the valid answer nearest the edit."""
+    from minedit.data import load_image, load_mask
+    from minedit.eval import metrics
+    from minedit.toy import draw as toydraw
+
+    results, images = [], []
+    for i, (row, pred_path) in enumerate(zip(rows, preds)):
+        source, target, pred = (load_image(p) for p in (row["source"], row["target"], pred_path))
+        size = target.size
+        edited = as_array(pred.resize(size))
+        mask = load_mask(row["mask"], size) if row.get("mask") else None
+        choices = 1
+        if a.instruction_field == "instruction" and row.get("add_region"):
+            nearest = toydraw.nearest_target(row, edited.astype(np.float32))
+            if nearest:
+                target, mask, choices = nearest
+        mask = np.asarray(mask) > 127 if mask is not None else None
+        s = metrics.edit_scores(edited, as_array(target), as_array(source.resize(size)), mask,
+                                lpips=metrics.LPIPS_AVAILABLE)
+        s.update(index=i, category=row.get("category") or "", kind=row.get("kind") or "",
+                 instruction=row[a.instruction_field], pred=pred_path, valid_targets=choices)
+        results.append(s)
+        images.append((source, target, pred, row[a.instruction_field]))
+    return results, images
 
 
 def check_edits_stamp(pred_dir: str, a, cfg, settings: dict, making: bool) -> dict | None:
@@ -255,45 +278,25 @@ def format_table(summary: dict, by: str = "category") -> str:
 
 def contact_sheet(items, path: str) -> str:
     """source | target | edit per row, the instruction under each row."""
-    from PIL import Image, ImageDraw
+    from minedit.imagegrid import draw_grid, side_by_side
 
-    cell, text_h = 96, 14
-    sheet = Image.new("RGB", (3 * cell, max(1, len(items)) * (cell + text_h)), "white")
-    draw = ImageDraw.Draw(sheet)
-    for r, (src, tgt, pred, text) in enumerate(items):
-        y = r * (cell + text_h)
-        for c, img in enumerate((src, tgt, pred)):
-            sheet.paste(img.convert("RGB").resize((cell, cell), Image.NEAREST), (c * cell, y))
-        draw.text((2, y + cell + 1), text[:48], fill="black")
-    fsio.save_image(sheet, path)
+    rows = [[(side_by_side([src, tgt, pred], 96), text)] for src, tgt, pred, text in items]
+    fsio.save_image(draw_grid(rows, (3 * 96, 96), line_h=14), path)
     return path
 
 
 def category_grid(images, results, path: str, per_row: int = 4) -> str:
     """One row per category: its first `per_row` edits, each as source | edit | target over its instruction."""
-    import textwrap
+    from minedit.imagegrid import draw_grid, side_by_side
 
-    from PIL import Image, ImageDraw
-
-    cell, text_h, label_w = 64, 12, 96
     rows = {}
     for (src, tgt, pred, text), r in zip(images, results):
         row = rows.setdefault(r["category"] or "(none)", [])
         if len(row) < per_row:
-            row.append((src, pred, tgt, text, r.get("success")))
-    width = label_w + per_row * (3 * cell + 8)
-    sheet = Image.new("RGB", (width, len(rows) * (cell + 2 * text_h + 6)), "white")
-    draw = ImageDraw.Draw(sheet)
-    for i, (name, items) in enumerate(sorted(rows.items())):
-        y = i * (cell + 2 * text_h + 6)
-        draw.text((4, y + cell // 2 - 6), name, fill="black")
-        for j, (src, pred, tgt, text, ok) in enumerate(items):
-            x = label_w + j * (3 * cell + 8)
-            for k, img in enumerate((src, pred, tgt)):
-                sheet.paste(img.convert("RGB").resize((cell, cell), Image.NEAREST), (x + k * cell, y))
-            mark = "" if ok is None else ("ok: " if ok else "miss: ")
-            for n, line in enumerate(textwrap.wrap(mark + text, 34)[:2]):
-                draw.text((x, y + cell + 1 + n * text_h), line, fill="black")
+            mark = "" if r.get("success") is None else ("ok: " if r["success"] else "miss: ")
+            row.append((side_by_side([src, pred, tgt], 64), mark + text))
+    names = sorted(rows)
+    sheet = draw_grid([rows[n] for n in names], (3 * 64, 64), lines=2, gap=6, row_labels=names, label_w=96)
     fsio.save_image(sheet, path)
     return path
 

@@ -25,6 +25,7 @@ import torch
 
 from minedit import fsio
 from minedit.errors import UserError, run_cli
+from minedit.sampling_flags import add_sampling_flags, check_sampling_flags, sampling_settings
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOY_CKPT = os.path.join(HERE, "assets", "toy", "insightedit")
@@ -38,16 +39,7 @@ def parse_args(argv):
     p.add_argument("--instruction", help="what to do to it")
     p.add_argument("--out", help="output PNG (default: <image>-edited.png)")
     p.add_argument("--mask", help="optional mask: edit only where it is white")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--scheduler", help="a diffusers scheduler class name, e.g. DDIMScheduler")
-    p.add_argument("--text-guidance", type=float)
-    p.add_argument("--image-guidance", type=float)
-    p.add_argument("--ip-scale", type=float)
-    p.add_argument("--no-topt", action="store_true", help="mindedit: condition on the raw instruction, not the "
-                   "MLLM's optimized one (MIND-Edit ablation #2)")
-    p.add_argument("--no-vinsight", action="store_true", help="mindedit: drop v_insight, i.e. --ip-scale 0 "
-                   "(MIND-Edit ablation #1)")
+    add_sampling_flags(p)  # --steps --seed --scheduler --text-guidance --image-guidance --ip-scale --no-topt ...
     p.add_argument("--resolution", type=int, help="working resolution (default: the model's)")
     p.add_argument("--batch", help="a JSONL manifest to edit row by row")
     p.add_argument("--out-dir", help="with --batch: the folder for the edits")
@@ -60,9 +52,11 @@ def parse_args(argv):
 
 
 def check_args(a):
-    if a.steps is not None and a.steps <= 0:
-        raise UserError(f"--steps {a.steps}: must be at least 1")
+    from minedit import runtime
+
     check_sampling_flags(a)
+    if a.device:
+        runtime.pick_device(a.device)
     if a.batch_size <= 0:
         raise UserError(f"--batch-size {a.batch_size}: must be at least 1")
     if a.resolution is not None and a.resolution <= 0:
@@ -81,27 +75,6 @@ def check_args(a):
         if a.batch:
             raise UserError("--attention-maps records one edit — drop --batch, or give --image and --instruction")
         check_path(a.attention_maps)
-
-
-def check_sampling_flags(a) -> None:
-    """The flags infer.py and evaluate.py share, checked before anything is loaded."""
-    import math
-
-    from minedit import runtime
-
-    for name in ("text_guidance", "image_guidance", "ip_scale"):
-        v = getattr(a, name, None)
-        if v is not None and not (math.isfinite(v) and v >= 0):
-            raise UserError(f"--{name.replace('_', '-')} {v}: must be a finite number >= 0")
-    if getattr(a, "scheduler", None):
-        import diffusers
-
-        cls = getattr(diffusers, a.scheduler, None)
-        if cls is None or not a.scheduler.endswith("Scheduler") or not hasattr(cls, "from_config"):
-            raise UserError(f"--scheduler {a.scheduler}: not a diffusers scheduler class — e.g. DDIMScheduler or "
-                            "EulerAncestralDiscreteScheduler")
-    if a.device:
-        runtime.pick_device(a.device)
 
 
 def clean_text(text: str, what: str) -> str:
@@ -209,22 +182,6 @@ def main(argv=None) -> int:
         print(f"wrote {done} edits to {a.out_dir}")
     print(f"{(time.perf_counter() - t0) / max(1, done):.2f} s per edit on {rt.device}")
     return 0
-
-
-def sampling_settings(cfg, a, ckpt: str) -> dict:
-    """The sampler's settings: the checkpoint's config, overridden by the flags given (infer and evaluate)."""
-    pick = lambda flag, default: default if getattr(a, flag, None) is None else getattr(a, flag)  # noqa: E731
-    settings = dict(steps=a.steps or cfg.steps, scheduler=pick("scheduler", cfg.scheduler),
-                    text_guidance=pick("text_guidance", cfg.text_guidance),
-                    image_guidance=pick("image_guidance", cfg.image_guidance), ip_scale=pick("ip_scale", cfg.ip_scale))
-    if (a.no_topt or a.no_vinsight) and not cfg.uses_vision_head:
-        raise UserError(f"--no-topt / --no-vinsight are MIND-Edit ablations; {ckpt} is a {cfg.recipe} model "
-                        "— drop the flag")
-    if a.no_vinsight:
-        settings["ip_scale"] = 0.0
-    if cfg.uses_vision_head:
-        settings["use_topt"] = not a.no_topt
-    return settings
 
 
 def edit_files(model, rt, jobs, settings: dict, resolution: int, batch_size: int, seeds: list[int],

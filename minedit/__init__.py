@@ -26,6 +26,7 @@ The model, assembled from them:
     model.py        the composed model: forward(batch, stage) -> loss, parts
     losses.py       the diffusion loss and its optional weightings
     sampler.py      the editing sampler: conditioning once per edit, three-branch guidance
+    sampling_flags.py  the sampling flags infer.py and evaluate.py share: declared, checked, turned into settings
 Running it:
     runtime.py      device, precision and distributed set-up (the one place that names a device)
     data.py         JSONL manifests, robust image loading, aligned transforms
@@ -35,6 +36,7 @@ Running it:
     runlock.py      one training job per run folder
     fsio.py         the one atomic writer (temporary name, fsync, rename) and its one-line errors
     errors.py       the one error type for bad input, printed as `error: ...`
+    imagegrid.py    the one grid drawer: rows of captioned cells -> an image (sample grids, sheets)
 Measuring it (eval/):
     metrics.py      background / in-mask PSNR, edit success, CLIP-I, CLIPScore, LPIPS
     judge.py        VIEScore with an MLLM judge (optional)

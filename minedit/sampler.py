@@ -110,22 +110,15 @@ def to_pil(x: torch.Tensor):
 
 def edit_grid(model, items: list[dict], path: str, steps: int = 20, seed: int = 0, **kw) -> str:
     """Rows of source | target | the model's edit, the instruction printed under each row; saved as PNG."""
-    from PIL import Image, ImageDraw
+    from .fsio import save_image
+    from .imagegrid import draw_grid, side_by_side
 
     src = torch.stack([it["source"] for it in items])
     edits = edit(model, src, [it["instruction"] for it in items], steps=steps, seed=seed,
                  text_guidance=kw.get("text_guidance", model.cfg.text_guidance),
                  image_guidance=kw.get("image_guidance", model.cfg.image_guidance))
     cell = max(64, src.shape[-1])
-    text_h = 14
-    grid = Image.new("RGB", (3 * cell, len(items) * (cell + text_h)), "white")
-    draw = ImageDraw.Draw(grid)
-    for r, (it, out) in enumerate(zip(items, edits)):
-        y = r * (cell + text_h)
-        for c, img in enumerate((it["source"], it.get("target", it["source"]), out)):
-            grid.paste(to_pil(img).resize((cell, cell), Image.NEAREST), (c * cell, y))
-        draw.text((2, y + cell + 1), it["instruction"][: 3 * cell // 6], fill="black")
-    from .fsio import save_image
-
-    save_image(grid, path)
+    rows = [[(side_by_side([to_pil(it["source"]), to_pil(it.get("target", it["source"])), to_pil(out)], cell),
+              it["instruction"])] for it, out in zip(items, edits)]
+    save_image(draw_grid(rows, (3 * cell, cell), line_h=14), path)
     return path

@@ -36,13 +36,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python scripts/...` from a checkout
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling pretrain_toy_bases.py, however loaded
 
 from minedit import build  # noqa: E402
+from minedit.imagegrid import draw_grid  # noqa: E402
 from minedit.presets import preset  # noqa: E402
+from minedit.sampler import to_pil  # noqa: E402
 from minedit.toy.phrases import BACKGROUNDS, COLOURS, tokenize_words  # noqa: E402
 from minedit.toy.world import cached_world  # noqa: E402
 from pretrain_toy_bases import clip_retrieval, load_images, log, read_jsonl, schedule, step  # noqa: E402
@@ -150,20 +151,10 @@ def colours_right(images: torch.Tensor, captions: list[str], near: float = 60.0,
 
 
 def grid(images: torch.Tensor, captions: list[str], path: Path, cols: int = 8, scale: int = 3) -> None:
-    """Generations in a grid, each under the first words of its caption."""
+    """Generations in a grid, each over the first words of its caption."""
     side = images.shape[-1] * scale
-    cell_w, cell_h = max(side, 120), side + 22
-    rows = (len(images) + cols - 1) // cols
-    canvas = Image.new("RGB", (cols * cell_w, rows * cell_h), "white")
-    draw = ImageDraw.Draw(canvas)
-    for i, (img, cap) in enumerate(zip(images, captions)):
-        x, y = (i % cols) * cell_w, (i // cols) * cell_h
-        arr = ((img.permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
-        canvas.paste(Image.fromarray(arr).resize((side, side), Image.NEAREST), (x, y + 22))
-        words = cap.split()
-        draw.text((x + 1, y), " ".join(words[:4]), fill="black")
-        draw.text((x + 1, y + 10), " ".join(words[4:8]), fill="black")
-    canvas.save(path)
+    cells = [(to_pil(img), cap) for img, cap in zip(images, captions)]
+    draw_grid([cells[k:k + cols] for k in range(0, len(cells), cols)], (side, side), lines=2, gap=4).save(path)
 
 
 def t2i_quality(unet, vae, text_encoder, tok, clip, cfg, eval_images, eval_captions, null_context, out: Path):

@@ -243,6 +243,7 @@ EVALUATE = [
     ("data-flag-missing", ["--ckpt", "{ckpt}"], ["--data", "required"]),  # no --ckpt is the shipped checkpoint
     ("device-unknown", [*EV, "--device", "tpu:0"], ["--device tpu:0"]),
     ("text-guidance-negative", [*EV, "--text-guidance", "-1"], ["--text-guidance -1"]),
+    ("scheduler-unknown", [*EV, "--scheduler", "FastScheduler"], ["--scheduler FastScheduler", "DDIMScheduler"]),
     ("judge-url-without-scheme", [*EV, "--judge-url", "localhost:8000/v1"], ["--judge-url", "http://"]),
     ("out-is-a-folder", ["--ckpt", "{ckpt}", "--data", "{eval}", "--out", "{d}/folder.png"], ["it is a folder"]),
     ("pred-dir-is-a-file", [*EV, "--pred-dir", "{d}/ckfile"], ["--pred-dir", "is a file"]),

@@ -3,11 +3,9 @@
 Each panel is stretched from its own minimum to its maximum (where a token looks more than elsewhere, whatever
 its weight); its label gives the token and its share of the attention averaged over the image (the shares of a
 group sum to 100 %; the raw maps are in the .npz). Colours are a
-hand-made black-purple-orange-yellow ramp blended over the grey source.
+hand-made black-purple-orange-yellow ramp blended over the grey source. The layout is imagegrid.draw_grid's.
 """
 from __future__ import annotations
-
-import textwrap
 
 import numpy as np
 
@@ -43,34 +41,27 @@ def render(source, text: np.ndarray, labels: list[str], image: np.ndarray | None
     `hidden`: how many (padding) text tokens were left off the sheet, said in its header."""
     from PIL import Image, ImageDraw
 
+    from ..imagegrid import draw_grid
+
     w0, h0 = source.size
     s = CELL / max(w0, h0)
     size = (max(1, round(w0 * s)), max(1, round(h0 * s)))
     src = source.convert("RGB").resize(size, Image.NEAREST if s >= 1 else Image.LANCZOS)
     gray = np.repeat(np.asarray(src.convert("L"), dtype=np.float32)[..., None], 3, -1)
+    ImageDraw.Draw(src).rectangle((0, 0, size[0] - 1, size[1] - 1), outline=(160, 160, 160))  # white on white
     names = list(labels) + list(image_labels)
-    cols = min(COLUMNS, 1 + len(names))
-    rows_per_step = -(-len(names) // (cols - 1))
-    cw, ch = size[0] + 2, size[1] + LABEL_H
+    per_row = min(COLUMNS, 1 + len(names)) - 1  # panels per row, beside the source's column
     lam = "" if image is None else f"; img tokens: their own softmax, weight lambda={ip_scale:g}"
     lam += f"; {hidden} padding tokens not shown (in the .npz)" if hidden else ""
-    header = textwrap.wrap("cross-attention per token (conditional branch, mean over heads and layers); each "
-                           f"panel stretched min to max; % = the token's share{lam}", max(20, cols * cw // 6))
-    top = 2 + LABEL_H * len(header)
-    sheet = Image.new("RGB", (cols * cw, top + len(timesteps) * rows_per_step * ch), "white")
-    draw = ImageDraw.Draw(sheet)
-    for k, line in enumerate(header):
-        draw.text((2, 1 + LABEL_H * k), line, fill="black")
-    chars = max(3, cw // 6)
+    title = ("cross-attention per token (conditional branch, mean over heads and layers); each panel stretched "
+             f"min to max; % = the token's share{lam}")
+    chars = max(3, size[0] // 6)  # ~6 px per character: a long token name is cut, its share stays in view
+    rows = []
     for r, t in enumerate(timesteps):
-        y0 = top + r * rows_per_step * ch
-        sheet.paste(src, (0, y0))
-        draw.rectangle((0, y0, size[0] - 1, y0 + size[1] - 1), outline=(160, 160, 160))
-        step = f"step {steps[r] + 1}" if r < len(steps) else ""
-        draw.text((1, y0 + size[1]), f"t={t} {step}"[:chars], fill="black")
         maps = list(text[r]) + ([] if image is None else list(image[r]))
-        for i, (name, m) in enumerate(zip(names, maps)):
-            x, y = (1 + i % (cols - 1)) * cw, y0 + (i // (cols - 1)) * ch
-            sheet.paste(panel(gray, m, size), (x, y))
-            draw.text((x + 1, y + size[1]), f"{name[:chars - 4]} {100 * float(m.mean()):.0f}%", fill="black")
-    return sheet
+        panels = [(panel(gray, m, size), f"{name[:chars - 4]} {100 * float(m.mean()):.0f}%")
+                  for name, m in zip(names, maps)]
+        step = f"step {steps[r] + 1}" if r < len(steps) else ""
+        for k in range(0, len(panels), per_row):  # the source heads each step's block, then a blank column
+            rows.append([(src, f"t={t} {step}") if k == 0 else (None, "")] + panels[k:k + per_row])
+    return draw_grid(rows, size, line_h=LABEL_H, gap=2, title=title)

@@ -25,6 +25,7 @@ import numpy as np
 
 from .. import fsio
 from ..errors import UserError
+from ..sampling_flags import sampling_settings
 from . import metrics, protocols
 
 PROTOCOLS = ("reason-edit", "magicbrush", "gedit")
@@ -43,7 +44,7 @@ class Editor:
 
         self.a, self.model = a, None
         self.cfg = infer.check_inputs(a.ckpt, [])
-        self.settings = infer.sampling_settings(self.cfg, a, a.ckpt)
+        self.settings = sampling_settings(self.cfg, a, a.ckpt)
 
     def make(self, jobs: list[tuple[str, str, str]], seeds: list[int]) -> int:
         """jobs: (source path, instruction, output path); the ones whose output exists are skipped."""
