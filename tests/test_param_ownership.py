@@ -1,0 +1,83 @@
+"""What each stage trains, saves and weight-decays is pinned: the checkpoint key set (with shapes) of every
+recipe × stage, for base models built from the config (the toy world: the bases are saved too) and loaded by path,
+and the two AdamW groups in order. tests/data/param_fingerprints.json was computed on the code before EditModel
+was composed from its parts (which ask each part for its parameters instead of matching parameter names), so a
+shipped checkpoint keeps loading and a resumed optimizer keeps its parameter order.
+
+Each entry is a count and a sha256 of the sorted `name shape` lines (the group lists in parameter order); on a
+mismatch the test names the top-level modules whose counts moved."""
+import copy
+import hashlib
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from minedit import training
+from minedit.config import preset
+from minedit.model import STAGE_TRAINABLE, EditModel
+
+FIXTURE = Path(__file__).parent / "data" / "param_fingerprints.json"
+VARIANTS = {"insightedit": ("insightedit", {}), "smartedit": ("smartedit", {}), "ip2p": ("ip2p", {}),
+            "smartedit-nobim": ("smartedit", {"bim": False}), "mindedit": ("mindedit", {}),
+            "mindedit-text": ("mindedit", {"mind_losses": "text"}),
+            "mindedit-embed": ("mindedit", {"mind_losses": "embed"})}
+
+
+def _fingerprint(lines: list[str]) -> dict:
+    tops = Counter(line.split(".")[0].split(" ")[0] for line in lines)
+    return {"n": len(lines), "sha256": hashlib.sha256("\n".join(lines).encode()).hexdigest(), "tops": dict(tops)}
+
+
+def _model(variant: str) -> EditModel:
+    recipe, overrides = VARIANTS[variant]
+    cfg = preset(recipe, "toy")
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    torch.manual_seed(0)
+    return EditModel(cfg)
+
+
+def fingerprints(variant: str) -> dict:
+    """{"STAGE/config|path": checkpoint keys, "STAGE/decay|plain": AdamW group names in order}."""
+    model = _model(variant)
+    out = {}
+    for stage in model.cfg.stages:
+        for bases, path in (("config", ""), ("path", "/somewhere")):
+            model.cfg = copy.copy(model.cfg)  # only checkpoint_state reads the paths: a loaded base is not saved
+            model.cfg.mllm_path = model.cfg.sd_path = model.cfg.clip_path = path
+            keys = model.checkpoint_state(stage)
+            out[f"{stage}/{bases}"] = _fingerprint(sorted(f"{k} {tuple(v.shape)}" for k, v in keys.items()))
+        model.cfg.mllm_path = model.cfg.sd_path = model.cfg.clip_path = ""
+        model.set_stage(stage)
+        names = {id(p): n for n, p in model.named_parameters()}
+        groups = {g["weight_decay"] > 0: [names[id(p)] for p in g["params"]]
+                  for g in training.param_groups(model, 0.01)}
+        for on, kind in ((True, "decay"), (False, "plain")):
+            out[f"{stage}/{kind}"] = _fingerprint(groups.get(on, []))
+    return out
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_checkpoint_keys_and_decay_groups_are_as_before(variant):
+    expected = json.loads(FIXTURE.read_text())[variant]
+    got = fingerprints(variant)
+    assert got.keys() == expected.keys()
+    for key, want in expected.items():
+        have = got[key]
+        moved = {t: (want["tops"].get(t, 0), have["tops"].get(t, 0)) for t in want["tops"].keys() | have["tops"].keys()
+                 if want["tops"].get(t, 0) != have["tops"].get(t, 0)}
+        assert have == want, f"{variant} {key}: {want['n']} -> {have['n']} names; moved (before, now): {moved}"
+
+
+def test_fixture_covers_every_recipe_and_stage():
+    pinned = json.loads(FIXTURE.read_text())
+    seen = {(VARIANTS[v][0], int(k.split("/")[0])) for v in pinned for k in pinned[v]}
+    assert seen == set(STAGE_TRAINABLE)
+
+
+if __name__ == "__main__":  # regenerate the fixture (only when a change of the saved keys is intended)
+    FIXTURE.parent.mkdir(exist_ok=True)
+    FIXTURE.write_text(json.dumps({v: fingerprints(v) for v in VARIANTS}, indent=1, sort_keys=True) + "\n")
