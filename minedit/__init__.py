@@ -15,7 +15,10 @@ One file per idea; the design notes are docs/DESIGN.md ("DESIGN §N" in a commen
     mind.py         MIND-Edit's MLLM side: T_opt (text head) and v_insight (vision head) from one generation
     unet.py         the 8-channel editing UNet set-up
     build.py        load or build every base model (hub id, local folder, tiny config, meta device)
-    model.py        the composed model: forward(batch, stage) -> loss, parts
+    conditions.py   what the UNet reads per edit (f_txt, v_txt, f_img, null_img) and guidance dropout
+    recipes.py      each recipe's path from (image, instruction) to conditions: text, bridge, MIND-Edit
+    stages.py       what each stage trains and what its checkpoints save (DESIGN §4)
+    model.py        the composed model: parts that own their parameters, forward(batch, stage) -> loss, parts
     sampler.py      the editing sampler: conditioning once per edit, three-branch guidance
     attnmaps.py     per-token cross-attention maps of one edit, recorded with read-only hooks (attnsheet.py: the sheet)
 Running it:

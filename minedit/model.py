@@ -14,14 +14,8 @@ recipe turns an edit into the UNet's conditions is its path (recipes.py: text, b
 conditions' shape and guidance dropout are conditions.py. Which part owns which parameter is asked of the
 parts themselves (`part_names`: lora_parameters, mm_row_params, decoupled_parameters, the IAA's mapper, each
 module's own parameters); the stage table `STAGE_TRAINABLE` (DESIGN §4), the checkpoint keys and the
-optimizer's weight-decay groups are all read off that one map.
-
-Choices the design left open, recorded here:
-  * Stage 1 feeds the caption as the MLLM's instruction text (with the image), and aligns the Q-Former output
-    with CLIP_text(caption) and the IAA mapper with CLIP_image(I_src) (InsightEdit supp. eq. 2).
-  * v (BIM's image input) is the LLaVA vision tower's own penultimate-layer patch features (CLS dropped),
-    caught with a forward hook during the single MLLM forward, so the vision tower runs once per edit.
-  * Guidance dropout: see conditions.py.
+optimizer's weight-decay groups are all read off that one map (stages.py says which parts each stage trains
+and saves). Data flows one way: parts -> path -> Conditions -> UNet -> loss; nothing writes back onto the model.
 """
 from __future__ import annotations
 
@@ -43,6 +37,7 @@ from .qformer import QFormer
 from .recipes import recipe_path
 from .stages import STAGE_TRAINABLE, format_param_table, saved_parts, trainable_parts  # noqa: F401 (re-exported)
 from .vision_head import VisionHead
+
 
 class EditModel(nn.Module):
     def __init__(self, cfg: Config, meta: bool = False):

@@ -2,15 +2,23 @@
 path, chosen once from the config by `recipe_path`. EditModel holds the parts; a path reads them and returns
 what it computed (conditions, losses, decoded text), writing nothing onto the model.
 
-    TextPath    ip2p:                     f_txt = CLIP_text(c)
-    BridgePath  insightedit, smartedit:   I_src + c ─MLLM─► h ─Q-Former(─BIM)─► f_txt (v_txt);  h ─IAA─► e, f_img
-    MindPath    mindedit:                 I_src + c ─MLLM─► T_opt, v_insight;  CLIP_text(T_opt), image_proj(v_insight)
+    TextPath    ip2p          f_txt = CLIP_text(c)
+    BridgePath  insightedit,  I_src + c ─MLLM─► h ─Q-Former (─BIM)─► f_txt (, v_txt);  h ─IAA─► e, f_img
+                smartedit
+    MindPath    mindedit      I_src + c ─MLLM─► T_opt, v_insight;  f_txt = CLIP_text(T_opt),
+                              f_img = image_proj(v_insight)
 
 Each path answers the same four questions:
     image_branch(stage)        does the decoupled attention read image tokens at this stage?
     conditions(...)            inference: (Conditions, decoded texts or None); the MLLM runs once
     alignment_losses(batch)    stage 1: {name: loss}
     edit_conditions(...)       editing stages: (Conditions, {name: loss} computed on the way)
+
+Choices the design left open (bridge path), recorded here:
+  * Stage 1 feeds the caption as the MLLM's instruction text (with the image), and aligns the Q-Former output
+    with CLIP_text(caption) and the IAA mapper with CLIP_image(I_src) (InsightEdit supp. eq. 2).
+  * v (BIM's image input) is the LLaVA vision tower's own penultimate-layer patch features (CLS dropped),
+    caught with a forward hook during the single MLLM forward, so the vision tower runs once per edit.
 """
 from __future__ import annotations
 
