@@ -19,6 +19,8 @@ and saves). Data flows one way: parts -> path -> Conditions -> UNet -> loss; not
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -168,7 +170,7 @@ class EditModel(nn.Module):
                 self.mllm.gradient_checkpointing_enable()
         return {k: tuple(v) for k, v in table.items()}
 
-    def trainable_parts(self, stage: int) -> set:
+    def trainable_parts(self, stage: int) -> set:  # stages.trainable_parts of this model's config
         return trainable_parts(self.cfg, stage)
 
     def trainable_parameters(self):
@@ -182,8 +184,6 @@ class EditModel(nn.Module):
                                   truncation=True, return_tensors="pt")
         if not getattr(self, "_warned_clip", False) and any(len(self.text_tokenizer(t).input_ids) >
                                                             self.cfg.text_max_length for t in texts):
-            import warnings
-
             warnings.warn(f"text longer than CLIP's {self.cfg.text_max_length} tokens truncated (warned once)")
             self._warned_clip = True
         return self.text_encoder(enc.input_ids.to(self.device)).last_hidden_state

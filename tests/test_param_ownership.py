@@ -16,6 +16,10 @@ import pytest
 import torch
 
 from minedit import training
+from minedit.attention import decoupled_state_dict
+from minedit.conditions import guidance_dropout
+from minedit.lora import lora_state_dict
+from minedit.mm_tokens import mm_row_params
 from minedit.config import preset
 from minedit.model import STAGE_TRAINABLE, EditModel
 
@@ -78,6 +82,26 @@ def test_fixture_covers_every_recipe_and_stage():
     assert seen == set(STAGE_TRAINABLE)
 
 
-if __name__ == "__main__":  # regenerate the fixture (only when a change of the saved keys is intended)
+def test_each_part_owns_what_its_api_names():
+    """The map agrees with the parts' own APIs: a LoRA adapter is never "mllm", a to_k_ip never "unet"."""
+    model = _model("insightedit")
+    owned = lambda part: {n for n, p in model.part_names.items() if p == part}  # noqa: E731
+    assert owned("lora") == {f"mllm.{k}" for k in lora_state_dict(model.mllm)}
+    assert owned("unet.ip") == {f"unet.{k}" for k in decoupled_state_dict(model.unet)}
+    params = dict(model.named_parameters())
+    assert {id(params[n]) for n in owned("mm_rows")} == {id(p) for p in mm_row_params(model.mllm)}
+    assert owned("iaa.mapper") == {f"iaa.mapper.{k}" for k, _ in model.iaa.mapper.named_parameters()}
+    assert set(model.part_names) == set(params)
+
+
+def test_guidance_dropout_splits_the_unit_interval():
+    """p_t = 0.1, p_i = 0.2, p_b = 0.3: [0, .1) text, [.1, .3) image, [.3, .6) both, [.6, 1) neither."""
+    u = torch.tensor([0.0, 0.099, 0.1, 0.299, 0.3, 0.599, 0.6, 0.999])
+    text, image = guidance_dropout(u, 0.1, 0.2, 0.3)
+    assert text.tolist() == [True, True, False, False, True, True, False, False]
+    assert image.tolist() == [False, False, True, True, True, True, False, False]
+
+
+if __name__ == "__main__":  # `PYTHONPATH=. python3 tests/test_param_ownership.py`: only for an intended change
     FIXTURE.parent.mkdir(exist_ok=True)
     FIXTURE.write_text(json.dumps({v: fingerprints(v) for v in VARIANTS}, indent=1, sort_keys=True) + "\n")
