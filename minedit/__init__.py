@@ -23,7 +23,10 @@ The model, assembled from them:
     build.py        load or build every base model (hub id, local folder, tiny config, meta device)
     comprehend.py   InsightEdit/SmartEdit's MLLM side: the prompt, its fit, the one forward (h, L_LLM, v)
     mind.py         MIND-Edit's MLLM side: T_opt (text head) and v_insight (vision head) from one generation
-    model.py        the composed model: forward(batch, stage) -> loss, parts
+    conditions.py   what the UNet reads per edit (f_txt, v_txt, f_img, null_img) and guidance dropout
+    recipes.py      each recipe's path from (image, instruction) to conditions: text, bridge, MIND-Edit
+    stages.py       what each stage trains and what its checkpoints save (DESIGN §4)
+    model.py        the composed model: parts that own their parameters, forward(batch, stage) -> loss, parts
     losses.py       the diffusion loss and its optional weightings
     sampler.py      the editing sampler: conditioning once per edit, three-branch guidance
     sampling_flags.py  the sampling flags infer.py and evaluate.py share: declared, checked, turned into settings

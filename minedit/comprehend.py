@@ -10,6 +10,9 @@ MIND-Edit's MLLM side (no [MM] tokens, a decoded T_opt instead) is mind.py; both
 """
 from __future__ import annotations
 
+import warnings
+from typing import NamedTuple
+
 import torch
 
 from . import build
@@ -28,29 +31,36 @@ def mllm_inputs(model, images: torch.Tensor, texts: list[str]):
     return enc.input_ids.to(model.device), enc.attention_mask.to(model.device), pixels
 
 
+class Reading(NamedTuple):
+    """What one comprehension forward computes."""
+    h: torch.Tensor     # B×r×d, last-layer hidden states at the [MM] positions
+    loss: torch.Tensor  # scalar fp32 L_LLM
+    v: torch.Tensor     # B×P×D_vis, the vision tower's patch features (CLS dropped), BIM's image input
+
+
+_warned_long = False  # the truncation warning is printed once per process
+
+
 def fit_instruction(model, text: str) -> str:
     """Cut an instruction's tokens so the prompt (+ image tokens + r [MM] tokens) fits the LLM's positions;
-    warn once per model. The cut keeps the start: the instruction's verb and object come first."""
+    warn once. The cut keeps the start: the instruction's verb and object come first."""
+    global _warned_long
     tok = model.tokenizer
     limit = min(tok.model_max_length, model.mllm.config.text_config.max_position_embeddings)
     ids = tok(text, add_special_tokens=False).input_ids
-    if not hasattr(model, "_prompt_overhead"):
-        empty = build.chat_prompt(tok, "", model.n_image_tokens)
-        model._prompt_overhead = len(tok(empty).input_ids) + model.cfg.num_mm_tokens + 2  # +2: re-tokenising slack
-    budget = max(1, limit - model._prompt_overhead)
+    overhead = len(tok(build.chat_prompt(tok, "", model.n_image_tokens)).input_ids) + model.cfg.num_mm_tokens + 2
+    budget = max(1, limit - overhead)  # +2 above: re-tokenising slack
     if len(ids) <= budget:
         return text
-    if not getattr(model, "_warned_long", False):
-        import warnings
-
+    if not _warned_long:
         warnings.warn(f"instruction of {len(ids)} tokens truncated to {budget} to fit the LLM's {limit} "
                       "positions (warned once)")
-        model._warned_long = True
+        _warned_long = True
     return tok.decode(ids[:budget])
 
 
-def comprehend(model, images: torch.Tensor, texts: list[str]):
-    """One teacher-forced MLLM forward -> (h: B×r×d, L_LLM, v: B×P×D_vis patch features)."""
+def comprehend(model, images: torch.Tensor, texts: list[str]) -> Reading:
+    """One teacher-forced MLLM forward -> Reading(h: B×r×d, L_LLM, v: B×P×D_vis patch features)."""
     ids, mask, pixels = mllm_inputs(model, images, texts)
     caught = {}
 
@@ -62,4 +72,4 @@ def comprehend(model, images: torch.Tensor, texts: list[str]):
         out = mm_forward(model.mllm, ids, mask, model.mm_ids, pixel_values=pixels)
     finally:
         handle.remove()
-    return out.hidden, out.loss, caught["v"]
+    return Reading(out.hidden, out.loss, caught["v"])

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from . import build
+from .conditions import Conditions
 from .errors import UserError
 from .parts.vision_head import embed_loss
 
@@ -110,19 +111,26 @@ def generate(model, images: torch.Tensor, texts: list[str]) -> tuple[list[str], 
 
 
 # ---------------------------------------------------------------- the recipe's conditions and stage-1 loss
-def _image_tokens(model, v: torch.Tensor) -> torch.Tensor:
+def image_tokens(model, v: torch.Tensor) -> torch.Tensor:
     """f_img = IP-Adapter's image projection of an image embedding v: B×D_img -> B×N×D_txt."""
     return model.image_proj(v.to(model.image_proj.image_embeds.weight.dtype))
 
 
+def _with_image(model, f_txt: torch.Tensor, v: torch.Tensor | None) -> Conditions:
+    """f_txt plus, given v, its image tokens and the null ones (the projection of a zero embedding, IP-Adapter's
+    own unconditional image prompt)."""
+    if v is None:
+        return Conditions(f_txt)
+    return Conditions(f_txt, f_img=image_tokens(model, v), null_img=image_tokens(model, torch.zeros_like(v)))
+
+
 def conditions(model, images: torch.Tensor, texts: list[str], use_image_branch: bool = True, use_topt: bool = True):
-    """Inference: greedy T_opt and v_insight from one generation -> (f_txt, f_img, v_insight, T_opt).
-    f_txt = CLIP_text(T_opt) (the raw instruction with `use_topt=False`: Table 2 ablation #2); f_img =
-    image_proj(v_insight), None without the image branch (ablation #1, identical to λ = 0)."""
+    """Inference: greedy T_opt and v_insight from one generation -> (Conditions, T_opt). f_txt = CLIP_text(T_opt)
+    (the raw instruction with `use_topt=False`: Table 2 ablation #2); no image tokens without the image branch
+    (ablation #1, identical to λ = 0)."""
     topt, v = generate(model, images, texts)
     f_txt = model.encode_text(topt if use_topt else texts)
-    f_img = _image_tokens(model, v) if use_image_branch else None
-    return f_txt, f_img, v, topt
+    return _with_image(model, f_txt, v if use_image_branch else None), topt
 
 
 def stage1_losses(model, batch) -> dict:
@@ -146,8 +154,8 @@ def stage1_losses(model, batch) -> dict:
     return parts
 
 
-def teacher_conditions(model, batch, target: torch.Tensor):
-    """Stage 2 (teacher forcing, as IP-Adapter is trained) -> (f_txt, f_img, v): f_txt = frozen CLIP_text of the
+def teacher_conditions(model, batch, target: torch.Tensor) -> Conditions:
+    """Stage 2 (teacher forcing, as IP-Adapter is trained): f_txt = frozen CLIP_text of the
     ground-truth optimized instruction (the raw instruction where a row has none), f_img = image_proj(
     CLIP_image(I_tar)) — the inputs the stage-1 MLLM's T_opt and v_insight stand in for at inference.
 
@@ -159,4 +167,4 @@ def teacher_conditions(model, batch, target: torch.Tensor):
     with torch.no_grad():
         f_txt = model.encode_text(texts)
         v = model.encode_image_clip(target)
-    return f_txt, _image_tokens(model, v), v
+    return _with_image(model, f_txt, v)

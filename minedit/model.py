@@ -9,65 +9,36 @@ MIND-Edit (`mindedit`, see mind.py, vision_head.py, ip_adapter.py) has no [MM] t
     I_src + c ──LLaVA(-OneVision) + LoRA──► T_opt (greedy, lm_head) and v_insight = F_v(h_m): B×D_img
     CLIP_text(T_opt) = f_txt;  image_proj(v_insight) = f_img: B×N×D_txt ──► the same decoupled-attention UNet
 
-Which parts exist per recipe is read off the config (`uses_bim`, `uses_iaa`, ...); which parts train in which
-stage is the table `STAGE_TRAINABLE` (DESIGN §4), applied by `set_stage`, the one function that does it.
-
-Choices the design left open, recorded here:
-  * Stage 1 feeds the caption as the MLLM's instruction text (with the image), and aligns the Q-Former output
-    with CLIP_text(caption) and the IAA mapper with CLIP_image(I_src) (InsightEdit supp. eq. 2).
-  * v (BIM's image input) is the LLaVA vision tower's own penultimate-layer patch features (CLS dropped),
-    caught with a forward hook during the single MLLM forward, so the vision tower runs once per edit.
-  * Guidance dropout: "text" drops the instruction's conditions (f_txt -> CLIP_text(""), f_img -> IAA(0));
-    "image" zeroes the source latent; v_txt is always kept (as SmartEdit's inference keeps it in every branch).
+EditModel holds the parts; which exist per recipe is read off the config (`uses_bim`, `uses_iaa`, ...). How a
+recipe turns an edit into the UNet's conditions is its path (recipes.py: text, bridge, MIND-Edit); the
+conditions' shape and guidance dropout are conditions.py. Which part owns which parameter is asked of the
+parts themselves (`part_names`: lora_parameters, mm_row_params, decoupled_parameters, the IAA's mapper, each
+module's own parameters); the stage table `STAGE_TRAINABLE` (DESIGN §4), the checkpoint keys and the
+optimizer's weight-decay groups are all read off that one map (stages.py says which parts each stage trains
+and saves). Data flows one way: parts -> path -> Conditions -> UNet -> loss; nothing writes back onto the model.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import warnings
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from . import build, mind
-from .comprehend import comprehend
+from . import build
+from .conditions import Conditions, drop_conditions, guidance_dropout
 from .config import Config
 from .errors import UserError
 from .losses import diffusion_loss
-from .parts.decoupled_attention import install_decoupled_attention
 from .parts.bim import BIM, conv_in_residual, wrap_conv_in
-from .parts.iaa import IAA, iaa_loss
+from .parts.decoupled_attention import decoupled_parameters, install_decoupled_attention
+from .parts.iaa import IAA
 from .parts.ip_adapter import image_projection
-from .parts.lora import inject_lora
-from .parts.mm_tokens import add_mm_tokens, load_mm_rows, mask_original_rows, mm_rows_state_dict
+from .parts.lora import inject_lora, lora_parameters
+from .parts.mm_tokens import add_mm_tokens, load_mm_rows, mask_original_rows, mm_row_params, mm_rows_state_dict
 from .parts.qformer import QFormer
 from .parts.vision_head import VisionHead
-
-# The trainable parts per recipe and stage (DESIGN §4). Everything not listed is frozen.
-STAGE_TRAINABLE = {
-    ("insightedit", 1): {"mm_rows", "qformer", "iaa.mapper"},
-    ("insightedit", 2): {"lora", "mm_rows", "qformer", "iaa.mapper", "bim", "unet"},
-    ("insightedit", 3): {"iaa.mapper", "iaa.tokens", "unet.ip"},
-    ("smartedit", 1): {"mm_rows", "qformer"},
-    ("smartedit", 2): {"lora", "mm_rows", "qformer", "bim", "unet"},
-    ("ip2p", 2): {"unet"},
-    # MIND-Edit: stage 1 trains the MLLM's LoRA (text head = the LLM's own lm_head, frozen) and the vision head;
-    # stage 2 trains the generation module (see mind.teacher_conditions for why the UNet trains too).
-    ("mindedit", 1): {"lora", "vision_head"},
-    ("mindedit", 2): {"unet", "unet.ip", "image_proj"},
-}
-
-
-@dataclass
-class Conditions:
-    """Everything the UNet is conditioned on for one batch of edits (computed once per edit at inference)."""
-    f_txt: torch.Tensor                  # B×T×D_txt
-    v_txt: torch.Tensor | None = None    # B×C0×h×w
-    f_img: torch.Tensor | None = None    # B×N×D_img
-    e: torch.Tensor | None = None        # B×D_img, the IAA mapper output
-    h: torch.Tensor | None = None        # B×r×d
-    loss_llm: torch.Tensor | None = None
-    v: torch.Tensor | None = None        # B×D_img, MIND-Edit's v_insight (or CLIP_image(I_tar) in stage 2)
-    texts: list | None = None            # MIND-Edit's decoded T_opt, one per edit
+from .recipes import recipe_path
+from .stages import STAGE_TRAINABLE, format_param_table, saved_parts, trainable_parts  # noqa: F401 (re-exported)
 
 
 class EditModel(nn.Module):
@@ -114,6 +85,8 @@ class EditModel(nn.Module):
         if cfg.uses_decoupled_attention:
             install_decoupled_attention(self.unet, scale=cfg.ip_scale)
         self.noise_scheduler = build.build_noise_scheduler(cfg, meta=meta)
+        self.path = recipe_path(cfg)  # how this recipe computes its conditions (recipes.py)
+        self.part_names = self._claim_parameters()
         self._null_text = None
         self._mask_hooks = []
 
@@ -125,29 +98,45 @@ class EditModel(nn.Module):
         return self.unet.conv_in.weight.device
 
     # ------------------------------------------------------------------------------------------------------------
-    # Parts and stages
+    # Parts own their parameters: one map, read by the stage table, the checkpoint and the optimizer groups
+    def _claim_parameters(self) -> dict[str, str]:
+        """{parameter name: part}, each part claiming its own parameters through its API, the finer claims first
+        (the LoRA adapters and [MM] matrices inside the MLLM, the decoupled attention inside the UNet, the IAA's
+        mapper inside the IAA); every other parameter belongs to the top-level module that holds it."""
+        owner: dict[int, str] = {}
+
+        def claim(part, params):
+            for p in params:
+                owner.setdefault(id(p), part)
+        if self.cfg.uses_mllm:
+            claim("lora", lora_parameters(self.mllm))
+            if self.cfg.uses_mm_tokens:
+                claim("mm_rows", mm_row_params(self.mllm))
+        if self.cfg.uses_decoupled_attention:
+            claim("unet.ip", decoupled_parameters(self.unet))
+        if self.cfg.uses_iaa:
+            claim("iaa.mapper", self.iaa.mapper.parameters())
+            claim("iaa.tokens", self.iaa.parameters())
+        for name, module in self.named_children():
+            claim(name, module.parameters())
+        return {name: owner[id(p)] for name, p in self.named_parameters()}
+
     def part_of(self, name: str) -> str:
         """The part a parameter belongs to (the rows of the table printed by the dry run)."""
-        top = name.split(".")[0]
-        if top == "mllm":
-            if "lora_" in name:
-                return "lora"
-            if self.cfg.uses_mm_tokens and name in self._mm_matrix_names():
-                return "mm_rows"
-            return "mllm"
-        if top == "unet":
-            return "unet.ip" if ".processor." in name else "unet"
-        if top == "iaa":
-            return "iaa.mapper" if name.startswith("iaa.mapper") else "iaa.tokens"
-        return top
+        return self.part_names[name]
 
-    def _mm_matrix_names(self) -> set:
-        """Names of the embedding and lm_head matrices, found once: part_of asks for every parameter, and a walk
-        per call would make set_stage quadratic (~30 s on the full LLaVA). Names never change after __init__."""
-        if getattr(self, "_mm_names", None) is None:
-            mats = (self.mllm.get_input_embeddings().weight, self.mllm.get_output_embeddings().weight)
-            self._mm_names = {n for n, p in self.mllm.named_parameters(prefix="mllm") if any(p is m for m in mats)}
-        return self._mm_names
+    def no_decay_parameters(self) -> list[nn.Parameter]:
+        """Matrices AdamW must not decay (biases and norms, ndim < 2, it leaves out itself): the MLLM's embedding
+        matrices, whose base rows the [MM] gradient mask protects (mm_row_params); the Q-Former's learned queries;
+        and, as the name rule ("embed" in the name) this replaced did, the UNet's timestep-embedding MLP and
+        IP-Adapter's projection — kept so that training is unchanged."""
+        out = list(mm_row_params(self.mllm)) if self.cfg.uses_mllm else []
+        if self.cfg.uses_mm_tokens:
+            out.append(self.qformer.queries)
+        out += list(self.unet.time_embedding.parameters())
+        if self.cfg.uses_vision_head:
+            out += list(self.image_proj.image_embeds.parameters())
+        return out
 
     def set_stage(self, stage: int, frozen_dtype: torch.dtype = torch.float32) -> dict:
         """Apply the stage's trainable/frozen split; trainable parameters in fp32, frozen ones in `frozen_dtype`.
@@ -161,7 +150,7 @@ class EditModel(nn.Module):
         self._mask_hooks = []
         table: dict[str, list] = {}
         for name, p in self.named_parameters():
-            part = self.part_of(name)
+            part = self.part_names[name]
             on = part in trainable
             p.requires_grad_(on)
             if not self.meta:
@@ -181,13 +170,8 @@ class EditModel(nn.Module):
                 self.mllm.gradient_checkpointing_enable()
         return {k: tuple(v) for k, v in table.items()}
 
-    def trainable_parts(self, stage: int) -> set:
-        """STAGE_TRAINABLE's set; MIND-Edit's text-only stage 1 (Table 2's independent T_opt model) also freezes
-        the unused vision head."""
-        parts = set(STAGE_TRAINABLE[(self.cfg.recipe, stage)])
-        if self.cfg.uses_vision_head and stage == 1 and self.cfg.mind_losses == "text":
-            parts.discard("vision_head")
-        return parts
+    def trainable_parts(self, stage: int) -> set:  # stages.trainable_parts of this model's config
+        return trainable_parts(self.cfg, stage)
 
     def trainable_parameters(self):
         return [p for p in self.parameters() if p.requires_grad]
@@ -200,8 +184,6 @@ class EditModel(nn.Module):
                                   truncation=True, return_tensors="pt")
         if not getattr(self, "_warned_clip", False) and any(len(self.text_tokenizer(t).input_ids) >
                                                             self.cfg.text_max_length for t in texts):
-            import warnings
-
             warnings.warn(f"text longer than CLIP's {self.cfg.text_max_length} tokens truncated (warned once)")
             self._warned_clip = True
         return self.text_encoder(enc.input_ids.to(self.device)).last_hidden_state
@@ -230,36 +212,15 @@ class EditModel(nn.Module):
         eps = torch.randn_like(post.mean) if eps is None else eps.to(post.mean)
         return z_src, (post.mean + post.std * eps) * self.vae.config.scaling_factor
 
+    def image_branch(self, stage: int) -> bool:
+        """Whether this recipe's decoupled attention reads image tokens at `stage`."""
+        return self.path.image_branch(self, stage)
+
     def conditions(self, images: torch.Tensor, texts: list[str], latent_hw: tuple[int, int],
-                   use_image_branch: bool) -> Conditions:
-        """The conditioning of one batch of edits; the MLLM runs once."""
-        if not self.cfg.uses_mllm:
-            return Conditions(f_txt=self.encode_text(texts))
-        if self.cfg.uses_vision_head:
-            return self.mind_conditions(images, texts, use_image_branch)
-        h, loss_llm, v = comprehend(self, images, texts)
-        q = self.qformer(h.float())
-        c = Conditions(f_txt=q, h=h, loss_llm=loss_llm)
-        if self.cfg.uses_bim:
-            c.f_txt, c.v_txt = self.bim(q, v.float(), latent_hw)
-        if self.cfg.uses_iaa:
-            c.e = self.iaa.map(h.float())
-            if use_image_branch:
-                c.f_img = self.iaa.tokens(c.e)
-        return c
-
-    def mind_conditions(self, images: torch.Tensor, texts: list[str], use_image_branch: bool = True,
-                        use_topt: bool = True) -> Conditions:
-        """MIND-Edit inference conditions (mind.conditions): f_txt = CLIP_text(T_opt), f_img = image_proj(v)."""
-        f_txt, f_img, v, topt = mind.conditions(self, images, texts, use_image_branch, use_topt)
-        return Conditions(f_txt=f_txt, f_img=f_img, v=v, texts=topt)
-
-    def null_image_tokens(self, like: torch.Tensor) -> torch.Tensor:
-        """The image branch's null condition: the IAA applied to zero [MM] states (DESIGN §4); for MIND-Edit the
-        image projection of a zero embedding (IP-Adapter's own unconditional image prompt). `like`: h or v."""
-        if self.cfg.uses_vision_head:
-            return self.image_proj(torch.zeros_like(like, dtype=self.image_proj.image_embeds.weight.dtype))
-        return self.iaa(torch.zeros_like(like, dtype=torch.float32))[1]
+                   image_branch: bool, use_topt: bool = True) -> tuple[Conditions, list[str] | None]:
+        """Inference conditioning of one batch of edits (the MLLM runs once) -> (Conditions, MIND-Edit's decoded
+        T_opt or None). `use_topt=False`: MIND-Edit conditions on the raw instruction (Table 2 ablation #2)."""
+        return self.path.conditions(self, images, texts, latent_hw, image_branch, use_topt)
 
     # ------------------------------------------------------------------------------------------------------------
     # UNet call and training forward
@@ -273,106 +234,55 @@ class EditModel(nn.Module):
 
     def forward(self, batch: dict, stage: int):
         """-> (total loss fp32, {name: detached fp32 loss}) for one batch (DESIGN §4)."""
-        if self.cfg.uses_vision_head and stage == 1:
-            return self._total(mind.stage1_losses(self, batch))
-        if stage == 1:
-            return self._forward_alignment(batch)
-        return self._forward_edit(batch, stage)
+        parts = self.path.alignment_losses(self, batch) if stage == 1 else self.edit_losses(batch, stage)
+        total = sum(parts.values())
+        return total, {k: v.detach() for k, v in parts.items()}
 
-    def _forward_alignment(self, batch):
-        images, captions = batch["image"].to(self.device), batch["caption"]
-        h, loss_llm, _ = comprehend(self, images, captions)
-        parts = {"llm": loss_llm.float()}
-        with torch.no_grad():
-            target_txt = self.encode_text(captions).float()
-        parts["qformer"] = F.mse_loss(self.qformer(h.float()).float(), target_txt)
-        if self.cfg.uses_iaa:
-            with torch.no_grad():
-                target_img = self.encode_image_clip(images).float()
-            parts["iaa"] = iaa_loss(self.iaa.map(h.float()), target_img)
-        return self._total(parts)
-
-    def _forward_edit(self, batch, stage):
-        cfg = self.cfg
+    def edit_losses(self, batch: dict, stage: int) -> dict:
+        """Stages 2-3: the recipe's own losses, then the diffusion loss under guidance dropout."""
         source, target = batch["source"].to(self.device), batch["target"].to(self.device)
         b = source.shape[0]
         z_src, z_tar = self.encode_latents(source, target, batch.get("vae_eps"))
-        image_branch = cfg.uses_iaa and stage == 3
         # Random numbers come with the batch when the trainer draws them per sample (training.Draws).
         rand = lambda key, make: batch[key].to(self.device) if key in batch else make()  # noqa: E731
         u = rand("u", lambda: torch.rand(b, device=self.device))
         noise = rand("noise", lambda: torch.randn_like(z_tar)).to(z_tar.dtype)
         t = rand("t", lambda: torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (b,),
                                             device=self.device))
-        if cfg.uses_vision_head:
-            f_txt, f_img, v = mind.teacher_conditions(self, batch, target)
-            cond = Conditions(f_txt=f_txt, f_img=f_img, v=v)
-        else:
-            cond = self.conditions(source, batch["instruction"], tuple(z_src.shape[-2:]), image_branch)
-        parts = {}
-        if cond.loss_llm is not None and stage != 3:
-            parts["llm"] = cond.loss_llm.float()
-        if cond.e is not None:
-            with torch.no_grad():
-                target_img = self.encode_image_clip(target).float()
-            parts["iaa"] = iaa_loss(cond.e, target_img)
-        # Classifier-free-guidance dropout per sample: 5 % text, 5 % image, 5 % both (InstructPix2Pix).
-        drop_txt = (u < cfg.drop_text) | ((u >= cfg.drop_text + cfg.drop_image) &
-                                          (u < cfg.drop_text + cfg.drop_image + cfg.drop_both))
-        drop_img = (u >= cfg.drop_text) & (u < cfg.drop_text + cfg.drop_image + cfg.drop_both)
-        f_txt = torch.where(drop_txt[:, None, None], self.null_text().to(cond.f_txt.dtype), cond.f_txt)
-        f_img = cond.f_img
-        if f_img is not None:
-            null_img = self.null_image_tokens(cond.v if cfg.uses_vision_head else cond.h)
-            f_img = torch.where(drop_txt[:, None, None], null_img, f_img)
-        z_src = torch.where(drop_img[:, None, None, None], torch.zeros_like(z_src), z_src)
-        # Diffusion loss (paper eq. 7): noise the target latent, predict ε (or v) from z_t ⊕ E(I_src).
-        z_t = self.noise_scheduler.add_noise(z_tar, noise, t)
-        if self.noise_scheduler.config.prediction_type == "v_prediction":
-            goal = self.noise_scheduler.get_velocity(z_tar, noise, t)
-        else:
-            goal = noise
-        pred = self.unet_forward(z_t, z_src, t, f_txt, cond.v_txt, f_img)
-        # The edit mask (B×1×H×W, ones where a row has none) weighs the loss only when mask_loss_weight != 1.
-        parts["diff"] = diffusion_loss(pred, goal, t, self.noise_scheduler.alphas_cumprod,
-                                       self.noise_scheduler.config.prediction_type, cfg.snr_gamma,
-                                       batch.get("mask"), cfg.mask_loss_weight)
-        return self._total(parts)
+        cond, parts = self.path.edit_conditions(self, batch, source, target, tuple(z_src.shape[-2:]), stage)
+        cfg = self.cfg
+        drop_text, drop_image = guidance_dropout(u, cfg.drop_text, cfg.drop_image, cfg.drop_both)
+        cond, z_src = drop_conditions(cond, z_src, drop_text, drop_image, self.null_text())
+        parts["diff"] = self.denoising_loss(cond, z_src, z_tar, noise, t, batch.get("mask"))
+        return parts
 
-    @staticmethod
-    def _total(parts):
-        total = sum(parts.values())
-        return total, {k: v.detach() for k, v in parts.items()}
+    def denoising_loss(self, cond: Conditions, z_src, z_tar, noise, t, mask=None) -> torch.Tensor:
+        """Paper eq. 7: noise the target latent to step t, predict ε (or v) from z_t ⊕ E(I_src); the edit mask
+        (B×1×H×W, ones where a row has none) weighs the loss only when mask_loss_weight != 1."""
+        sched = self.noise_scheduler
+        z_t = sched.add_noise(z_tar, noise, t)
+        v_pred = sched.config.prediction_type == "v_prediction"
+        goal = sched.get_velocity(z_tar, noise, t) if v_pred else noise
+        pred = self.unet_forward(z_t, z_src, t, cond.f_txt, cond.v_txt, cond.f_img)
+        return diffusion_loss(pred, goal, t, sched.alphas_cumprod, sched.config.prediction_type, self.cfg.snr_gamma,
+                              mask, self.cfg.mask_loss_weight)
 
     # ------------------------------------------------------------------------------------------------------------
     # Checkpoint state
     def checkpoint_state(self, stage: int) -> dict:
-        """The weights a checkpoint of `stage` must hold: every part trained in this or an earlier stage of the
-        recipe (so one folder serves inference and the next stage), the [MM] rows as r×d slices, and — when a
-        base model was built from the config rather than loaded by path (the toy world) — that base too,
-        since nothing else could restore it."""
-        trained = set().union(*(STAGE_TRAINABLE[(self.cfg.recipe, s)] for s in self.cfg.stages if s <= stage))
-        from_config = {"mllm": not self.cfg.mllm_path, "unet": not self.cfg.sd_path, "vae": not self.cfg.sd_path,
-                       "text_encoder": not self.cfg.sd_path, "image_encoder": not self.cfg.clip_path}
-        out = {}
-        for name, p in self.named_parameters():
-            part = self.part_of(name)
-            if part == "mm_rows":
-                if from_config["mllm"]:
-                    out[name] = p
-                continue
-            if part in trained or from_config.get(part.split(".")[0], False) or part == "lora":
-                out[name] = p
+        """The weights a checkpoint of `stage` must hold (stages.saved_parts), detached."""
+        keep = saved_parts(self.cfg, stage, set(self.part_names.values()))
+        out = {n: p.detach() for n, p in self.named_parameters() if self.part_names[n] in keep}
         if self.cfg.uses_mm_tokens:
             out.update(mm_rows_state_dict(self.mllm, len(self.mm_ids)))
-        return {k: v.detach() for k, v in out.items()}
+        return out
 
     def load_checkpoint_state(self, sd: dict) -> None:
         """Load `checkpoint_state` output; unexpected keys or shapes are an error naming them."""
         sd = dict(sd)
         if self.cfg.uses_mm_tokens:
             rows = {k: sd.pop(k) for k in list(sd) if k.startswith("mm_tokens.")}
-            whole = {n for n in self._mm_matrix_names() if n in sd}
+            whole = [n for n, part in self.part_names.items() if part == "mm_rows" and n in sd]
             if rows and not whole:
                 load_mm_rows(self.mllm, rows)
         own = dict(self.named_parameters())
@@ -386,19 +296,6 @@ class EditModel(nn.Module):
         with torch.no_grad():
             for k, v in sd.items():
                 own[k].copy_(v.to(own[k].dtype))
-
-
-def format_param_table(table: dict, title: str = "") -> str:
-    """The dry-run table: each part, its parameter count as a plain integer, trainable or frozen, and totals."""
-    rows = [(k, n, on) for k, (n, on) in table.items()]
-    width = max(len(k) for k, _, _ in rows + [("total frozen", 0, 0)])
-    lines = [title] if title else []
-    lines.append(f"{'part':<{width}}  {'parameters':>14}  state")
-    for k, n, on in rows:
-        lines.append(f"{k:<{width}}  {n:>14d}  {'trainable' if on else 'frozen'}")
-    lines.append(f"{'total trainable':<{width}}  {sum(n for _, n, on in rows if on):>14d}")
-    lines.append(f"{'total frozen':<{width}}  {sum(n for _, n, on in rows if not on):>14d}")
-    return "\n".join(lines)
 
 
 def load_model(path: str, device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> EditModel:

@@ -48,11 +48,8 @@ def edit(model, images: torch.Tensor, instructions: list[str], steps: int = 50, 
 
     # ---- conditioning: once per edit; the null conditions once per process -----------------------------------
     z_src = model.vae.encode(images.to(model.vae.dtype)).latent_dist.mode()      # B×4×h×w, unscaled
-    if cfg.uses_vision_head:
-        cond = model.mind_conditions(images, instructions, use_image_branch=ip_scale > 0, use_topt=use_topt)
-    else:
-        image_branch = cfg.uses_iaa and cfg.stage >= 3 and ip_scale > 0
-        cond = model.conditions(images, instructions, tuple(z_src.shape[-2:]), image_branch)
+    image_branch = model.image_branch(cfg.stage) and ip_scale > 0
+    cond, texts = model.conditions(images, instructions, tuple(z_src.shape[-2:]), image_branch, use_topt=use_topt)
     guided = not (text_guidance == 1 and image_guidance == 1)
     f_txt, v_txt, f_img = cond.f_txt, cond.v_txt, cond.f_img
     if guided:
@@ -61,8 +58,7 @@ def edit(model, images: torch.Tensor, instructions: list[str], steps: int = 50, 
         z_src = torch.cat([z_src, z_src, torch.zeros_like(z_src)])
         v_txt = None if v_txt is None else torch.cat([v_txt] * 3)
         if f_img is not None:
-            null_img = model.null_image_tokens(cond.v if cfg.uses_vision_head else cond.h)
-            f_img = torch.cat([f_img, null_img, null_img])
+            f_img = torch.cat([f_img, cond.null_img, cond.null_img])
     if cfg.uses_decoupled_attention:
         set_ip_scale(model.unet, ip_scale)
 
@@ -90,7 +86,7 @@ def edit(model, images: torch.Tensor, instructions: list[str], steps: int = 50, 
             latents = keep * latents + (1 - keep) * bg
     out = model.vae.decode((latents / model.vae.config.scaling_factor).to(model.vae.dtype)).sample
     out = out.float().clamp(-1, 1)
-    return (out, cond.texts) if return_texts else out
+    return (out, texts) if return_texts else out
 
 
 def _progress(items, on: bool):

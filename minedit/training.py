@@ -80,13 +80,14 @@ class Draws(Dataset):
 
 
 def param_groups(model, weight_decay: float) -> list[dict]:
-    """AdamW groups: no weight decay on biases, norms, embeddings (incl. the [MM] row matrices) and queries."""
+    """AdamW groups over the trainable parameters, in the model's order: no weight decay on biases and norms
+    (ndim < 2) nor on the matrices the model names (`model.no_decay_parameters()`: embeddings incl. the [MM] row
+    matrices, learned queries)."""
+    flat_ids = {id(p) for p in model.no_decay_parameters()}
     decay, plain = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        flat = p.ndim < 2 or "embed" in name or "lm_head" in name or "queries" in name or "norm" in name
-        (plain if flat else decay).append(p)
+    for p in model.parameters():
+        if p.requires_grad:
+            (plain if p.ndim < 2 or id(p) in flat_ids else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
 

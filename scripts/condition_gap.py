@@ -36,8 +36,8 @@ def losses(model, rows, seed: int) -> list[dict]:
     out = []
     with torch.no_grad():
         z_src, z_tar = model.encode_latents(source, target, torch.zeros(()))
-        cond = model.conditions(source, [r["instruction"] for r in rows], tuple(z_src.shape[-2:]),
-                                model.cfg.uses_iaa and model.cfg.stage >= 3)
+        cond, _ = model.conditions(source, [r["instruction"] for r in rows], tuple(z_src.shape[-2:]),
+                                   model.image_branch(model.cfg.stage))
         null = model.null_text().expand(n, -1, -1)
         noise = torch.randn(z_tar.shape, generator=g)
         for lo, hi in BANDS:

@@ -26,10 +26,8 @@ MAX_LINES = 330  # the issue's "~300", with room for a docstring paragraph
 MAX_FUNCTION_LINES = 80
 # The one function the issue lets stay long: it mirrors diffusers' AttnProcessor2_0 op for op.
 LONG_FUNCTIONS = {("minedit/parts/decoupled_attention.py", "__call__")}
-# Files still over MAX_LINES on this branch, each with the work that brings it down. Strict: a file that has come
-# down fails the test until its entry is removed, so the list can only shrink.
-OVERSIZE_PENDING = {"minedit/model.py": "EditModel composed from parts that own their parameters (issue 16, item 3)"}
-# Imports of a script from the package, pending the same way: benchmarks makes its edits with infer.py's helpers
+# Imports of a script from the package, each with the work that removes it. Strict: an entry whose import has gone
+# fails the test until it is removed, so the list can only shrink. benchmarks makes its edits with infer.py's helpers
 # (check_inputs, sampling_settings, edit_files), which belong in the package beside the sampler.
 SCRIPT_IMPORT_PENDING = {("minedit/eval/benchmarks.py", "infer"): "infer.py's edit helpers moved into the package"}
 
@@ -100,7 +98,7 @@ def violations(root: Path) -> list[str]:
                 bad.append(f"{where}: {'evaluation' if me.startswith('minedit.eval') else 'model code'} "
                            "never imports training code")
         lines = len(text.splitlines())
-        if lines > MAX_LINES and rel not in OVERSIZE_PENDING:
+        if lines > MAX_LINES:
             bad.append(f"{rel}: {lines} lines, more than {MAX_LINES}")
         for node in ast.walk(tree):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
@@ -113,13 +111,6 @@ def violations(root: Path) -> list[str]:
 
 def test_the_package_keeps_its_layout():
     assert violations(ROOT / "minedit") == []
-
-
-def test_pending_oversize_files_are_still_over():
-    """An entry of OVERSIZE_PENDING whose file has come down must be removed (the list only shrinks)."""
-    for rel, why in OVERSIZE_PENDING.items():
-        lines = len((ROOT / rel).read_text().splitlines())
-        assert lines > MAX_LINES, f"{rel} is {lines} lines now ({why} done?): remove it from OVERSIZE_PENDING"
 
 
 def test_pending_script_imports_are_still_there():

@@ -240,8 +240,9 @@ def test_no_vinsight_equals_lambda_zero_and_ignores_the_vision_head(model, monke
     full = edit(model, src, INSTR, **kw)
     dropped = edit(model, src, INSTR, ip_scale=0.0, **kw)
     # λ = 0 with the image tokens still passed through the decoupled attention: the same image, bit for bit.
-    real = model.mind_conditions
-    monkeypatch.setattr(model, "mind_conditions", lambda *a, use_image_branch=True, **k: real(*a, **k))
+    real = mind.conditions
+    monkeypatch.setattr(mind, "conditions", lambda m, images, texts, image_branch, use_topt: real(m, images, texts,
+                                                                                                 True, use_topt))
     zero_weight = edit(model, src, INSTR, ip_scale=0.0, **kw)
     monkeypatch.undo()
     assert torch.equal(dropped, zero_weight) and not torch.allclose(full, dropped, atol=1e-4)

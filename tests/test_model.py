@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import train
+from minedit.comprehend import comprehend
 from minedit.model import STAGE_TRAINABLE, EditModel
 from minedit.presets import preset
 
@@ -80,8 +81,8 @@ def test_fresh_bim_and_lora_change_nothing():
     t = torch.tensor([10, 500])
     batch = toy_batch(cfg, 2)
     with torch.no_grad():
-        c = model.conditions(batch["source"], batch["instruction"], (16, 16), use_image_branch=False)
-        q = model.qformer(c.h.float())
+        c, _ = model.conditions(batch["source"], batch["instruction"], (16, 16), image_branch=False)
+        q = model.qformer(comprehend(model, batch["source"], batch["instruction"]).h.float())
         assert torch.equal(c.f_txt, q) and not c.v_txt.abs().any()
         with_bim = model.unet_forward(x, src, t, c.f_txt, c.v_txt)
         plain = model.unet(torch.cat([x, src], 1), t, encoder_hidden_states=q).sample
@@ -170,8 +171,9 @@ def test_plain_smartedit_feeds_the_qformer_straight_to_the_unet(models):
     assert {part for part, (_, on) in table.items() if on} == STAGE_TRAINABLE[("smartedit", 2)] - {"bim"}
     batch = toy_batch(cfg, 2)
     with torch.no_grad():
-        c = model.conditions(batch["source"], batch["instruction"], (16, 16), use_image_branch=False)
-        assert c.v_txt is None and torch.equal(c.f_txt, model.qformer(c.h.float()))
+        c, _ = model.conditions(batch["source"], batch["instruction"], (16, 16), image_branch=False)
+        h = comprehend(model, batch["source"], batch["instruction"]).h
+        assert c.v_txt is None and torch.equal(c.f_txt, model.qformer(h.float()))
     loss, parts = model(batch, 2)
     loss.backward()
     assert set(parts) == {"llm", "diff"}

@@ -1,0 +1,117 @@
+"""How each recipe turns (source image, instruction) into the UNet's `Conditions` (conditions.py): one class per
+path, chosen once from the config by `recipe_path`. EditModel holds the parts; a path reads them and returns
+what it computed (conditions, losses, decoded text), writing nothing onto the model.
+
+    TextPath    ip2p          f_txt = CLIP_text(c)
+    BridgePath  insightedit,  I_src + c ─MLLM─► h ─Q-Former (─BIM)─► f_txt (, v_txt);  h ─IAA─► e, f_img
+                smartedit
+    MindPath    mindedit      I_src + c ─MLLM─► T_opt, v_insight;  f_txt = CLIP_text(T_opt),
+                              f_img = image_proj(v_insight)
+
+Each path answers the same four questions:
+    image_branch(stage)        does the decoupled attention read image tokens at this stage?
+    conditions(...)            inference: (Conditions, decoded texts or None); the MLLM runs once
+    alignment_losses(batch)    stage 1: {name: loss}
+    edit_conditions(...)       editing stages: (Conditions, {name: loss} computed on the way)
+
+Choices the design left open (bridge path), recorded here:
+  * Stage 1 feeds the caption as the MLLM's instruction text (with the image), and aligns the Q-Former output
+    with CLIP_text(caption) and the IAA mapper with CLIP_image(I_src) (InsightEdit supp. eq. 2).
+  * v (BIM's image input) is the LLaVA vision tower's own penultimate-layer patch features (CLS dropped),
+    caught with a forward hook during the single MLLM forward, so the vision tower runs once per edit.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import mind
+from .comprehend import comprehend
+from .conditions import Conditions
+from .parts.iaa import iaa_loss
+
+
+class TextPath:
+    """InstructPix2Pix: the instruction through CLIP's text encoder, nothing else."""
+
+    def image_branch(self, model, stage: int) -> bool:
+        return False
+
+    def conditions(self, model, images, texts, latent_hw, image_branch=False, use_topt=True):
+        return Conditions(f_txt=model.encode_text(texts)), None
+
+    def alignment_losses(self, model, batch) -> dict:
+        raise ValueError("ip2p has no alignment stage")  # unreachable: config validation refuses --stage 1
+
+    def edit_conditions(self, model, batch, source, target, latent_hw, stage):
+        return Conditions(f_txt=model.encode_text(batch["instruction"])), {}
+
+
+class BridgePath:
+    """InsightEdit and SmartEdit: the [MM] states read by the Q-Former (+ BIM) and, for InsightEdit, the IAA."""
+
+    def image_branch(self, model, stage: int) -> bool:
+        return model.cfg.uses_iaa and stage >= 3
+
+    def read(self, model, images, texts, latent_hw, image_branch: bool):
+        """-> (Conditions, L_LLM, e: B×D_img or None). The null image tokens are the IAA of zero [MM] states."""
+        r = comprehend(model, images, texts)
+        q = model.qformer(r.h.float())               # B×T×D_txt
+        f_txt, v_txt = model.bim(q, r.v.float(), latent_hw) if model.cfg.uses_bim else (q, None)
+        e = f_img = null_img = None
+        if model.cfg.uses_iaa:
+            e = model.iaa.map(r.h.float())           # B×D_img
+            if image_branch:
+                f_img = model.iaa.tokens(e)          # B×N×D_img
+                null_img = model.iaa(torch.zeros_like(r.h, dtype=torch.float32))[1]
+        return Conditions(f_txt, v_txt, f_img, null_img), r.loss, e
+
+    def conditions(self, model, images, texts, latent_hw, image_branch=False, use_topt=True):
+        return self.read(model, images, texts, latent_hw, image_branch)[0], None
+
+    def alignment_losses(self, model, batch) -> dict:
+        """Stage 1: L_LLM, Q-Former output vs CLIP_text(caption), IAA mapper vs CLIP_image(I_src)."""
+        images, captions = batch["image"].to(model.device), batch["caption"]
+        r = comprehend(model, images, captions)
+        parts = {"llm": r.loss.float()}
+        with torch.no_grad():
+            target_txt = model.encode_text(captions).float()
+        parts["qformer"] = F.mse_loss(model.qformer(r.h.float()).float(), target_txt)
+        if model.cfg.uses_iaa:
+            with torch.no_grad():
+                target_img = model.encode_image_clip(images).float()
+            parts["iaa"] = iaa_loss(model.iaa.map(r.h.float()), target_img)
+        return parts
+
+    def edit_conditions(self, model, batch, source, target, latent_hw, stage):
+        """Stages 2-3: L_LLM keeps training the [MM] rows in stage 2; L_IAA aligns e with CLIP_image(I_tar)."""
+        cond, loss_llm, e = self.read(model, source, batch["instruction"], latent_hw, self.image_branch(model, stage))
+        parts = {} if stage == 3 else {"llm": loss_llm.float()}
+        if e is not None:
+            with torch.no_grad():
+                target_img = model.encode_image_clip(target).float()
+            parts["iaa"] = iaa_loss(e, target_img)
+        return cond, parts
+
+
+class MindPath:
+    """MIND-Edit (mind.py): T_opt and v_insight from the MLLM; teacher-forced conditions in stage 2."""
+
+    def image_branch(self, model, stage: int) -> bool:
+        return True
+
+    def conditions(self, model, images, texts, latent_hw=None, image_branch=True, use_topt=True):
+        return mind.conditions(model, images, texts, image_branch, use_topt)
+
+    def alignment_losses(self, model, batch) -> dict:
+        return mind.stage1_losses(model, batch)
+
+    def edit_conditions(self, model, batch, source, target, latent_hw, stage):
+        return mind.teacher_conditions(model, batch, target), {}
+
+
+def recipe_path(cfg):
+    """The path of `cfg.recipe`."""
+    if cfg.uses_vision_head:
+        return MindPath()
+    return BridgePath() if cfg.uses_mm_tokens else TextPath()
