@@ -72,6 +72,7 @@ from minedit.errors import UserError, run_cli  # noqa: E402
 from minedit.toyworld import cached_world  # noqa: E402
 
 CAPTION_PROMPT = "describe the picture."
+STUDY = "## Comprehension study"  # README section kept when write_readme rewrites the file
 EDIT_SHARE = 0.6  # fraction of each MLLM batch drawn from the instruction task (the rest: captions)
 
 
@@ -436,7 +437,10 @@ def write_readme(out: Path, command: str, metrics: dict) -> None:
         ", ".join(f"{k} {acc[f'{k}_remove_replace']:.1%}" for k in CATEGORIES) + ".",
         "All numbers, with loss curves' ends and sample answers, are in metrics.json. Generations of the",
         "text-to-image UNet from held-out captions (DDIM 25 steps, guidance 3):", "", "![t2i](t2i-grid.png)", ""]
-    (out / "README.md").write_text("\n".join(lines))
+    old = (out / "README.md").read_text() if (out / "README.md").is_file() else ""
+    if STUDY in old:  # a hand-written study section (measurements of other runs) survives regeneration
+        lines.append(old[old.index(STUDY):].rstrip("\n") + "\n")
+    fsio.write_text(str(out / "README.md"), "\n".join(lines))
 
 
 def main(argv: list[str] | None = None) -> dict:

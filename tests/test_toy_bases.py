@@ -193,3 +193,14 @@ def test_only_mllm_refuses_to_overwrite_its_base(run):
     script, base, _ = run
     with pytest.raises(UserError, match="is --base"):
         script.main(["--only", "mllm", "--base", str(base), "--out", str(base)])
+
+
+def test_readme_regeneration_keeps_the_comprehension_study(run, tmp_path):
+    script, _, metrics = run
+    (tmp_path / "README.md").write_text("# old\nstale table\n\n## Comprehension study\n\n| lever | s/u/r |\n")
+    script.write_readme(tmp_path, "python scripts/pretrain_toy_bases.py --out x", metrics)
+    text = (tmp_path / "README.md").read_text()
+    assert "stale table" not in text and "--out x" in text
+    assert text.endswith("## Comprehension study\n\n| lever | s/u/r |\n") and text.count("## Comprehension study") == 1
+    script.write_readme(tmp_path, "again", metrics)  # idempotent: the section is not appended twice
+    assert (tmp_path / "README.md").read_text().count("## Comprehension study") == 1
