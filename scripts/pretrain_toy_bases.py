@@ -1,6 +1,7 @@
 """Pretrain the toy world's base models: the stand-ins for SD's VAE, CLIP and LLaVA (DESIGN §10).
 
     python scripts/pretrain_toy_bases.py --out assets/toy/base
+    python scripts/pretrain_toy_bases.py --only mllm --base assets/toy/base --out DIR   # the MLLM stage alone
 
 Measured: 27.1 min wall on 1 thread of a shared 2-core CPU (VAE 6.7, CLIP 3.7, MLLM 16.6 min), with the toy world
 already cached (generating it adds about 1 min); the folder is 13.5 MB. Its README.md and metrics.json hold the
@@ -51,6 +52,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from collections import defaultdict
@@ -64,13 +66,15 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python scripts/...` from a checkout
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling pretrain_toy_unet.py, however loaded
 
-from minedit import build, export  # noqa: E402
+from minedit import build, export, fsio  # noqa: E402
+from minedit.errors import UserError, run_cli  # noqa: E402
 from minedit.presets import preset  # noqa: E402
 from minedit.toy.phrases import CATEGORIES, KINDS, tokenize_words  # noqa: E402
 from minedit.toy.tokenizer import toy_tokenizer  # noqa: E402
 from minedit.toy.world import cached_world  # noqa: E402
 
 CAPTION_PROMPT = "describe the picture."
+STUDY = "## Comprehension study"  # README section kept when write_readme rewrites the file
 EDIT_SHARE = 0.6  # fraction of each MLLM batch drawn from the instruction task (the rest: captions)
 
 
@@ -304,12 +308,15 @@ def mllm_accuracy(mllm, tok, n_img, cfg, rows, images) -> tuple[dict, list]:
     return acc, samples
 
 
-def train_mllm(cfg, clip, images, caps, edits, eval_sets, steps, batch, lr, g):
+def train_mllm(cfg, clip, images, caps, edits, eval_sets, steps, batch, lr, g, freeze_vision: bool = False):
+    """The LLaVA of `cfg` (its vision tower loaded from `clip`) trained on the two tasks mixed in every batch;
+    freeze_vision keeps the CLIP tower fixed (LLaVA's own stage 1) and trains projector + LLM only."""
     mllm, tok, n_img = build.build_mllm(cfg)
     # LLaVA starts from CLIP's vision tower: here the toy CLIP trained just before (identical config).
     vt = mllm.model.vision_tower
     (vt.vision_model if hasattr(vt, "vision_model") else vt).load_state_dict(clip.vision_model.state_dict())
-    opt = torch.optim.AdamW(mllm.parameters(), lr=lr, weight_decay=0.01)
+    vt.requires_grad_(not freeze_vision)
+    opt = torch.optim.AdamW([p for p in mllm.parameters() if p.requires_grad], lr=lr, weight_decay=0.01)
     sched, history = schedule(opt, steps, max(1, steps // 20)), []
     n_edit = round(batch * EDIT_SHARE)
     mllm.train()
@@ -328,8 +335,50 @@ def train_mllm(cfg, clip, images, caps, edits, eval_sets, steps, batch, lr, g):
     metrics = {"eval_exact_match": acc, "eval_loss_caption": mllm_eval_loss(mllm, eval_caps, eval_images, cfg,
                                                                              tok.pad_token_id),
                "eval_loss_instruction": mllm_eval_loss(mllm, eval_edits, eval_images, cfg, tok.pad_token_id),
-               "eval_samples": samples, "steps": steps, "batch": batch, **loss_ends(history)}
+               "eval_samples": samples, "steps": steps, "batch": batch, "lr": lr, "train_edits": len(edits),
+               "train_captions": len(caps), "vision_feature_layer": cfg.vision_feature_layer,
+               "freeze_vision": freeze_vision, **loss_ends(history)}
     return mllm, tok, n_img, metrics
+
+
+def mllm_data(cfg, roots: list[Path], eval_root: Path):
+    """The MLLM's training set from the train splits of `roots` (images concatenated, indices offset) and its
+    eval sets from eval_root's eval split -> (images, caps, edits, (eval rows, images, caps, edits))."""
+    tok = toy_tokenizer(cfg.llm_max_positions, chat=True)
+    n_img = (cfg.vision_image_size // cfg.vision_patch) ** 2
+    images, caps, edits = [], [], []
+    for root in roots:
+        caption_rows = read_jsonl(root / "captions.jsonl")
+        paths = sorted({r["image"] for r in caption_rows})
+        offset = sum(len(x) for x in images)
+        index = {p: offset + i for i, p in enumerate(paths)}
+        c, e = mllm_examples(tok, n_img, read_jsonl(root / "train.jsonl"), index, caption_rows)
+        images.append(load_images(root, paths))
+        caps, edits = caps + c, edits + e
+    eval_rows = read_jsonl(eval_root / "eval.jsonl")
+    eval_images = load_images(eval_root, [r["source"] for r in eval_rows])
+    eval_caps, _ = mllm_examples(tok, n_img, [], {r["source"]: i for i, r in enumerate(eval_rows)},
+                                 [{"image": r["source"], "caption": r["caption"]} for r in eval_rows])
+    eval_edits = [(i, prompt_ids(tok, n_img, r["instruction"]),
+                   tok(r["optimized_instruction"], add_special_tokens=False).input_ids + [tok.eos_token_id])
+                  for i, r in enumerate(eval_rows)]
+    return torch.cat(images), caps, edits, (eval_rows, eval_images, eval_caps, eval_edits)
+
+
+def run_mllm(cfg, clip, args, root: Path, g: torch.Generator):
+    """The MLLM stage as the flags ask: the world at `root`, plus the editing world's train split when
+    --mllm-world-n is set (more rows; its scenes are never the eval split's)."""
+    roots = [root]
+    if args.mllm_world_n:
+        roots.append(Path(cached_world(seed=args.seed + 1000, n=args.mllm_world_n, size=cfg.resolution)))
+    if args.vision_feature_layer is not None:
+        cfg = dataclasses.replace(cfg, vision_feature_layer=args.vision_feature_layer)
+    images, caps, edits, eval_sets = mllm_data(cfg, roots, root)
+    log(f"mllm: {len(edits)} (image, instruction) and {len(caps)} (image, caption) training examples")
+    mllm, tok, _, metrics = train_mllm(cfg, clip, images, caps, edits, eval_sets, args.steps_mllm,
+                                       args.batch_mllm, args.lr_mllm, g, args.freeze_vision)
+    log(f"mllm: {json.dumps(metrics['eval_exact_match'])}")
+    return mllm, tok, metrics | {"world_n_extra": args.mllm_world_n}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -390,7 +439,10 @@ def write_readme(out: Path, command: str, metrics: dict) -> None:
         ", ".join(f"{k} {acc[f'{k}_remove_replace']:.1%}" for k in CATEGORIES) + ".",
         "All numbers, with loss curves' ends and sample answers, are in metrics.json. Generations of the",
         "text-to-image UNet from held-out captions (DDIM 25 steps, guidance 3):", "", "![t2i](t2i-grid.png)", ""]
-    (out / "README.md").write_text("\n".join(lines))
+    old = (out / "README.md").read_text() if (out / "README.md").is_file() else ""
+    if STUDY in old:  # a hand-written study section (measurements of other runs) survives regeneration
+        lines.append(old[old.index(STUDY):].rstrip("\n") + "\n")
+    fsio.write_text(str(out / "README.md"), "\n".join(lines))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -409,12 +461,28 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch-mllm", type=int, default=32)
     ap.add_argument("--vae-crop", type=int, default=16, help="train the VAE on random crops of this side (0: whole)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--only", choices=["mllm"], default=None,
+                    help="train this stage alone on the VAE/CLIP/UNet of --base; --out gets a copy of --base with "
+                         "the new stage, metrics.json and README.md")
+    ap.add_argument("--base", default=None, help="with --only: the base folder whose clip/ (and the rest) is reused")
+    mllm = ap.add_argument_group("MLLM stage levers (defaults: the shipped setting)")
+    mllm.add_argument("--lr-mllm", type=float, default=1e-3)
+    mllm.add_argument("--mllm-world-n", type=int, default=0,
+                      help="also train on the train split of the editing world (seed + 1000, this size): more rows")
+    mllm.add_argument("--vision-feature-layer", type=int, default=None,
+                      help="vision tower hidden state LLaVA reads (default: the preset's, -2)")
+    mllm.add_argument("--freeze-vision", action="store_true", help="keep the CLIP vision tower fixed")
     args = ap.parse_args(argv)
     start = time.time()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     g = torch.Generator().manual_seed(args.seed)
     cfg = preset("insightedit", "toy")
+    command = "python scripts/pretrain_toy_bases.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    if args.only:
+        return mllm_only(args, cfg, g, start, command)
+    if args.base:
+        raise UserError("--base is read only with --only mllm; drop it to train every base from scratch")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -442,19 +510,7 @@ def main(argv: list[str] | None = None) -> dict:
                                  n=args.unet_world_n, steps=args.steps_unet)
     log(f"unet: {json.dumps(m_unet)}")
 
-    mllm_tok = toy_tokenizer(cfg.llm_max_positions, chat=True)
-    n_img = (cfg.vision_image_size // cfg.vision_patch) ** 2
-    caps, edits = mllm_examples(mllm_tok, n_img, rows, image_index, caption_rows)
-    eval_index = {r["source"]: i for i, r in enumerate(eval_rows)}
-    eval_caps, _ = mllm_examples(mllm_tok, n_img, [], eval_index,
-                                 [{"image": r["source"], "caption": r["caption"]} for r in eval_rows])
-    eval_edits = [(i, prompt_ids(mllm_tok, n_img, r["instruction"]),
-                   mllm_tok(r["optimized_instruction"], add_special_tokens=False).input_ids + [mllm_tok.eos_token_id])
-                  for i, r in enumerate(eval_rows)]
-    mllm, mllm_tok, n_img, m_mllm = train_mllm(cfg, clip, images, caps, edits,
-                                               (eval_rows, eval_images, eval_caps, eval_edits),
-                                               args.steps_mllm, args.batch_mllm, 1e-3, g)
-    log(f"mllm: {json.dumps(m_mllm['eval_exact_match'])}")
+    mllm, mllm_tok, m_mllm = run_mllm(cfg, clip, args, root, g)
 
     saved = save_all(out, cfg, vae, clip, text_encoder, mllm, mllm_tok, text_tok, unet,
                      build.build_noise_scheduler(cfg))
@@ -462,12 +518,41 @@ def main(argv: list[str] | None = None) -> dict:
                "threads": args.threads, "vae": m_vae, "clip": m_clip, "unet": m_unet, "mllm": m_mllm,
                "wall_time_s": time.time() - start, "paths": {k: os.path.relpath(v, out) for k, v in saved.items()}}
     metrics["size_mb"] = folder_mb(out)
-    command = "python scripts/pretrain_toy_bases.py " + " ".join(sys.argv[1:] if argv is None else argv)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
     write_readme(out, command, metrics)
     log(f"wrote {out} ({metrics['size_mb']:.1f} MB) in {metrics['wall_time_s'] / 60:.1f} min")
     return metrics
 
 
+def mllm_only(args, cfg, g: torch.Generator, start: float, command: str) -> dict:
+    """--only mllm: a copy of --base in --out whose mllm/ is retrained from base/clip's vision tower; the base's
+    metrics.json is kept with its "mllm" entry replaced (and the command that made it)."""
+    from transformers import CLIPModel
+
+    if not args.base:
+        raise UserError("--only mllm needs --base DIR: the toy base folder whose clip/ starts the vision tower")
+    base, out = Path(args.base), Path(args.out)
+    if not (base / "clip" / "config.json").is_file():
+        raise UserError(f"--base {base}: no clip/config.json there; pass a folder written by this script "
+                        "(e.g. assets/toy/base)")
+    if out.resolve() == base.resolve():
+        raise UserError(f"--out {out} is --base: write the new MLLM to another folder (the base stays as it is)")
+    root = Path(cached_world(seed=args.seed, n=args.n, size=cfg.resolution))
+    clip = CLIPModel.from_pretrained(base / "clip").eval()
+    mllm, tok, m_mllm = run_mllm(cfg, clip, args, root, g)
+    shutil.copytree(base, out, dirs_exist_ok=True, ignore=shutil.ignore_patterns("mllm", "metrics.json"))
+    shutil.rmtree(out / "mllm", ignore_errors=True)
+    export.save_bases(str(out), cfg, mllm=mllm, tokenizer=tok)
+    m_mllm.update(wall_time_s=time.time() - start, threads=args.threads, command=command)
+    old = base / "metrics.json"
+    metrics = (json.loads(old.read_text()) if old.is_file() else {}) | {"mllm": m_mllm}
+    metrics["size_mb"] = folder_mb(out)
+    fsio.write_text(str(out / "metrics.json"), json.dumps(metrics, indent=1) + "\n")
+    if {"vae", "clip", "unet"} <= set(metrics):
+        write_readme(out, command, metrics)
+    log(f"wrote {out} (mllm retrained) in {m_mllm['wall_time_s'] / 60:.1f} min")
+    return metrics
+
+
 if __name__ == "__main__":
-    main()
+    run_cli(lambda argv: main(argv) and 0)

@@ -143,3 +143,64 @@ def test_architecture_override_that_the_loaded_unet_contradicts_is_an_error():
     cfg = apply_overrides(cfg, ["--unet_cross_attn_blocks=True,True,True"]).validate()
     with pytest.raises(UserError, match=r"unet_cross_attn_blocks=\(True, True, True\)"):
         build.build_unet(cfg)
+
+
+def test_only_mllm_retrains_the_mllm_alone_from_the_base(run, monkeypatch):
+    """--only mllm: a copy of --base whose mllm/ is new (vision tower from base/clip, kept fixed under
+    --freeze-vision, reading the asked feature layer), the other parts copied byte for byte, the base untouched."""
+    from transformers import LlavaForConditionalGeneration
+
+    script, base, _ = run
+    before = {p: p.read_bytes() for p in (base / "mllm").rglob("*") if p.is_file()}
+    monkeypatch.setenv("MINEDIT_CACHE", str(base.parent / "cache"))  # the fixture's world, already drawn
+    out = base.parent / "mllm-only"
+    metrics = script.main(["--only", "mllm", "--base", str(base), "--out", str(out), "--n", "45", "--steps-mllm", "2",
+                           "--batch-mllm", "4", "--vision-feature-layer", "-1", "--freeze-vision"])
+    assert {p: p.read_bytes() for p in (base / "mllm").rglob("*") if p.is_file()} == before
+    for f in ("sd/unet/diffusion_pytorch_model.safetensors", "sd/vae/config.json", "clip/model.safetensors"):
+        assert (out / f).read_bytes() == (base / f).read_bytes(), f
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["vae"] == json.loads((base / "metrics.json").read_text())["vae"]  # the base's parts carried over
+    m = saved["mllm"]
+    assert m["loss_last"] == metrics["mllm"]["loss_last"] and m["steps"] == 2 and "--only mllm" in m["command"]
+    assert 0 <= m["eval_exact_match"]["all"] <= 1 and "--only mllm" in (out / "README.md").read_text()
+    new = LlavaForConditionalGeneration.from_pretrained(out / "mllm")
+    old = LlavaForConditionalGeneration.from_pretrained(base / "mllm")
+    assert new.config.vision_feature_layer == -1 and old.config.vision_feature_layer == -2
+    clip = CLIPModel.from_pretrained(base / "clip")
+    vt = new.model.vision_tower
+    for k, v in clip.vision_model.state_dict().items():  # frozen: still the base CLIP's vision tower
+        torch.testing.assert_close((vt.vision_model if hasattr(vt, "vision_model") else vt).state_dict()[k], v)
+    lm_new, lm_old = new.model.language_model.state_dict(), old.model.language_model.state_dict()
+    assert any(not torch.equal(lm_new[k], lm_old[k]) for k in lm_old)  # the LLM was (re)trained
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--only", "mllm", "--out", "x"], "--only mllm needs --base"),
+    (["--only", "mllm", "--base", "nowhere", "--out", "x"], "no clip/config.json"),
+    (["--base", "assets/toy/base", "--out", "x"], "--base is read only with --only mllm"),
+])
+def test_only_mllm_bad_flags_are_one_line_errors(args, says, tmp_path):
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, str(SCRIPT), *args], cwd=tmp_path, capture_output=True, text=True)
+    assert res.returncode == 2 and res.stderr.strip().startswith("error:") and says in res.stderr
+    assert "Traceback" not in res.stderr and not (tmp_path / "x").exists()
+
+
+def test_only_mllm_refuses_to_overwrite_its_base(run):
+    script, base, _ = run
+    with pytest.raises(UserError, match="is --base"):
+        script.main(["--only", "mllm", "--base", str(base), "--out", str(base)])
+
+
+def test_readme_regeneration_keeps_the_comprehension_study(run, tmp_path):
+    script, _, metrics = run
+    (tmp_path / "README.md").write_text("# old\nstale table\n\n## Comprehension study\n\n| lever | s/u/r |\n")
+    script.write_readme(tmp_path, "python scripts/pretrain_toy_bases.py --out x", metrics)
+    text = (tmp_path / "README.md").read_text()
+    assert "stale table" not in text and "--out x" in text
+    assert text.endswith("## Comprehension study\n\n| lever | s/u/r |\n") and text.count("## Comprehension study") == 1
+    script.write_readme(tmp_path, "again", metrics)  # idempotent: the section is not appended twice
+    assert (tmp_path / "README.md").read_text().count("## Comprehension study") == 1
