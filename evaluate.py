@@ -28,7 +28,7 @@ import time
 
 import numpy as np
 
-from minedit import fsio
+from minedit import editfiles, fsio
 from minedit.errors import UserError, run_cli
 from minedit.sampling_flags import add_sampling_flags, check_sampling_flags, sampling_settings
 
@@ -94,9 +94,9 @@ def main(argv=None) -> int:
     from minedit.eval import metrics
 
     # ---- inputs: the manifest, the checkpoint, the settings; a bad one fails here, before any folder is made ----
-    infer.check_out_path(a.out)
+    editfiles.check_out_path(a.out)
     rows = read_rows(a)
-    cfg = infer.check_inputs(a.ckpt, [])
+    cfg = editfiles.check_inputs(a.ckpt, [])
     settings = sampling_settings(cfg, a, a.ckpt)
     pred_dir = a.pred_dir or os.path.splitext(a.out)[0] + "-edits"
     fsio.makedirs(pred_dir, "--pred-dir")
@@ -154,13 +154,12 @@ def read_rows(a) -> list[dict]:
 def make_edits(a, rows, pred_dir: str, preds: list[str], todo: list[int], cfg, settings: dict, rt) -> float:
     """Edit rows `todo` into their paths in `preds`, row i with seed a.seed + i: scoring a subset or completing
     a folder gives the same edits. -> seconds per edit."""
-    import infer
     from minedit.model import load_model
 
     model = load_model(a.ckpt, rt.device, rt.frozen_dtype)
     jobs = [(rows[i]["source"], rows[i][a.instruction_field], None, preds[i]) for i in todo]
     t0 = time.perf_counter()
-    infer.edit_files(model, rt, jobs, settings, cfg.resolution, a.batch_size, [a.seed + i for i in todo])
+    editfiles.edit_files(model, rt, jobs, settings, cfg.resolution, a.batch_size, [a.seed + i for i in todo])
     latency = (time.perf_counter() - t0) / len(todo)
     print(f"made {len(todo)} edits in {pred_dir} ({latency:.3f} s per edit on {rt.device})")
     return latency

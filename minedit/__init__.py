@@ -30,6 +30,7 @@ The model, assembled from them:
     losses.py       the diffusion loss and its optional weightings
     sampler.py      the editing sampler: conditioning once per edit, three-branch guidance
     sampling_flags.py  the sampling flags infer.py and evaluate.py share: declared, checked, turned into settings
+    editfiles.py    editing image files: inputs checked before the model is built, batched edits, atomic writes
 Running it:
     runtime.py      device, precision and distributed set-up (the one place that names a device)
     data.py         JSONL manifests, robust image loading, aligned transforms

@@ -26,11 +26,6 @@ MAX_LINES = 330  # the issue's "~300", with room for a docstring paragraph
 MAX_FUNCTION_LINES = 80
 # The one function the issue lets stay long: it mirrors diffusers' AttnProcessor2_0 op for op.
 LONG_FUNCTIONS = {("minedit/parts/decoupled_attention.py", "__call__")}
-# Imports of a script from the package, each with the work that removes it. Strict: an entry whose import has gone
-# fails the test until it is removed, so the list can only shrink. benchmarks makes its edits with infer.py's helpers
-# (check_inputs, sampling_settings, edit_files), which belong in the package beside the sampler.
-SCRIPT_IMPORT_PENDING = {("minedit/eval/benchmarks.py", "infer"): "infer.py's edit helpers moved into the package"}
-
 PART_LIBRARIES = {"torch", "diffusers", "transformers", "safetensors"}
 TRAINING_CODE = {"minedit.training", "minedit.runfolder", "minedit.runlock"}
 MODEL_CODE_TOP = {"minedit.build", "minedit.comprehend", "minedit.mind", "minedit.model", "minedit.losses",
@@ -83,7 +78,7 @@ def violations(root: Path) -> list[str]:
         for target, line in imports(root, path, tree):
             where = f"{rel}:{line} imports {target}"
             top = target.split(".")[0]
-            if top in SCRIPTS and (rel, top) not in SCRIPT_IMPORT_PENDING:
+            if top in SCRIPTS:
                 bad.append(f"{where}: the package never imports a script")
             if me.startswith("minedit.parts."):
                 ok = (target == "minedit.errors" or target.startswith("minedit.parts.")
@@ -111,12 +106,6 @@ def violations(root: Path) -> list[str]:
 
 def test_the_package_keeps_its_layout():
     assert violations(ROOT / "minedit") == []
-
-
-def test_pending_script_imports_are_still_there():
-    for (rel, script), why in SCRIPT_IMPORT_PENDING.items():
-        found = [t for t, _ in imports(ROOT / "minedit", ROOT / rel) if t == script]
-        assert found, f"{rel} no longer imports {script} ({why} done?): remove it from SCRIPT_IMPORT_PENDING"
 
 
 def test_the_docs_describe_the_tree():

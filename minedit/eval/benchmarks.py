@@ -23,7 +23,7 @@ import sys
 
 import numpy as np
 
-from .. import fsio
+from .. import editfiles, fsio
 from ..errors import UserError
 from ..sampling_flags import sampling_settings
 from . import metrics, protocols
@@ -40,16 +40,12 @@ class Editor:
     """Makes the edits that PRED_DIR lacks, loading the checkpoint once, on first need."""
 
     def __init__(self, a):
-        import infer
-
         self.a, self.model = a, None
-        self.cfg = infer.check_inputs(a.ckpt, [])
+        self.cfg = editfiles.check_inputs(a.ckpt, [])
         self.settings = sampling_settings(self.cfg, a, a.ckpt)
 
     def make(self, jobs: list[tuple[str, str, str]], seeds: list[int]) -> int:
         """jobs: (source path, instruction, output path); the ones whose output exists are skipped."""
-        import infer
-
         from .. import runtime
         todo = [(j, s) for j, s in zip(jobs, seeds) if not os.path.isfile(j[2])]
         if not todo:
@@ -62,7 +58,7 @@ class Editor:
             self.model = load_model(self.a.ckpt, self.rt.device, self.rt.frozen_dtype)
         for _, _, out in (j for j, _ in todo):
             os.makedirs(os.path.dirname(out), exist_ok=True)
-        return infer.edit_files(self.model, self.rt, [(src, text, None, out) for (src, text, out), _ in todo],
+        return editfiles.edit_files(self.model, self.rt, [(src, text, None, out) for (src, text, out), _ in todo],
                                 self.settings, self.cfg.resolution, self.a.batch_size, [s for _, s in todo])
 
 
@@ -176,9 +172,7 @@ def run(a) -> int:
     """evaluate.py's entry for --protocol: make the missing edits, score, print, write a.out (atomically)."""
     if a.protocol not in PROTOCOLS:
         raise UserError(f"--protocol {a.protocol!r}: choose one of {', '.join(PROTOCOLS)}")
-    import infer
-
-    infer.check_out_path(a.out)
+    editfiles.check_out_path(a.out)
     pred_dir = a.pred_dir or os.path.splitext(a.out)[0] + "-edits"
     if a.protocol == "gedit" and not (a.judge_url or getattr(a, "judge", None)):
         raise UserError("--protocol gedit needs a judge — pass --judge-url (an OpenAI-compatible endpoint)")
