@@ -129,7 +129,7 @@ def test_peft_export_loads_onto_the_base_with_identical_outputs(mllm_run, tmp_pa
         base = LlavaForConditionalGeneration.from_pretrained({TOY_MLLM!r})
         base.resize_token_embeddings(len(proc.tokenizer), mean_resizing=False)
         model = PeftModel.from_pretrained(base, {str(out)!r}).eval()
-        x = torch.load({str(tmp_path / 'inputs.pt')!r})
+        x = torch.load({str(tmp_path / 'inputs.pt')!r}, weights_only=True)
         with torch.no_grad():
             logits = model(input_ids=x["ids"], attention_mask=x["mask"], pixel_values=x["pixels"]).logits
         torch.save(logits, {str(tmp_path / 'theirs.pt')!r})
@@ -140,7 +140,7 @@ def test_peft_export_loads_onto_the_base_with_identical_outputs(mllm_run, tmp_pa
     assert int(r.stdout.split()[-1]) == model.mm_ids[0]
     with torch.no_grad():
         ours = model.mllm(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
-    theirs = torch.load(tmp_path / "theirs.pt")
+    theirs = torch.load(tmp_path / "theirs.pt", weights_only=True)
     diff = (ours - theirs).abs().max().item()
     print(f"max |minedit MLLM - peft on the base| = {diff:.2e}")
     assert diff < 1e-5
@@ -168,7 +168,7 @@ def test_llava_export_is_the_merged_mllm(mllm_run, tmp_path):
         from transformers import AutoProcessor, LlavaForConditionalGeneration
         proc = AutoProcessor.from_pretrained({str(out)!r})
         model = LlavaForConditionalGeneration.from_pretrained({str(out)!r}).eval()
-        x = torch.load({str(tmp_path / 'inputs.pt')!r})
+        x = torch.load({str(tmp_path / 'inputs.pt')!r}, weights_only=True)
         with torch.no_grad():
             logits = model(input_ids=x["ids"], attention_mask=x["mask"], pixel_values=x["pixels"]).logits
         torch.save(logits, {str(tmp_path / 'theirs.pt')!r})
@@ -181,7 +181,7 @@ def test_llava_export_is_the_merged_mllm(mllm_run, tmp_path):
     assert n_lora == 0 and vocab == len(model.tokenizer)
     with torch.no_grad():
         ours = model.mllm(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
-    diff = (ours - torch.load(tmp_path / "theirs.pt")).abs().max().item()
+    diff = (ours - torch.load(tmp_path / "theirs.pt", weights_only=True)).abs().max().item()
     print(f"max |minedit MLLM - merged LLaVA| = {diff:.2e}")
     assert diff < 1e-4
 
