@@ -255,7 +255,7 @@ def save(out: str, cfg, model, opt: Optim, p: Progress, rt) -> None:
             weights = model.checkpoint_state(cfg.stage)
             if opt.ema is not None:  # the trained values come back when the block ends: keep the averaged ones
                 weights = {k: v.clone() for k, v in weights.items()}
-        ckpt.save_checkpoint(out, p.step, cfg, weights, state)
+        ckpt.save_checkpoint(out, p.step, cfg, weights, state, keep=cfg.keep_checkpoints)
     rt.barrier()
 
 

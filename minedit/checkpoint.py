@@ -79,7 +79,7 @@ def unflatten_state(tensors: dict, skeleton):
 
 def save_checkpoint(run_dir: str, step: int, config: Config, weights: dict, state: dict | None = None,
                     keep: int = 2) -> str:
-    """Write RUN/ckpt-<step>/ atomically and point RUN/latest at it; keep the newest `keep` checkpoints.
+    """Write RUN/ckpt-<step>/ atomically and point RUN/latest at it; keep the newest `keep` checkpoints (0: all).
     A failed write (full disk, I/O error, read-only folder) removes the partial folder, leaves the previous
     checkpoint and `latest` untouched and raises one UserError with the size the checkpoint needs."""
     name = f"ckpt-{step:07d}"
@@ -106,7 +106,7 @@ def save_checkpoint(run_dir: str, step: int, config: Config, weights: dict, stat
                                f"{run_dir} is intact (infer.py --ckpt and train.py --resume use it)") from None
     fsio.write_text(os.path.join(run_dir, "latest"), name + "\n")
     old = sorted(d for d in os.listdir(run_dir) if d.startswith("ckpt-") and d != name)
-    for d in old[:max(0, len(old) - (keep - 1))]:
+    for d in old[:max(0, len(old) - (keep - 1))] if keep > 0 else []:
         shutil.rmtree(os.path.join(run_dir, d), ignore_errors=True)
     return final
 

@@ -142,6 +142,7 @@ class Config:
     ema_decay: float = setting(0.0, "EMA of the trained weights, saved as the checkpoint's weights; 0 = off")
     num_workers: int = setting(2, "DataLoader worker processes")
     save_every: int = setting(1000, "steps between checkpoints")
+    keep_checkpoints: int = setting(2, "newest checkpoints kept in the run folder; 0 = all (for a learning curve)")
     sample_every: int = setting(1000, "steps between sample grids (stages 2-3; 0 = never)")
     log_every: int = setting(10, "steps between log lines")
     max_bad_fraction: float = setting(0.1, "stop when more than this fraction of a manifest's rows is bad")
@@ -226,7 +227,8 @@ class Config:
         for name in ("batch_size", "grad_accum", "max_steps", "steps", "resolution", "num_mm_tokens", "lora_rank"):
             if getattr(self, name) <= 0:
                 bad(name, "must be a positive integer")
-        for name in ("text_guidance", "image_guidance", "lr", "weight_decay", "ip_scale", "snr_gamma"):
+        for name in ("text_guidance", "image_guidance", "lr", "weight_decay", "ip_scale", "snr_gamma",
+                     "keep_checkpoints"):
             if getattr(self, name) < 0:
                 bad(name, "must be >= 0")
         if self.resolution % self.latent_factor:
