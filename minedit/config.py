@@ -139,6 +139,8 @@ class Config:
     drop_both: float = setting(0.05, "guidance dropout of both, per sample")
     snr_gamma: float = setting(0.0, "Min-SNR-γ loss weighting (γ = 5 in its paper); 0 = off, the papers' plain MSE")
     mask_loss_weight: float = setting(1.0, "loss weight inside the edit mask (1 = off; an ablation, not in the papers)")
+    train_text_encoder: bool = setting(False, "ip2p / mindedit: train CLIP's text encoder with the UNet (an ablation; "
+                                       "the papers keep it frozen)")
     ema_decay: float = setting(0.0, "EMA of the trained weights, saved as the checkpoint's weights; 0 = off")
     num_workers: int = setting(2, "DataLoader worker processes")
     save_every: int = setting(1000, "steps between checkpoints")
@@ -233,6 +235,8 @@ class Config:
                 bad(name, "must be >= 0")
         if self.resolution % self.latent_factor:
             bad("resolution", f"must be a multiple of the VAE's downsampling factor {self.latent_factor}")
+        if self.train_text_encoder and self.recipe not in ("ip2p", "mindedit"):
+            bad("train_text_encoder", "only ip2p and mindedit give the UNet CLIP's text encoder to train")
         if self.mask_loss_weight <= 0:
             bad("mask_loss_weight", "must be > 0 (1 = every pixel weighs the same)")
         if not 0 <= self.ema_decay < 1:

@@ -189,7 +189,10 @@ class EditModel(nn.Module):
         return self.text_encoder(enc.input_ids.to(self.device)).last_hidden_state
 
     def null_text(self) -> torch.Tensor:
-        """CLIP_text(""): 1×T×D_txt, computed once per process (the guidance null condition)."""
+        """CLIP_text(""): 1×T×D_txt, the guidance null condition: computed once per process, or on every call
+        (with gradients) while the text encoder trains (--train_text_encoder), so it never goes stale."""
+        if self.text_encoder.get_input_embeddings().weight.requires_grad:
+            return self.encode_text([""])
         if self._null_text is None or self._null_text.device != self.device:
             with torch.no_grad():
                 self._null_text = self.encode_text([""])

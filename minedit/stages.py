@@ -25,10 +25,12 @@ STAGE_TRAINABLE = {
 
 def trainable_parts(cfg: Config, stage: int) -> set:
     """STAGE_TRAINABLE's set; MIND-Edit's text-only stage 1 (Table 2's independent T_opt model) also freezes
-    the unused vision head."""
+    the unused vision head, and --train_text_encoder adds CLIP's text encoder to the stage that trains the UNet."""
     parts = set(STAGE_TRAINABLE[(cfg.recipe, stage)])
     if stage == 1 and cfg.mind_losses == "text":
         parts.discard("vision_head")
+    if cfg.train_text_encoder and "unet" in parts:
+        parts.add("text_encoder")
     return parts
 
 
@@ -38,6 +40,8 @@ def saved_parts(cfg: Config, stage: int, parts) -> set:
     config rather than loaded by path (the toy world), since nothing else could restore it. The [MM] matrices
     are whole only with such a built MLLM; otherwise the checkpoint holds their r new rows (mm_rows_state_dict)."""
     trained = set().union(*(STAGE_TRAINABLE[(cfg.recipe, s)] for s in cfg.stages if s <= stage))
+    if cfg.train_text_encoder and "unet" in trained:
+        trained.add("text_encoder")
     built = {base for base, path in (("mllm", cfg.mllm_path), ("unet", cfg.sd_path), ("vae", cfg.sd_path),
                                      ("text_encoder", cfg.sd_path), ("image_encoder", cfg.clip_path)) if not path}
     base_of = {"unet.ip": "unet", "mm_rows": "mllm"}

@@ -31,13 +31,17 @@ lever_flags() {  # the overrides that make each lever; everything else is the to
     minsnr)      echo "--snr_gamma=5" ;;                       # Min-SNR-γ loss weighting
     mask5)       echo "--mask_loss_weight=5" ;;                # 5× loss weight inside the edit mask (ablation)
     lr1e-3)      echo "--lr=1e-3" ;;
+    textenc)     # CLIP's text encoder trained with the UNet (an ablation: the papers freeze it)
+                 [ "$RECIPE" = ip2p ] || [ "$RECIPE" = mindedit ] ||
+                   { echo "error: textenc needs RECIPE=ip2p or mindedit" >&2; exit 2; }
+                 echo "--train_text_encoder=true" ;;
     xattn16)     # cross-attention at the 16×16 level too (an architecture change: ip2p only, as stage 1 fixes it)
                  [ "$RECIPE" = ip2p ] || { echo "error: xattn16 needs RECIPE=ip2p" >&2; exit 2; }
                  echo "--sd_path=$RANDOM_SD-x16/sd --unet_cross_attn_blocks=True,True,True" ;;
     vae1)        # VAE downsampling factor 1 (32×32 latents, 4× the UNet's compute; its VAE is made below)
                  [ "$RECIPE" = ip2p ] || { echo "error: vae1 needs RECIPE=ip2p" >&2; exit 2; }
                  echo "--sd_path=$RANDOM_SD-f1/sd --vae_channels=32" ;;
-    *) echo "error: unknown lever $1 — choose from base random-unet ema minsnr mask5 lr1e-3 xattn16 vae1" >&2; exit 2 ;;
+    *) echo "error: unknown lever $1 — choose from base random-unet ema minsnr mask5 lr1e-3 textenc xattn16 vae1" >&2; exit 2 ;;
   esac
 }
 

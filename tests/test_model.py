@@ -213,3 +213,34 @@ def test_gradient_checkpointing_is_on_where_backprop_runs_and_changes_no_gradien
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for n in grads[0]:
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_train_text_encoder_trains_saves_and_keeps_the_null_text_fresh():
+    """--train_text_encoder (an ablation lever): CLIP's text tower joins the editing stage's trainable set, is
+    changed by a step, is saved even when loaded by path, and the guidance null text follows its new weights."""
+    import dataclasses
+
+    from minedit.config import ConfigError
+    from minedit.presets import apply_overrides
+    from minedit.stages import saved_parts
+
+    cfg = apply_overrides(preset("ip2p", "toy"), ["--train_text_encoder=true"]).validate()
+    torch.manual_seed(0)
+    model = EditModel(cfg)
+    table = model.set_stage(2)
+    assert {p for p, (_, on) in table.items() if on} == {"unet", "text_encoder"}
+    null_before = model.null_text().detach().clone()
+    enc_before = [p.detach().clone() for p in model.text_encoder.parameters()]
+    opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2, weight_decay=0.0)
+    model(toy_batch(cfg, 2), 2)[0].backward()
+    opt.step()
+    assert any(not torch.equal(a, b) for a, b in zip(enc_before, model.text_encoder.parameters()))
+    with torch.no_grad():
+        assert not torch.allclose(model.null_text(), null_before)
+        assert torch.equal(model.null_text(), model.encode_text([""]))
+    by_path = dataclasses.replace(cfg, sd_path="some/folder")  # a loaded text encoder is saved only when trained
+    assert "text_encoder" in saved_parts(by_path, 2, {"unet", "text_encoder", "vae"})
+    assert "text_encoder" not in saved_parts(dataclasses.replace(by_path, train_text_encoder=False), 2,
+                                             {"unet", "text_encoder", "vae"})
+    with pytest.raises(ConfigError, match="train_text_encoder"):
+        apply_overrides(preset("insightedit", "toy"), ["--train_text_encoder=true"]).validate()
