@@ -177,3 +177,47 @@ def test_lever_study_script_runs_each_lever_and_prints_its_table(tmp_path):
     assert again.returncode == 0 and "made " not in again.stdout and again.stdout.endswith(first.stdout[-200:])
     bad = subprocess.run(cmd, capture_output=True, text=True, env={**env, "LEVERS": "nope"}, timeout=600)
     assert bad.returncode == 2 and "error: unknown lever nope" in bad.stderr
+
+
+def _fake_results(world, tmp_path, right):
+    """evaluate.py's JSON shape for `world`, with the rows in `right` scored right, and its sheet."""
+    rows = [json.loads(line) for line in open(world / "eval.jsonl")]
+    samples = [{"index": i, "success": i in right} for i in range(len(rows))]
+    groups = {c: {"success_rate": 0.5} for c in {r["category"] for r in rows}}
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"count": len(rows), "samples": samples, "summary": {"groups": groups}}))
+    Image.new("RGB", (8, 8), "white").save(tmp_path / "results-grid.png")
+    return rows, path
+
+
+def test_ship_toy_picks_an_example_infer_gets_right_and_writes_nothing_otherwise(ckpt, world, tmp_path,
+                                                                                 monkeypatch):
+    import importlib.util
+    import shutil
+
+    rows, results = _fake_results(world, tmp_path, right=set(range(40)))
+    out = tmp_path / "assets"
+    # The random checkpoint gets no edit right through infer.py: one error line, exit 2, nothing written.
+    r = run("scripts/ship_toy.py", "--ckpt", ckpt, "--results", results, "--world", world, "--out", out,
+            "--tries", 2)
+    assert r.returncode == 2 and r.stderr.strip().startswith("error:") and "Traceback" not in r.stderr
+    assert not out.exists()
+    # With an infer that draws the exact target, the first edit of the --prefer pattern ships (here the pattern of
+    # the last non-add row, so that it is not simply the first row).
+    spec = importlib.util.spec_from_file_location("ship_toy", os.path.join(ROOT, "scripts", "ship_toy.py"))
+    ship = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ship)
+    by_source = {str(world / r["source"]): str(world / r["target"]) for r in rows}
+    monkeypatch.setattr(ship, "infer_one", lambda ck, src, instr, pred: shutil.copyfile(by_source[src], pred))
+    last = [r for r in rows if r["kind"] != "add"][-1]
+    assert ship.main(["--ckpt", str(ckpt), "--results", str(results), "--world", str(world), "--out", str(out),
+                      "--prefer", f"{last['kind']}/{last['category']}"]) == 0
+    want = next(r for r in rows if (r["kind"], r["category"]) == (last["kind"], last["category"]))
+    example = json.loads((out / "example.json").read_text())
+    assert example["instruction"] == want["instruction"] and example["kind"] == want["kind"]
+    assert np.array_equal(np.asarray(Image.open(out / "example-target.png")),
+                          np.asarray(Image.open(world / want["target"]).convert("RGB")))
+    ck = checkpoint.find_checkpoint(str(ckpt))
+    assert (out / "insightedit" / "weights.safetensors").read_bytes() == \
+        open(os.path.join(ck, "weights.safetensors"), "rb").read()
+    assert (out / "heldout-insightedit.png").exists() and (out / "example-before-after.png").exists()
