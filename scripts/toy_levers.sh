@@ -18,7 +18,7 @@ STEPS=${STEPS:-1500}
 ALIGN=${ALIGN:-300}
 BASE=${BASE:-assets/toy/base}            # its sd/unet is the text-to-image toy UNet
 RANDOM_SD=${RANDOM_SD:-$OUT/random-sd}   # the same bases with a random UNet (made below): the "no prior" lever
-LEVERS=${LEVERS:-"base random-unet ema minsnr mask5 lr1e-3 xattn16 vae1"}
+LEVERS=${LEVERS:-"base random-unet ema minsnr mask5 lr1e-3 fresh textenc xattn16 vae1"}
 TOY_SAMPLES=${TOY_SAMPLES:-24000}        # training world (as scripts/train_toy.sh)
 VAL_N=${VAL_N:-3000}                     # validation world: its eval split (10 %) is scored
 mkdir -p "$OUT/results"
@@ -31,6 +31,7 @@ lever_flags() {  # the overrides that make each lever; everything else is the to
     minsnr)      echo "--snr_gamma=5" ;;                       # Min-SNR-γ loss weighting
     mask5)       echo "--mask_loss_weight=5" ;;                # 5× loss weight inside the edit mask (ablation)
     lr1e-3)      echo "--lr=1e-3" ;;
+    fresh)       echo "--toy_samples=$((STEPS * 32))" ;;   # a world as large as the run's draws: no sample seen twice
     textenc)     # CLIP's text encoder trained with the UNet (an ablation: the papers freeze it)
                  [ "$RECIPE" = ip2p ] || [ "$RECIPE" = mindedit ] ||
                    { echo "error: textenc needs RECIPE=ip2p or mindedit" >&2; exit 2; }
@@ -41,7 +42,7 @@ lever_flags() {  # the overrides that make each lever; everything else is the to
     vae1)        # VAE downsampling factor 1 (32×32 latents, 4× the UNet's compute; its VAE is made below)
                  [ "$RECIPE" = ip2p ] || { echo "error: vae1 needs RECIPE=ip2p" >&2; exit 2; }
                  echo "--sd_path=$RANDOM_SD-f1/sd --vae_channels=32" ;;
-    *) echo "error: unknown lever $1 — choose from base random-unet ema minsnr mask5 lr1e-3 textenc xattn16 vae1" >&2; exit 2 ;;
+    *) echo "error: unknown lever $1 — choose from base random-unet ema minsnr mask5 lr1e-3 fresh textenc xattn16 vae1" >&2; exit 2 ;;
   esac
 }
 
