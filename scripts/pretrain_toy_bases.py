@@ -71,7 +71,7 @@ from minedit.errors import UserError, run_cli  # noqa: E402
 from minedit.presets import preset  # noqa: E402
 from minedit.toy.phrases import CATEGORIES, KINDS, tokenize_words  # noqa: E402
 from minedit.toy.tokenizer import toy_tokenizer  # noqa: E402
-from minedit.toy.world import cached_world  # noqa: E402
+from minedit.toy.world import MARGIN, cached_world  # noqa: E402
 
 CAPTION_PROMPT = "describe the picture."
 STUDY = "## Comprehension study"  # README section kept when write_readme rewrites the file
@@ -246,6 +246,30 @@ def mllm_examples(tok, n_img, rows, image_index, caption_rows):
     return caps, edits
 
 
+REFER_PROMPT = "find {u}."  # words of the toy vocabulary ("which", "name" are not)
+
+
+def refer_examples(tok, n_img, rows, image_index, margin: float):
+    """A third task (lever --mllm-refer-share): name the shape an understanding-level phrase picks out —
+    "find the leftmost shape." -> "the red square" — for every shape of every training scene that has
+    such phrases. It asks for exactly the binding of place, size, colour and shape that rewriting an
+    understanding instruction needs (README of the bases, "Comprehension study")."""
+    from minedit.toy.refer import explicit, understanding
+
+    eos, out, seen = tok.eos_token_id, [], set()
+    for r in rows:
+        if r["source"] in seen or not r.get("objects"):
+            continue
+        seen.add(r["source"])
+        objs = r["objects"]
+        for t in range(len(objs)):
+            name = explicit(objs, t, margin)
+            for u in understanding(objs, t, margin) if name else []:
+                out.append((image_index[r["source"]], prompt_ids(tok, n_img, REFER_PROMPT.format(u=u)),
+                            tok(name, add_special_tokens=False).input_ids + [eos]))
+    return out
+
+
 def collate_mllm(batch, images, cfg, pad_id):
     """Right-padded ids, attention mask, labels (-100 on prompt and padding), CLIP-normalised pixels."""
     length = max(len(p) + len(a) for _, p, a in batch)
@@ -308,9 +332,11 @@ def mllm_accuracy(mllm, tok, n_img, cfg, rows, images) -> tuple[dict, list]:
     return acc, samples
 
 
-def train_mllm(cfg, clip, images, caps, edits, eval_sets, steps, batch, lr, g, freeze_vision: bool = False):
-    """The LLaVA of `cfg` (its vision tower loaded from `clip`) trained on the two tasks mixed in every batch;
-    freeze_vision keeps the CLIP tower fixed (LLaVA's own stage 1) and trains projector + LLM only."""
+def train_mllm(cfg, clip, images, caps, edits, eval_sets, steps, batch, lr, g, freeze_vision: bool = False,
+               refers=(), refer_share: float = 0.0):
+    """The LLaVA of `cfg` (its vision tower loaded from `clip`) trained on the tasks mixed in every batch
+    (instructions EDIT_SHARE, referring phrases refer_share, captions the rest); freeze_vision keeps the CLIP
+    tower fixed (LLaVA's own stage 1) and trains projector + LLM only."""
     mllm, tok, n_img = build.build_mllm(cfg)
     # LLaVA starts from CLIP's vision tower: here the toy CLIP trained just before (identical config).
     vt = mllm.model.vision_tower
@@ -318,11 +344,12 @@ def train_mllm(cfg, clip, images, caps, edits, eval_sets, steps, batch, lr, g, f
     vt.requires_grad_(not freeze_vision)
     opt = torch.optim.AdamW([p for p in mllm.parameters() if p.requires_grad], lr=lr, weight_decay=0.01)
     sched, history = schedule(opt, steps, max(1, steps // 20)), []
-    n_edit = round(batch * EDIT_SHARE)
+    n_edit, n_ref = round(batch * EDIT_SHARE), round(batch * refer_share) if refers else 0
     mllm.train()
     for s in range(steps):
         pick = ([edits[i] for i in torch.randint(len(edits), (n_edit,), generator=g)]
-                + [caps[i] for i in torch.randint(len(caps), (batch - n_edit,), generator=g)])
+                + [refers[i] for i in torch.randint(max(1, len(refers)), (n_ref,), generator=g)]
+                + [caps[i] for i in torch.randint(len(caps), (batch - n_edit - n_ref,), generator=g)])
         ids, mask, labels, pixels = collate_mllm(pick, images, cfg, tok.pad_token_id)
         loss = mllm(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=labels).loss
         step(mllm, opt, sched, loss)
@@ -337,24 +364,26 @@ def train_mllm(cfg, clip, images, caps, edits, eval_sets, steps, batch, lr, g, f
                "eval_loss_instruction": mllm_eval_loss(mllm, eval_edits, eval_images, cfg, tok.pad_token_id),
                "eval_samples": samples, "steps": steps, "batch": batch, "lr": lr, "train_edits": len(edits),
                "train_captions": len(caps), "vision_feature_layer": cfg.vision_feature_layer,
-               "freeze_vision": freeze_vision, **loss_ends(history)}
+               "freeze_vision": freeze_vision, "train_refers": len(refers), "refer_share": refer_share,
+               **loss_ends(history)}
     return mllm, tok, n_img, metrics
 
 
 def mllm_data(cfg, roots: list[Path], eval_root: Path):
     """The MLLM's training set from the train splits of `roots` (images concatenated, indices offset) and its
-    eval sets from eval_root's eval split -> (images, caps, edits, (eval rows, images, caps, edits))."""
+    eval sets from eval_root's eval split -> (images, caps, edits, refers, (eval rows, images, caps, edits))."""
     tok = toy_tokenizer(cfg.llm_max_positions, chat=True)
     n_img = (cfg.vision_image_size // cfg.vision_patch) ** 2
-    images, caps, edits = [], [], []
+    images, caps, edits, refers = [], [], [], []
     for root in roots:
-        caption_rows = read_jsonl(root / "captions.jsonl")
+        caption_rows, rows = read_jsonl(root / "captions.jsonl"), read_jsonl(root / "train.jsonl")
         paths = sorted({r["image"] for r in caption_rows})
         offset = sum(len(x) for x in images)
         index = {p: offset + i for i, p in enumerate(paths)}
-        c, e = mllm_examples(tok, n_img, read_jsonl(root / "train.jsonl"), index, caption_rows)
+        c, e = mllm_examples(tok, n_img, rows, index, caption_rows)
         images.append(load_images(root, paths))
         caps, edits = caps + c, edits + e
+        refers += refer_examples(tok, n_img, rows, index, MARGIN * cfg.resolution)
     eval_rows = read_jsonl(eval_root / "eval.jsonl")
     eval_images = load_images(eval_root, [r["source"] for r in eval_rows])
     eval_caps, _ = mllm_examples(tok, n_img, [], {r["source"]: i for i, r in enumerate(eval_rows)},
@@ -362,7 +391,7 @@ def mllm_data(cfg, roots: list[Path], eval_root: Path):
     eval_edits = [(i, prompt_ids(tok, n_img, r["instruction"]),
                    tok(r["optimized_instruction"], add_special_tokens=False).input_ids + [tok.eos_token_id])
                   for i, r in enumerate(eval_rows)]
-    return torch.cat(images), caps, edits, (eval_rows, eval_images, eval_caps, eval_edits)
+    return torch.cat(images), caps, edits, refers, (eval_rows, eval_images, eval_caps, eval_edits)
 
 
 def run_mllm(cfg, clip, args, root: Path, g: torch.Generator):
@@ -373,10 +402,12 @@ def run_mllm(cfg, clip, args, root: Path, g: torch.Generator):
         roots.append(Path(cached_world(seed=args.seed + 1000, n=args.mllm_world_n, size=cfg.resolution)))
     if args.vision_feature_layer is not None:
         cfg = dataclasses.replace(cfg, vision_feature_layer=args.vision_feature_layer)
-    images, caps, edits, eval_sets = mllm_data(cfg, roots, root)
-    log(f"mllm: {len(edits)} (image, instruction) and {len(caps)} (image, caption) training examples")
+    images, caps, edits, refers, eval_sets = mllm_data(cfg, roots, root)
+    log(f"mllm: {len(edits)} (image, instruction), {len(caps)} (image, caption) and {len(refers)} (image, "
+        "referring phrase) training examples")
     mllm, tok, _, metrics = train_mllm(cfg, clip, images, caps, edits, eval_sets, args.steps_mllm,
-                                       args.batch_mllm, args.lr_mllm, g, args.freeze_vision)
+                                       args.batch_mllm, args.lr_mllm, g, args.freeze_vision,
+                                       refers if args.mllm_refer_share else (), args.mllm_refer_share)
     log(f"mllm: {json.dumps(metrics['eval_exact_match'])}")
     return mllm, tok, metrics | {"world_n_extra": args.mllm_world_n}
 
@@ -472,7 +503,13 @@ def main(argv: list[str] | None = None) -> dict:
     mllm.add_argument("--vision-feature-layer", type=int, default=None,
                       help="vision tower hidden state LLaVA reads (default: the preset's, -2)")
     mllm.add_argument("--freeze-vision", action="store_true", help="keep the CLIP vision tower fixed")
+    mllm.add_argument("--mllm-refer-share", type=float, default=0.0,
+                      help="fraction of each batch given to naming the shape a relational phrase picks out "
+                           "(taken from the captions' share; 0: the two shipped tasks only)")
     args = ap.parse_args(argv)
+    if not 0 <= args.mllm_refer_share <= 1 - EDIT_SHARE:
+        raise UserError(f"--mllm-refer-share {args.mllm_refer_share}: must be in [0, {1 - EDIT_SHARE:g}] (the "
+                        f"instruction task keeps {EDIT_SHARE:g} of each batch)")
     start = time.time()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

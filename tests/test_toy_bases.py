@@ -155,7 +155,8 @@ def test_only_mllm_retrains_the_mllm_alone_from_the_base(run, monkeypatch):
     monkeypatch.setenv("MINEDIT_CACHE", str(base.parent / "cache"))  # the fixture's world, already drawn
     out = base.parent / "mllm-only"
     metrics = script.main(["--only", "mllm", "--base", str(base), "--out", str(out), "--n", "45", "--steps-mllm", "2",
-                           "--batch-mllm", "4", "--vision-feature-layer", "-1", "--freeze-vision"])
+                           "--batch-mllm", "4", "--vision-feature-layer", "-1", "--freeze-vision",
+                           "--mllm-refer-share", "0.25"])
     assert {p: p.read_bytes() for p in (base / "mllm").rglob("*") if p.is_file()} == before
     for f in ("sd/unet/diffusion_pytorch_model.safetensors", "sd/vae/config.json", "clip/model.safetensors"):
         assert (out / f).read_bytes() == (base / f).read_bytes(), f
@@ -164,6 +165,7 @@ def test_only_mllm_retrains_the_mllm_alone_from_the_base(run, monkeypatch):
     m = saved["mllm"]
     assert m["loss_last"] == metrics["mllm"]["loss_last"] and m["steps"] == 2 and "--only mllm" in m["command"]
     assert 0 <= m["eval_exact_match"]["all"] <= 1 and "--only mllm" in (out / "README.md").read_text()
+    assert m["train_refers"] > 0 and m["refer_share"] == 0.25
     new = LlavaForConditionalGeneration.from_pretrained(out / "mllm")
     old = LlavaForConditionalGeneration.from_pretrained(base / "mllm")
     assert new.config.vision_feature_layer == -1 and old.config.vision_feature_layer == -2
@@ -179,6 +181,7 @@ def test_only_mllm_retrains_the_mllm_alone_from_the_base(run, monkeypatch):
     (["--only", "mllm", "--out", "x"], "--only mllm needs --base"),
     (["--only", "mllm", "--base", "nowhere", "--out", "x"], "no clip/config.json"),
     (["--base", "assets/toy/base", "--out", "x"], "--base is read only with --only mllm"),
+    (["--mllm-refer-share", "0.5", "--out", "x"], "must be in [0, 0.4]"),
 ])
 def test_only_mllm_bad_flags_are_one_line_errors(args, says, tmp_path):
     import subprocess
@@ -204,3 +207,20 @@ def test_readme_regeneration_keeps_the_comprehension_study(run, tmp_path):
     assert text.endswith("## Comprehension study\n\n| lever | s/u/r |\n") and text.count("## Comprehension study") == 1
     script.write_readme(tmp_path, "again", metrics)  # idempotent: the section is not appended twice
     assert (tmp_path / "README.md").read_text().count("## Comprehension study") == 1
+
+
+def test_referring_task_names_the_shape_each_phrase_picks_out(run):
+    """--mllm-refer-share's examples: "find the leftmost shape." is answered by the shape with the smallest x,
+    and a scene whose shapes no relation tells apart gives none."""
+    from minedit.toy.tokenizer import toy_tokenizer
+
+    script = run[0]
+    tok = toy_tokenizer(256, chat=True)
+    objs = [{"shape": "square", "colour": "red", "size": "small", "x": 5, "y": 16},
+            {"shape": "circle", "colour": "blue", "size": "small", "x": 26, "y": 16}]
+    ex = script.refer_examples(tok, 4, [{"source": "a.png", "objects": objs}], {"a.png": 0}, 4.8)
+    qa = {tok.decode(p[-8:]): tok.decode(a, skip_special_tokens=True) for _, p, a in ex}
+    left = [a for q, a in qa.items() if "leftmost shape" in q]
+    right = [a for q, a in qa.items() if "rightmost shape" in q]
+    assert left == ["the red square"] and right == ["the blue circle"]
+    assert script.refer_examples(tok, 4, [{"source": "b.png", "objects": objs[:1]}], {"b.png": 0}, 4.8) == []

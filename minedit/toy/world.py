@@ -49,6 +49,7 @@ from .draw import dilate, fits, footprint, place, render
 from .refer import explicit, new_desc, pick, reasoning, understanding
 
 VERSION = 2  # bump when the generator's output changes: cached worlds are keyed by it
+MARGIN = 0.15  # positions are compared at this fraction of the image side (refer.py's `margin`)
 
 
 def _articles(text: str) -> str:
@@ -209,7 +210,7 @@ def sample(rng: np.random.Generator, size: int = 32, category: str | None = None
     kind = kind or pick(rng, KINDS)
     if category not in CATEGORIES or kind not in KINDS:
         raise ValueError(f"unknown category {category!r} or kind {kind!r} — use one of {CATEGORIES} / {KINDS}")
-    margin = 0.15 * size
+    margin = MARGIN * size
     for _ in range(1000):
         bg, objs = _scene(rng, size)
         if kind == "add":
