@@ -38,7 +38,7 @@ def test_architecture_fields_are_the_marked_ones():
 
 def test_a_training_field_does_not_block_a_checkpoint_but_an_architecture_field_does():
     saved = preset("insightedit", "toy", 2)
-    current = dataclasses.replace(saved, toy_samples=10, ema_decay=0.99, snr_gamma=5.0, lr=1e-3)
+    current = dataclasses.replace(saved, toy_samples=10, ema_decay=0.99, snr_gamma=5.0, lr=5e-4)
     checkpoint.check_compatible(saved, current)
     with pytest.raises(UserError, match="qformer_layers"):
         checkpoint.check_compatible(saved, dataclasses.replace(saved, qformer_layers=3))
