@@ -18,7 +18,7 @@ STEPS=${STEPS:-1500}
 ALIGN=${ALIGN:-300}
 BASE=${BASE:-assets/toy/base}            # its sd/unet is the text-to-image toy UNet
 RANDOM_SD=${RANDOM_SD:-$OUT/random-sd}   # the same bases with a random UNet (made below): the "no prior" lever
-LEVERS=${LEVERS:-"base random-unet ema minsnr mask5 lr1e-3 fresh textenc xattn16 vae1"}
+LEVERS=${LEVERS:-"base random-unet ema minsnr mask5 lr1e-3 fresh textenc xattn16 vae1"}  # also batchN
 TOY_SAMPLES=${TOY_SAMPLES:-24000}        # training world (as scripts/train_toy.sh)
 VAL_N=${VAL_N:-3000}                     # validation world: its eval split (10 %) is scored
 mkdir -p "$OUT/results"
@@ -31,6 +31,7 @@ lever_flags() {  # the overrides that make each lever; everything else is the to
     minsnr)      echo "--snr_gamma=5" ;;                       # Min-SNR-γ loss weighting
     mask5)       echo "--mask_loss_weight=5" ;;                # 5× loss weight inside the edit mask (ablation)
     lr1e-3)      echo "--lr=1e-3" ;;
+    batch[0-9]*) echo "--batch_size=${1#batch}" ;;             # the budget split: batch N for STEPS × 32 / N steps
     fresh)       echo "--toy_samples=$((STEPS * 32))" ;;   # a world as large as the run's draws: no sample seen twice
     textenc)     # CLIP's text encoder trained with the UNet (an ablation: the papers freeze it)
                  [ "$RECIPE" = ip2p ] || [ "$RECIPE" = mindedit ] ||
@@ -42,7 +43,8 @@ lever_flags() {  # the overrides that make each lever; everything else is the to
     vae1)        # VAE downsampling factor 1 (32×32 latents, 4× the UNet's compute; its VAE is made below)
                  [ "$RECIPE" = ip2p ] || { echo "error: vae1 needs RECIPE=ip2p" >&2; exit 2; }
                  echo "--sd_path=$RANDOM_SD-f1/sd --vae_channels=32" ;;
-    *) echo "error: unknown lever $1 — choose from base random-unet ema minsnr mask5 lr1e-3 fresh textenc xattn16 vae1" >&2; exit 2 ;;
+    *) echo "error: unknown lever $1 — choose from base random-unet ema minsnr mask5 lr1e-3 fresh textenc xattn16 vae1 batchN" >&2
+       exit 2 ;;
   esac
 }
 
@@ -83,7 +85,7 @@ EOF
 done
 
 BASES="--mllm_path=$BASE/mllm --sd_path=$BASE/sd --clip_path=$BASE/clip"
-COMMON="--toy_samples=$TOY_SAMPLES --max-steps $STEPS --save_every=500 --sample_every=500 --log_every=50"
+COMMON="--toy_samples=$TOY_SAMPLES --save_every=500 --sample_every=500 --log_every=50"
 INIT=""
 if [ "$RECIPE" = insightedit ]; then
   [ -f "$OUT/insightedit-s1/latest" ] ||
@@ -94,10 +96,12 @@ fi
 for lever in $LEVERS; do
   run="$OUT/$RECIPE-$lever"
   flags=$(lever_flags "$lever")
-  if [ -f "$run/latest" ] && [ ! -f "$run/ckpt-$(printf %07d "$STEPS")/weights.safetensors" ]; then
+  steps=$STEPS
+  [[ $lever == batch* ]] && steps=$((STEPS * 32 / ${lever#batch}))  # every run draws STEPS × 32 samples
+  if [ -f "$run/latest" ] && [ ! -f "$run/ckpt-$(printf %07d "$steps")/weights.safetensors" ]; then
     python3 train.py --out "$run" --resume                   # stopped earlier: continue it
   elif [ ! -f "$run/latest" ]; then
-    python3 train.py --recipe "$RECIPE" --stage 2 --out "$run" ${INIT:-$BASES} $COMMON $flags
+    python3 train.py --recipe "$RECIPE" --stage 2 --out "$run" ${INIT:-$BASES} $COMMON --max-steps "$steps" $flags
   fi
   [ -f "$OUT/results/$RECIPE-$lever.json" ] ||
     python3 evaluate.py --ckpt "$run" --data "$VAL" --out "$OUT/results/$RECIPE-$lever.json"
