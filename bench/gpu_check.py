@@ -47,7 +47,9 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 PARTS = ("env", "toy", "latency", "train", "memory")
-LIMITS = {"toy": 110, "latency": 120, "train": 110, "memory": 130}  # seconds; 470 of the 480-s budget
+# seconds, 470 of the 480-s budget; on an H200 (2026-12-04) the parts took: toy > 110 (7 of 8 rows in 90),
+# latency 50, train 66, memory 50
+LIMITS = {"toy": 200, "latency": 90, "train": 90, "memory": 90}
 GIB = 2 ** 30
 
 

@@ -227,26 +227,33 @@ def check_one(recipe: str, stage: int, device: torch.device, args, work: str) ->
     row["ok"] = all(row[k]["ok"] for k in ("bf16", "fp16", "attention")) and \
         all(v["ok"] for v in row.get("edit", {}).values())
     row["seconds"] = time.perf_counter() - t0
-    print(f"  {recipe} stage {stage}: {'ok' if row['ok'] else 'FAILED'} ({row['seconds']:.1f} s)", flush=True)
     return row
 
 
-def table(rows: list[dict]) -> str:
-    out = [f"Toy size, every recipe × stage. Train: loss on the fixed batch before → after the steps (scaler "
-           f"skips); edit: abs. difference to the CPU fp32 edit (fp32: max ≤ {FP32_TOL:g}; bf16: mean ≤ "
-           f"{BF16_MEAN_TOL:g})", "",
-           "| recipe · stage | bf16 loss | fp16 + GradScaler + checkpointing loss | attention kernels | fused only | "
-           "edit fp32 max Δ | edit bf16 mean Δ | ok |", "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        loss = lambda p: f"{r[p]['before']:.4f} → {r[p]['after']:.4f}" + (  # noqa: E731
-            f" ({r[p]['skipped']} skipped)" if r[p]["skipped"] else "")
-        e = r.get("edit")
-        fp32 = f"{e['fp32']['max']:.1e}" if e else "–"
-        bf16 = f"{e['bf16']['mean']:.4f}" + ("" if e["bf16"]["texts_equal"] else " (T_opt differs)") if e else "–"
-        kernels = ", ".join(k.replace("_scaled_dot_product_", "") for k in r["attention"]["kernels"]) or "none"
-        out.append(f"| {r['recipe']} · {r['stage']} | {loss('bf16')} | {loss('fp16')} | {kernels} | "
-                   f"{r['attention']['fused_only']} | {fp32} | {bf16} | {'yes' if r['ok'] else '**no**'} |")
-    return "\n".join(out)
+def table_head() -> str:
+    return "\n".join([
+        f"Toy size, every recipe × stage. Train: loss on the fixed batch before → after the steps (scaler skips); "
+        f"edit: abs. difference to the CPU fp32 edit (fp32: max ≤ {FP32_TOL:g}; bf16: mean ≤ {BF16_MEAN_TOL:g})", "",
+        "| recipe · stage | bf16 loss | fp16 + GradScaler + checkpointing loss | attention kernels | fused only | "
+        "edit fp32 max Δ | edit bf16 mean Δ | seconds | ok |", "|---|---|---|---|---|---|---|---|---|"])
+
+
+def table_row(r: dict) -> str:
+    loss = lambda p: f"{r[p]['before']:.4f} → {r[p]['after']:.4f}" + (  # noqa: E731
+        f" ({r[p]['skipped']} skipped)" if r[p]["skipped"] else "")
+    e = r.get("edit")
+    fp32 = f"{e['fp32']['max']:.1e}" if e else "–"
+    bf16 = f"{e['bf16']['mean']:.4f}" + ("" if e["bf16"]["texts_equal"] else " (T_opt differs)") if e else "–"
+    kernels = ", ".join(k.replace("_scaled_dot_product_", "") for k in r["attention"]["kernels"]) or "none"
+    return (f"| {r['recipe']} · {r['stage']} | {loss('bf16')} | {loss('fp16')} | {kernels} | "
+            f"{r['attention']['fused_only']} | {fp32} | {bf16} | {r['seconds']:.1f} | "
+            f"{'yes' if r['ok'] else '**no**'} |")
+
+
+def write_json(path: str, rows: list[dict]) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(rows, f, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 def main(argv=None) -> int:
@@ -266,14 +273,14 @@ def main(argv=None) -> int:
     device = common.pick_device(args.device)
     if device.type == "cuda":
         torch.cuda.set_device(device if device.index is not None else 0)
-    print(common.machine(device), flush=True)
+    print(common.machine(device) + "\n\n" + table_head(), flush=True)
+    rows = []
     with tempfile.TemporaryDirectory(prefix="minedit-gpu-toy-") as work:
-        rows = [check_one(r, s, device, args, work) for r, s in combos(recipes)]
-    print("\n" + table(rows))
-    if args.json:
-        with open(args.json + ".tmp", "w") as f:
-            json.dump(rows, f, indent=1)
-        os.replace(args.json + ".tmp", args.json)
+        for recipe, stage in combos(recipes):  # each row printed and saved when done: a part stopped at its
+            rows.append(check_one(recipe, stage, device, args, work))  # time limit keeps what it measured
+            print(table_row(rows[-1]), flush=True)
+            if args.json:
+                write_json(args.json, rows)
     failed = [f"{r['recipe']}·{r['stage']}" for r in rows if not r["ok"]]
     print(f"\n{len(rows) - len(failed)} of {len(rows)} recipe × stage checks passed"
           + (f"; failed: {', '.join(failed)}" if failed else ""))

@@ -71,6 +71,31 @@ def test_a_hanging_part_is_killed_at_its_limit_and_keeps_its_output(tmp_path):
     assert failed["status"] == "failed" and failed["rc"] == 3
 
 
+def test_a_toy_part_stopped_at_its_limit_keeps_the_rows_it_finished(tmp_path, monkeypatch, capsys):
+    # On the first H200 the toy part ran out of its limit after 7 of 8 rows and its figures were lost (written at
+    # the end only); now each row is printed and saved as it finishes, and the summary says the part is incomplete.
+    import gpu_toy
+
+    def fake_check(recipe, stage, device, args, work):
+        if len(calls) == 1:
+            raise KeyboardInterrupt  # stands in for the SIGKILL at the part's limit
+        calls.append((recipe, stage))
+        ok = dict(before=1.0, after=0.5, skipped=0, ok=True)
+        return dict(recipe=recipe, stage=stage, bf16=ok, fp16=ok, ok=True, seconds=1.0,
+                    attention=dict(kernels=["_scaled_dot_product_flash_attention_for_cpu"], fused_only="ok"))
+    calls = []
+    monkeypatch.setattr(gpu_toy, "check_one", fake_check)
+    with pytest.raises(KeyboardInterrupt):
+        gpu_toy.main(["--device", "cpu", "--recipes", "ip2p,mindedit", "--json", str(tmp_path / "toy.json")])
+    rows = json.loads((tmp_path / "toy.json").read_text())
+    assert [(r["recipe"], r["stage"]) for r in rows] == calls == [("ip2p", 2)]
+    assert "| ip2p · 2 | 1.0000 → 0.5000 | 1.0000 → 0.5000 | flash_attention_for_cpu | ok | – | – | 1.0 | yes |" \
+        in capsys.readouterr().out
+    results = {"parts": {"toy": {"status": "timeout", "figures": rows}}}
+    assert summary.toy_rows(results)[0].endswith("| 1 of 1 pass, then the part's time limit | incomplete |")
+    assert results["parts"]["toy"]["passed"] is False
+
+
 def test_summary_copies_each_printed_table_with_its_title():
     out = summary.tables("noise\nTitle one\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n| c |\n|---|\nafter")
     assert out == "Title one\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n| c |\n|---|"
