@@ -154,17 +154,24 @@ def stage1_losses(model, batch) -> dict:
     return parts
 
 
-def teacher_conditions(model, batch, target: torch.Tensor) -> Conditions:
-    """Stage 2 (teacher forcing, as IP-Adapter is trained): f_txt = frozen CLIP_text of the
-    ground-truth optimized instruction (the raw instruction where a row has none), f_img = image_proj(
-    CLIP_image(I_tar)) — the inputs the stage-1 MLLM's T_opt and v_insight stand in for at inference.
+def teacher_conditions(model, batch, source: torch.Tensor, target: torch.Tensor) -> Conditions:
+    """Stage 2: f_txt = frozen CLIP_text of the ground-truth optimized instruction (the raw instruction where a
+    row has none) — what the stage-1 text head's T_opt stands in for at inference — and f_img = image_proj(v) with
+    v, by `mind_image_prompt`:
+      target     CLIP_image(I_tar), teacher forcing as IP-Adapter is trained: an embedding of the answer itself,
+                 which the UNet can lean on more than inference's v_insight deserves;
+      predicted  the frozen stage-1 vision head's v_insight for (I_src, instruction): exactly what inference feeds
+                 the UNet (v pools the prompt positions only, so the answer tokens do not change it).
 
     Trainable here: the UNet, the projection and to_k_ip/to_v_ip. The paper keeps a pretrained SD + IP-Adapter
-    frozen; this package's generation module starts from an InstructPix2Pix UNet (or a random toy one) whose
+    frozen; this package's generation module starts from an InstructPix2Pix UNet (or a toy one) whose
     cross-attention never saw image prompts, so it must learn to edit with them."""
     texts = [o if o and o.strip() else raw for o, raw in
              zip(batch.get("optimized_instruction") or batch["instruction"], batch["instruction"])]
     with torch.no_grad():
         f_txt = model.encode_text(texts)
-        v = model.encode_image_clip(target)
+        if model.cfg.mind_image_prompt == "predicted":
+            v = teacher_forward(model, source, batch["instruction"], texts, need_text=False)[1].float()
+        else:
+            v = model.encode_image_clip(target)
     return _with_image(model, f_txt, v)

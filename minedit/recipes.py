@@ -107,7 +107,7 @@ class MindPath:
         return mind.stage1_losses(model, batch)
 
     def edit_conditions(self, model, batch, source, target, latent_hw, stage):
-        return mind.teacher_conditions(model, batch, target), {}
+        return mind.teacher_conditions(model, batch, source, target), {}
 
 
 def recipe_path(cfg):

@@ -7,9 +7,9 @@
 #   RECIPE=insightedit LEVERS="base mask5 ema" bash scripts/toy_levers.sh
 #   OMP_NUM_THREADS=1 LEVERS="base ema" bash scripts/toy_levers.sh & OMP_NUM_THREADS=1 LEVERS="mask5" bash ...
 #
-# insightedit runs its stage 1 once (ALIGN steps) and every lever's stage 2 starts from it. A finished run or
-# evaluation is skipped, so the script can be stopped and started again; the table is printed at the end
-# (python3 scripts/results_table.py OUT/results/*.json prints it at any time).
+# insightedit and mindedit run their stage 1 once (ALIGN steps) and every lever's stage 2 starts from it. A
+# finished run or evaluation is skipped, so the script can be stopped and started again; the table is printed at
+# the end (python3 scripts/results_table.py OUT/results/*.json prints it at any time).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/levers}
@@ -18,7 +18,7 @@ STEPS=${STEPS:-1500}
 ALIGN=${ALIGN:-300}
 BASE=${BASE:-assets/toy/base}            # its sd/unet is the text-to-image toy UNet
 RANDOM_SD=${RANDOM_SD:-$OUT/random-sd}   # the same bases with a random UNet (made below): the "no prior" lever
-LEVERS=${LEVERS:-"base random-unet ema minsnr mask5 lr1e-3 fresh textenc xattn16 vae1"}  # also batchN
+LEVERS=${LEVERS:-"base random-unet ema minsnr mask5 lr1e-3 fresh textenc xattn16 vae1"}  # also batchN, vpred
 TOY_SAMPLES=${TOY_SAMPLES:-24000}        # training world (as scripts/train_toy.sh)
 VAL_N=${VAL_N:-3000}                     # validation world: its eval split (10 %) is scored
 mkdir -p "$OUT/results"
@@ -32,6 +32,9 @@ lever_flags() {  # the overrides that make each lever; everything else is the to
     mask5)       echo "--mask_loss_weight=5" ;;                # 5× loss weight inside the edit mask (ablation)
     lr1e-3)      echo "--lr=1e-3" ;;
     batch[0-9]*) echo "--batch_size=${1#batch}" ;;             # the budget split: batch N for STEPS × 32 / N steps
+    vpred)       # MIND-Edit's stage 2 on the vision head's v_insight instead of CLIP_image(I_tar) (teacher forcing)
+                 [ "$RECIPE" = mindedit ] || { echo "error: vpred needs RECIPE=mindedit" >&2; exit 2; }
+                 echo "--mind_image_prompt=predicted" ;;
     fresh)       echo "--toy_samples=$((STEPS * 32))" ;;   # a world as large as the run's draws: no sample seen twice
     textenc)     # CLIP's text encoder trained with the UNet (an ablation: the papers freeze it)
                  [ "$RECIPE" = ip2p ] || [ "$RECIPE" = mindedit ] ||
@@ -43,7 +46,7 @@ lever_flags() {  # the overrides that make each lever; everything else is the to
     vae1)        # VAE downsampling factor 1 (32×32 latents, 4× the UNet's compute; its VAE is made below)
                  [ "$RECIPE" = ip2p ] || { echo "error: vae1 needs RECIPE=ip2p" >&2; exit 2; }
                  echo "--sd_path=$RANDOM_SD-f1/sd --vae_channels=32" ;;
-    *) echo "error: unknown lever $1 — choose from base random-unet ema minsnr mask5 lr1e-3 fresh textenc xattn16 vae1 batchN" >&2
+    *) echo "error: unknown lever $1 — choose from base random-unet ema minsnr mask5 lr1e-3 fresh textenc xattn16 vae1 batchN vpred" >&2
        exit 2 ;;
   esac
 }
@@ -87,11 +90,11 @@ done
 BASES="--mllm_path=$BASE/mllm --sd_path=$BASE/sd --clip_path=$BASE/clip"
 COMMON="--toy_samples=$TOY_SAMPLES --save_every=500 --sample_every=500 --log_every=50"
 INIT=""
-if [ "$RECIPE" = insightedit ]; then
-  [ -f "$OUT/insightedit-s1/latest" ] ||
-    python3 train.py --recipe insightedit --stage 1 --out "$OUT/insightedit-s1" --max-steps "$ALIGN" $BASES \
+if [ "$RECIPE" = insightedit ] || [ "$RECIPE" = mindedit ]; then
+  [ -f "$OUT/$RECIPE-s1/latest" ] ||
+    python3 train.py --recipe "$RECIPE" --stage 1 --out "$OUT/$RECIPE-s1" --max-steps "$ALIGN" $BASES \
       --toy_samples="$TOY_SAMPLES" --log_every=50
-  INIT="--init $OUT/insightedit-s1"
+  INIT="--init $OUT/$RECIPE-s1"
 fi
 for lever in $LEVERS; do
   run="$OUT/$RECIPE-$lever"
