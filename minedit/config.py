@@ -113,9 +113,9 @@ class Config:
     # --- MIND-Edit stage 1 (paper eq. 6: l_text + lambda * l_embed) ------------------------------------------
     mind_losses: str = setting("joint", "joint | text | embed: Table 2's independent models (--text-only ...)")
     mind_embed_weight: float = setting(2.0, "lambda, the weight of l_embed")
-    mind_image_prompt: str = setting("target", "stage 2's image prompt: target = CLIP_image(I_tar) (teacher "
-                                     "forcing, as IP-Adapter trains) | predicted = the stage-1 vision head's "
-                                     "v_insight, what inference feeds the UNet")
+    mind_image_prompt: str = setting("predicted", "stage 2's image prompt: predicted = the stage-1 vision head's "
+                                     "v_insight, what inference feeds the UNet | target = CLIP_image(I_tar) "
+                                     "(teacher forcing, as IP-Adapter trains)")
     topt_max_tokens: int = setting(77, "greedy T_opt decoding cap (CLIP's text length)")
 
     # --- LoRA (paper: rank 16, alpha 27; SmartEdit's public code used 8/16) ---------------------------------
@@ -223,8 +223,10 @@ class Config:
             bad("mind_losses", "choose joint, text (--text-only) or embed (--embed-only)")
         if self.mind_image_prompt not in ("target", "predicted"):
             bad("mind_image_prompt", "choose target or predicted")
-        if self.mind_image_prompt == "predicted" and self.mind_losses == "text":
-            bad("mind_image_prompt", "predicted needs a trained vision head — use it with --mind_losses=joint or embed")
+        if self.uses_vision_head and self.stage == 2 and self.mind_image_prompt == "predicted" \
+                and self.mind_losses == "text":
+            bad("mind_image_prompt", "predicted needs the vision head that a --text-only stage 1 left untrained "
+                "— pass --mind_image_prompt=target")
         if self.uses_vision_head and not 0 <= self.vision_head_layer <= self.llm_layers:
             bad("vision_head_layer", f"must index hidden_states: 0..{self.llm_layers}")
         if self.topt_max_tokens <= 0:

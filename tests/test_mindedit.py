@@ -173,15 +173,16 @@ def test_stage2_image_prompt_target_or_predicted(model):
     """`mind_image_prompt`: stage 2 feeds the UNet f_img of CLIP_image(I_tar) (teacher forcing) or of the stage-1
     vision head's v_insight — then exactly what inference's generation gives for the same source and instruction."""
     b = batch(model.cfg)
+    assert model.cfg.mind_image_prompt == "predicted"  # the default
     try:
         with torch.no_grad():
-            teacher = mind.teacher_conditions(model, b, b["source"], b["target"])
-            model.cfg.mind_image_prompt = "predicted"
             predicted = mind.teacher_conditions(model, b, b["source"], b["target"])
             _, v_gen = mind.generate(model, b["source"], b["instruction"])
             cond, _ = mind.conditions(model, b["source"], b["instruction"])
+            model.cfg.mind_image_prompt = "target"
+            teacher = mind.teacher_conditions(model, b, b["source"], b["target"])
     finally:
-        model.cfg.mind_image_prompt = "target"
+        model.cfg.mind_image_prompt = "predicted"
     torch.testing.assert_close(teacher.f_img, mind.image_tokens(model, model.encode_image_clip(b["target"])))
     torch.testing.assert_close(predicted.f_img, mind.image_tokens(model, v_gen), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(predicted.f_img, cond.f_img, rtol=1e-4, atol=1e-5)
@@ -189,9 +190,10 @@ def test_stage2_image_prompt_target_or_predicted(model):
     torch.testing.assert_close(predicted.f_txt, teacher.f_txt)  # the text side is the same ground-truth T_opt
 
 
-def test_predicted_image_prompt_step_trains_only_the_stage2_parts():
+@pytest.mark.parametrize("prompt", ["predicted", "target"])
+def test_either_image_prompt_step_trains_only_the_stage2_parts(prompt):
     cfg = preset("mindedit", "toy")
-    cfg.mind_image_prompt = "predicted"
+    cfg.mind_image_prompt = prompt
     torch.manual_seed(0)
     m = EditModel(cfg.validate())
     m.set_stage(2)
@@ -202,10 +204,16 @@ def test_predicted_image_prompt_step_trains_only_the_stage2_parts():
     opt.step()
     moved = {m.part_of(n) for n, p in m.named_parameters() if not torch.equal(before[n], p.detach())}
     assert moved == STAGE_TRAINABLE[("mindedit", 2)]
-    bad = preset("mindedit", "toy")
-    bad.mind_image_prompt, bad.mind_losses = "predicted", "text"
-    with pytest.raises(Exception, match="mind_image_prompt"):
-        bad.validate()
+    text_only = preset("mindedit", "toy")
+    text_only.mind_image_prompt, text_only.mind_losses = prompt, "text"
+    text_only.stage = 1
+    text_only.validate()  # stage 1 trains no image prompt
+    text_only.stage = 2
+    if prompt == "predicted":  # its vision head was never trained
+        with pytest.raises(Exception, match="mind_image_prompt=target"):
+            text_only.validate()
+    else:
+        text_only.validate()
 
 
 def test_greedy_decoding_is_batch_safe_and_capped(model):
