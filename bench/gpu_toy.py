@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import tempfile
 import time
@@ -250,12 +249,6 @@ def table_row(r: dict) -> str:
             f"{'yes' if r['ok'] else '**no**'} |")
 
 
-def write_json(path: str, rows: list[dict]) -> None:
-    with open(path + ".tmp", "w") as f:
-        json.dump(rows, f, indent=1)
-    os.replace(path + ".tmp", path)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     p.add_argument("--device", default="cuda")
@@ -280,7 +273,7 @@ def main(argv=None) -> int:
             rows.append(check_one(recipe, stage, device, args, work))  # time limit keeps what it measured
             print(table_row(rows[-1]), flush=True)
             if args.json:
-                write_json(args.json, rows)
+                common.write_json(args.json, rows)
     failed = [f"{r['recipe']}·{r['stage']}" for r in rows if not r["ok"]]
     print(f"\n{len(rows) - len(failed)} of {len(rows)} recipe × stage checks passed"
           + (f"; failed: {', '.join(failed)}" if failed else ""))

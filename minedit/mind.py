@@ -171,7 +171,7 @@ def teacher_conditions(model, batch, source: torch.Tensor, target: torch.Tensor)
     with torch.no_grad():
         f_txt = model.encode_text(texts)
         if model.cfg.mind_image_prompt == "predicted":
-            v = teacher_forward(model, source, batch["instruction"], texts, need_text=False)[1].float()
+            v = teacher_forward(model, source, batch["instruction"], texts, need_text=False)[1]
         else:
             v = model.encode_image_clip(target)
     return _with_image(model, f_txt, v)
