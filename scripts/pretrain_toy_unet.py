@@ -214,6 +214,7 @@ def main(argv: list[str] | None = None) -> dict:
         shutil.copytree(base, out, dirs_exist_ok=True)
     cfg = preset("insightedit", "toy")
     vae = AutoencoderKL.from_pretrained(base / "sd", subfolder="vae").eval()
+    cfg.vae_channels = tuple(vae.config.block_out_channels)  # the base's VAE fixes the latent size (factor 1 or 2)
     text_encoder = CLIPTextModel.from_pretrained(base / "sd", subfolder="text_encoder").eval()
     tok = AutoTokenizer.from_pretrained(base / "sd" / "tokenizer")
     clip = CLIPModel.from_pretrained(base / "clip").eval()
