@@ -78,9 +78,10 @@ def mind_inputs(model, images: torch.Tensor, texts: list[str], answers: list[str
     return MindInputs(ids.to(dev), attn.to(dev), prompt_mask.to(dev), labels.to(dev), vision)
 
 
-def teacher_forward(model, images: torch.Tensor, texts: list[str], answers: list[str],
+def teacher_forward(model, images: torch.Tensor, texts: list[str], answers: list[str] | None,
                     need_text: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """One forward over prompt ⊕ T_opt -> (ℓ_text fp32 or None, v_insight B×D)."""
+    """One forward over prompt ⊕ T_opt (the prompt alone with `answers=None`) -> (ℓ_text fp32 or None,
+    v_insight B×D)."""
     x = mind_inputs(model, images, texts, answers)
     out = model.mllm.model(input_ids=x.input_ids, attention_mask=x.attention_mask, use_cache=False,
                            output_hidden_states=True, **x.vision)
@@ -154,6 +155,21 @@ def stage1_losses(model, batch) -> dict:
     return parts
 
 
+def predicted_v_insight(model, images: torch.Tensor, texts: list[str]) -> torch.Tensor:
+    """The frozen stage-1 vision head's v_insight as inference computes it: the prompt alone (v pools the prompt
+    positions, so answer tokens would be wasted compute) and the MLLM in eval mode (the training loop puts the
+    whole model in train mode; LoRA dropout there would feed the UNet noise that inference never has)."""
+    parts = (model.mllm, model.vision_head)
+    modes = [m.training for m in parts]
+    for m in parts:
+        m.eval()
+    try:
+        return teacher_forward(model, images, texts, None, need_text=False)[1]
+    finally:
+        for m, mode in zip(parts, modes):
+            m.train(mode)
+
+
 def teacher_conditions(model, batch, source: torch.Tensor, target: torch.Tensor) -> Conditions:
     """Stage 2: f_txt = frozen CLIP_text of the ground-truth optimized instruction (the raw instruction where a
     row has none) — what the stage-1 text head's T_opt stands in for at inference — and f_img = image_proj(v) with
@@ -161,7 +177,7 @@ def teacher_conditions(model, batch, source: torch.Tensor, target: torch.Tensor)
       target     CLIP_image(I_tar), teacher forcing as IP-Adapter is trained: an embedding of the answer itself,
                  which the UNet can lean on more than inference's v_insight deserves;
       predicted  the frozen stage-1 vision head's v_insight for (I_src, instruction): exactly what inference feeds
-                 the UNet (v pools the prompt positions only, so the answer tokens do not change it).
+                 the UNet (`predicted_v_insight`).
 
     Trainable here: the UNet, the projection and to_k_ip/to_v_ip. The paper keeps a pretrained SD + IP-Adapter
     frozen; this package's generation module starts from an InstructPix2Pix UNet (or a toy one) whose
@@ -171,7 +187,7 @@ def teacher_conditions(model, batch, source: torch.Tensor, target: torch.Tensor)
     with torch.no_grad():
         f_txt = model.encode_text(texts)
         if model.cfg.mind_image_prompt == "predicted":
-            v = teacher_forward(model, source, batch["instruction"], texts, need_text=False)[1]
+            v = predicted_v_insight(model, source, batch["instruction"])
         else:
             v = model.encode_image_clip(target)
     return _with_image(model, f_txt, v)

@@ -192,6 +192,31 @@ def test_stage2_image_prompt_target_or_predicted(model):
     torch.testing.assert_close(predicted.f_txt, teacher.f_txt)  # the text side is the same ground-truth T_opt
 
 
+def test_predicted_image_prompt_is_inference_s_even_in_train_mode(model):
+    """The training loop puts the whole model in train mode: the predicted v_insight must still be inference's
+    (no LoRA dropout), and the modules' modes must come back as they were."""
+    b = batch(model.cfg)
+    drops = [m for m in model.mllm.modules() if hasattr(m, "lora_dropout")]
+    assert drops
+    saved = [m.lora_dropout for m in drops]
+    try:
+        for m in drops:
+            m.lora_dropout = torch.nn.Dropout(0.5)
+        model.train()
+        with torch.no_grad():
+            v_train = mind.predicted_v_insight(model, b["source"], b["instruction"])
+            assert model.mllm.training and model.vision_head.training
+            dropped = mind.teacher_forward(model, b["source"], b["instruction"], None, need_text=False)[1]
+        model.eval()
+        _, v_gen = mind.generate(model, b["source"], b["instruction"])
+    finally:
+        for m, d in zip(drops, saved):
+            m.lora_dropout = d
+        model.eval()
+    torch.testing.assert_close(v_train, v_gen, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(dropped, v_gen, atol=1e-4)  # the dropout is live in train mode: the test can fail
+
+
 @pytest.mark.parametrize("prompt", ["predicted", "target"])
 def test_text_only_stage1_needs_the_target_image_prompt_in_stage2(prompt):
     text_only = preset("mindedit", "toy")
