@@ -18,6 +18,7 @@ STEPS=${STEPS:-1500}
 ALIGN=${ALIGN:-300}
 BASE=${BASE:-assets/toy/base}            # its sd/unet is the text-to-image toy UNet
 RANDOM_SD=${RANDOM_SD:-$OUT/random-sd}   # the same bases with a random UNet (made below): the "no prior" lever
+T2I_F1=${T2I_F1:-$OUT/t2i-f1}            # the factor-1 bases with a text-to-image UNet (made below): lever vae1-t2i
 LEVERS=${LEVERS:-"base random-unet ema minsnr mask5 lr1e-3 fresh textenc xattn16 vae1"}  # also batchN, vpred
 TOY_SAMPLES=${TOY_SAMPLES:-24000}        # training world (as scripts/train_toy.sh)
 VAL_N=${VAL_N:-3000}                     # validation world: its eval split (10 %) is scored
@@ -46,7 +47,10 @@ lever_flags() {  # the overrides that make each lever; everything else is the to
     vae1)        # VAE downsampling factor 1 (32×32 latents, 4× the UNet's compute; its VAE is made below)
                  [ "$RECIPE" = ip2p ] || { echo "error: vae1 needs RECIPE=ip2p" >&2; exit 2; }
                  echo "--sd_path=$RANDOM_SD-f1/sd --vae_channels=32" ;;
-    *) echo "error: unknown lever $1 — choose from base random-unet ema minsnr mask5 lr1e-3 fresh textenc xattn16 vae1 batchN vpred" >&2
+    vae1-t2i)    # factor 1 again, from a text-to-image UNet pretrained at 32×32 latents on that VAE (made below)
+                 [ "$RECIPE" = ip2p ] || { echo "error: vae1-t2i needs RECIPE=ip2p" >&2; exit 2; }
+                 echo "--sd_path=$T2I_F1/sd --vae_channels=32" ;;
+    *) echo "error: unknown lever $1 — choose from base random-unet ema minsnr mask5 lr1e-3 fresh textenc xattn16 vae1 vae1-t2i batchN vpred" >&2
        exit 2 ;;
   esac
 }
@@ -57,7 +61,7 @@ VAL="$OUT/val-world/eval.jsonl"
 # cross-attention at the 16×16 level; with a factor-1 VAE), so those levers change the UNet's start and nothing
 # else. The factor-1 VAE (one block, no downsampling) is trained here like the shipped one, for VAE1_STEPS steps.
 VAE1_STEPS=${VAE1_STEPS:-1500}
-for x16 in "" "-x16" $([[ " $LEVERS " == *" vae1 "* ]] && echo "-f1"); do
+for x16 in "" "-x16" $([[ " $LEVERS " == *" vae1"* ]] && echo "-f1"); do
   [ -d "$RANDOM_SD$x16/sd/unet" ] && continue
   python3 - "$BASE" "$RANDOM_SD$x16" "$x16" "$VAE1_STEPS" <<'EOF'
 import shutil, sys, torch
@@ -86,6 +90,10 @@ if x16 == "-f1":
     vae.save_pretrained(f"{out}/sd/vae")
 EOF
 done
+
+# The toy "Stable Diffusion" at factor 1: the text-to-image pretraining of the shipped sd/unet, on the factor-1 VAE.
+[[ " $LEVERS " != *" vae1-t2i "* ]] || [ -d "$T2I_F1/sd/unet" ] ||
+  python3 scripts/pretrain_toy_unet.py --base "$RANDOM_SD-f1" --out "$T2I_F1"
 
 BASES="--mllm_path=$BASE/mllm --sd_path=$BASE/sd --clip_path=$BASE/clip"
 COMMON="--toy_samples=$TOY_SAMPLES --save_every=500 --sample_every=500 --log_every=50"
