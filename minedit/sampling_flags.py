@@ -37,7 +37,7 @@ def check_sampling_flags(a) -> None:
         v = getattr(a, name)
         if v is not None and not (math.isfinite(v) and v >= 0):
             raise UserError(f"--{name.replace('_', '-')} {v}: must be a finite number >= 0")
-    if a.scheduler:
+    if a.scheduler is not None:  # "" too: it would be stamped into the results as the scheduler used
         import diffusers
 
         cls = getattr(diffusers, a.scheduler, None)

@@ -58,6 +58,7 @@ def test_mind_edit_ablations():
     (["--ip-scale", "inf"], "--ip-scale inf: must be a finite number >= 0"),
     (["--scheduler", "FastScheduler"], "--scheduler FastScheduler: not a diffusers scheduler class"),
     (["--scheduler", "UNet2DModel"], "--scheduler UNet2DModel: not a diffusers scheduler class"),
+    (["--scheduler", ""], "--scheduler : not a diffusers scheduler class"),
 ])
 def test_bad_values_fail_with_one_line(argv, words):
     with pytest.raises(UserError, match=words):
