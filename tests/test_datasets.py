@@ -209,6 +209,53 @@ def test_rerun_after_a_crash_adds_no_duplicates(tmp_path):
         main(["ip2p", str(other), "--out", str(out)])
 
 
+@pytest.mark.parametrize("where", ["image", "manifest"])
+def test_full_disk_is_one_error_and_the_rerun_finishes(tmp_path, monkeypatch, where):
+    """A full disk mid-conversion: a UserError naming the path and the fix, no temporary file left, and the same
+    command run again (space freed) gives the manifest an uninterrupted run gives."""
+    import errno
+
+    from minedit.datasets import writer
+
+    n = 4
+    src = tmp_path / "ip2p.parquet"
+    write_parquet(src, {"original_prompt": ["p"] * n, "original_image": [RED] * n,
+                        "edit_prompt": [f"edit {i}" for i in range(n)], "edited_prompt": ["q"] * n,
+                        "edited_image": [GREEN] * n}, images=("original_image", "edited_image"))
+    assert main(["ip2p", str(src), "--out", str(tmp_path / "clean")]) == 0
+    out, calls = tmp_path / "out", {"n": 0}
+
+    def full_on_third(real):  # the third call hits a full disk
+        def call(*a, **k):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return real(*a, **k)
+        return call
+
+    class Manifest:  # the partial manifest's file, whose third line does not fit
+        def __init__(self, f):
+            self.f, self.write = f, full_on_third(f.write)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    if where == "image":
+        monkeypatch.setattr(writer.os, "replace", full_on_third(os.replace))
+    else:
+        monkeypatch.setattr(writer, "open", lambda p, *a, **k: Manifest(open(p, *a, **k))
+                            if str(p).endswith(".partial") else open(p, *a, **k), raising=False)
+    name = r"images/.*\.png" if where == "image" else "manifest.jsonl.partial"
+    with pytest.raises(UserError, match=f"no space left on device writing .*{name} — free space or choose another "
+                                        "--out; the rows converted so far are kept in .*manifest.jsonl.partial"):
+        main(["ip2p", str(src), "--out", str(out)])
+    monkeypatch.undo()
+    assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
+    assert not (out / "manifest.jsonl").exists()
+    assert main(["ip2p", str(src), "--out", str(out)]) == 0
+    assert (out / "manifest.jsonl").read_text() == (tmp_path / "clean" / "manifest.jsonl").read_text()
+
+
 def run_cli(*args, hide_pyarrow=False):
     code = ("import sys; " + ("sys.modules['pyarrow'] = None; " if hide_pyarrow else "") +
             f"sys.path.insert(0, {str(ROOT)!r}); from minedit.errors import run_cli; "

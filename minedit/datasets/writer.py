@@ -3,6 +3,7 @@ rerun that skips what an earlier run wrote (see the package docstring for the la
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import io
 import json
@@ -12,7 +13,7 @@ import shutil
 import numpy as np
 from PIL import Image
 
-from ..fsio import write_text
+from ..fsio import write_error, write_text
 from ..errors import UserError
 from . import Row
 
@@ -117,8 +118,11 @@ class Converter:
             if len(self.examples[reason]) < 5:
                 self.examples[reason].append([row.key, detail])
             return
-        self.file.write(json.dumps(paths | row.fields | {"id": row.key}, ensure_ascii=False) + "\n")
-        self.file.flush()
+        try:  # a line cut short by a fault is cut off by the rerun's _recover
+            self.file.write(json.dumps(paths | row.fields | {"id": row.key}, ensure_ascii=False) + "\n")
+            self.file.flush()
+        except OSError as e:
+            raise self._write_error(e, self.partial) from None
         self.kept += 1
 
     def _image(self, key: str, field: str, data) -> str:
@@ -134,20 +138,30 @@ class Converter:
         ext = ".png" if mask is not None else EXT.get(fmt, "." + fmt.lower())
         rel = os.path.join("images", sub, f"{key}-{field}{ext}")
         path = os.path.join(self.out, rel)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        if mask is not None:
-            mask.save(tmp, format="PNG")
-        elif isinstance(data, bytes):
-            with open(tmp, "wb") as f:
-                f.write(data)
-        else:
-            try:
-                os.link(data, tmp)  # same filesystem: no copy
-            except OSError:
-                shutil.copyfile(data, tmp)
-        os.replace(tmp, path)
+        tmp = f"{path}.tmp-{os.getpid()}"  # temp + rename, no fsync: the manifest row, written after, commits it
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            if mask is not None:
+                mask.save(tmp, format="PNG")
+            elif isinstance(data, bytes):
+                with open(tmp, "wb") as f:
+                    f.write(data)
+            else:
+                try:
+                    os.link(data, tmp)  # same filesystem: no copy
+                except OSError:
+                    shutil.copyfile(data, tmp)
+            os.replace(tmp, path)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise self._write_error(e, path) from None
         return rel
+
+    def _write_error(self, e: OSError, path: str) -> UserError:
+        """A failed write (full disk, I/O error, read-only folder): one line; the rows so far stay for a rerun."""
+        return write_error(e, path, kept=f"the rows converted so far are kept in {self.partial}: run the same "
+                                          "command again to continue")
 
     # -- the end ---------------------------------------------------------------------------------------------------
     def finish(self) -> dict:
