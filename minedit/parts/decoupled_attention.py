@@ -63,6 +63,16 @@ class SelfAttnProcessor(AttnProcessor2_0):
         return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
 
 
+def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, L, heads·d) -> (B, heads, L, d)."""
+    return x.view(x.shape[0], x.shape[1], heads, -1).transpose(1, 2)
+
+
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """(B, heads, L, d) -> (B, L, heads·d)."""
+    return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], -1)
+
+
 class DecoupledAttnProcessor(nn.Module):
     """Cross-attention processor computing Z = Attn(Q, K_txt, V_txt) + λ·Attn(Q, K_img, V_img) (eq. 6)."""
 
@@ -117,13 +127,7 @@ class DecoupledAttnProcessor(nn.Module):
         key = attn.to_k(encoder_hidden_states)
         value = attn.to_v(encoder_hidden_states)
 
-        inner_dim = key.shape[-1]
-        head_dim = inner_dim // attn.heads
-
-        # (B, L, heads*d) -> (B, heads, L, d)
-        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        query, key, value = (_split_heads(x, attn.heads) for x in (query, key, value))
 
         if attn.norm_q is not None:
             query = attn.norm_q(query)
@@ -133,23 +137,20 @@ class DecoupledAttnProcessor(nn.Module):
         hidden_states = F.scaled_dot_product_attention(
             query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
         )
-        # (B, heads, L_q, d) -> (B, L_q, heads*d)
-        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
-        hidden_states = hidden_states.to(query.dtype)
+        hidden_states = _merge_heads(hidden_states).to(query.dtype)
 
         # Image branch: computed whenever tokens are given, even at λ = 0 (DDP needs every parameter used).
         if image_tokens is not None:
             scale = self.scale if ip_scale is None else ip_scale
             # image_tokens: (B, N, cross_dim) -> K_img, V_img: (B, heads, N, d)
-            ip_key = self.to_k_ip(image_tokens).view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-            ip_value = self.to_v_ip(image_tokens).view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+            ip_key = _split_heads(self.to_k_ip(image_tokens), attn.heads)
+            ip_value = _split_heads(self.to_v_ip(image_tokens), attn.heads)
             if attn.norm_k is not None:
                 ip_key = attn.norm_k(ip_key)
             ip_hidden_states = F.scaled_dot_product_attention(
                 query, ip_key, ip_value, attn_mask=None, dropout_p=0.0, is_causal=False
             )
-            ip_hidden_states = ip_hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
-            hidden_states = hidden_states + scale * ip_hidden_states.to(query.dtype)
+            hidden_states = hidden_states + scale * _merge_heads(ip_hidden_states).to(query.dtype)
 
         # Back to the stock processor: output projection, dropout, reshape, residual, rescale.
         hidden_states = attn.to_out[0](hidden_states)
