@@ -85,6 +85,19 @@ def clean_text(text: str, what: str) -> str:
     return fixed
 
 
+def unknown_words(model, instructions: list[str]) -> list[str]:
+    """Words that a tokenizer of the model reads as <unk> (the toy models' word-level vocabulary is the toy
+    world's; a real model's byte-level BPE has no unknown words, so this is empty)."""
+    unknown = []
+    for tok in (getattr(model, "tokenizer", None), getattr(model, "text_tokenizer", None)):
+        if tok is None or tok.unk_token_id is None:
+            continue
+        for word in dict.fromkeys(w for text in instructions for w in text.split()):
+            if tok.unk_token_id in tok(word, add_special_tokens=False).input_ids and word not in unknown:
+                unknown.append(word)
+    return unknown
+
+
 def main(argv=None) -> int:
     a = parse_args(argv)
     check_args(a)
@@ -129,6 +142,11 @@ def main(argv=None) -> int:
     model = load_model(a.ckpt or TOY_CKPT, rt.device, rt.frozen_dtype)
     cfg = model.cfg
     settings = sampling_settings(cfg, a, a.ckpt or TOY_CKPT)
+    unknown = unknown_words(model, [job[1] for job in jobs])
+    if unknown:  # the edit still runs: the other words may carry it
+        print(f"warning: the model does not know the words {', '.join(map(repr, unknown[:10]))} (read as <unk>)"
+              + (" — the toy world's vocabulary is minedit/toy/phrases.py's VOCAB" if cfg.preset == "toy" else ""),
+              file=sys.stderr)
 
     t0 = time.perf_counter()
     recorder = contextlib.nullcontext()

@@ -30,7 +30,21 @@ def test_infer_prints_no_accelerate_warning(tmp_path):
     r = run_fresh("infer.py", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "accelerate" not in r.stderr + r.stdout
+    assert "does not know" not in r.stderr  # the shipped example's words are all the toy world's
     assert (tmp_path / "example-edited.png").is_file()
+
+
+@pytest.mark.slow
+def test_infer_names_the_words_the_toy_model_does_not_know(tmp_path):
+    """A reader's own toy instruction: words outside the toy vocabulary are named in one warning (they are read as
+    <unk>), and the edit still runs."""
+    r = run_fresh("infer.py", "--image", ROOT / "assets/toy/example.png", "--instruction",
+                  "please vaporise the red blob", "--steps", 2, "--out", tmp_path / "e.png", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    warnings = [line for line in r.stderr.splitlines() if line.startswith("warning: ")]
+    assert warnings == ["warning: the model does not know the words 'vaporise', 'blob' (read as <unk>) — the toy "
+                        "world's vocabulary is minedit/toy/phrases.py's VOCAB"], r.stderr
+    assert (tmp_path / "e.png").is_file()
 
 
 @pytest.mark.slow
