@@ -6,6 +6,11 @@
 Columns: edit success per category (simple / understanding / reasoning) and overall, success per kind (remove /
 replace / add), in-mask PSNR, background PSNR and CLIPScore. Success is strict and moves late; the smoother
 figures show a lever's direction early, which is why the study reports them side by side.
+
+The last column asks whether the editor finds *which* shape an instruction names: success on removals in toy
+scenes of two or three shapes, against (in brackets) the success of removing one of the scene's shapes picked at
+random. A one-shape removal needs only *that* something is removed; these need the instruction grounded in the
+image. It is read from the scored manifest (the results' `data`), "–" where that has no toy scene description.
 """
 from __future__ import annotations
 
@@ -31,15 +36,32 @@ def row(label: str, res: dict) -> str:
     cats = " / ".join(pct(groups.get(c, {}).get("success_rate")) for c in CATEGORIES)
     by_kind = " / ".join(pct(kinds.get(k, {}).get("success_rate")) for k in KINDS)
     return (f"| {label} | {cats} % | {num(100 * overall['success_rate'])} % | {by_kind} % | "
-            f"{num(overall.get('psnr_in'))} | {num(overall.get('psnr_bg'))} | {num(overall.get('clip_score'))} |")
+            f"{num(overall.get('psnr_in'))} | {num(overall.get('psnr_bg'))} | {num(overall.get('clip_score'))} | "
+            f"{grounding(res)} |")
+
+
+def grounding(res: dict) -> str:
+    """Multi-shape removals: 'success (chance)' in %, or '–'."""
+    try:
+        lines = Path(res["data"]).read_text(encoding="utf-8").splitlines()
+        rows = [json.loads(line) for line in lines if line.strip()]
+    except (KeyError, OSError, ValueError):
+        return "–"
+    picks = [(s["success"], len(rows[s["index"]].get("objects") or ())) for s in res.get("samples", [])
+             if s.get("kind") == "remove" and s.get("index", len(rows)) < len(rows)]
+    multi = [(ok, n) for ok, n in picks if n >= 2]
+    if not multi:
+        return "–"
+    return f"{pct(sum(ok for ok, _ in multi) / len(multi))} ({pct(sum(1 / n for _, n in multi) / len(multi))}) %"
 
 
 def main(argv: list[str]) -> int:
     if not argv:
         print(__doc__, file=sys.stderr)
         return 2
-    lines = ["| run | success s / u / r | overall | remove / replace / add | in-mask PSNR | bg PSNR | CLIPScore |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| run | success s / u / r | overall | remove / replace / add | in-mask PSNR | bg PSNR | CLIPScore | "
+             "removals among 2–3 shapes (chance) |",
+             "|---|---|---|---|---|---|---|---|"]
     for arg in argv:
         label, _, path = arg.rpartition("=") if "=" in arg else (Path(arg).stem, "", arg)
         try:

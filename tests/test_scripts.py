@@ -2,6 +2,7 @@
 import json
 import os
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -177,6 +178,27 @@ def test_lever_study_script_runs_each_lever_and_prints_its_table(tmp_path):
     assert again.returncode == 0 and "made " not in again.stdout and again.stdout.endswith(first.stdout[-200:])
     bad = subprocess.run(cmd, capture_output=True, text=True, env={**env, "LEVERS": "nope"}, timeout=600)
     assert bad.returncode == 2 and "error: unknown lever nope" in bad.stderr
+
+
+def test_results_table_scores_removals_among_several_shapes_against_chance(tmp_path):
+    """The grounding column: removals in scenes of 2-3 shapes only (a one-shape removal and a replacement are left
+    out), success against the chance of removing a random shape; "–" without the manifest's scene description."""
+    shapes = lambda n: [{"shape": "circle"}] * n  # noqa: E731
+    manifest = [{"kind": "remove", "objects": shapes(1)}, {"kind": "remove", "objects": shapes(2)},
+                {"kind": "remove", "objects": shapes(3)}, {"kind": "replace", "objects": shapes(2)}]
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in manifest) + "\n\n")
+    samples = [{"index": i, "kind": r["kind"], "success": ok} for i, (r, ok) in
+               enumerate(zip(manifest, [False, True, False, True]))]
+    summary = {"overall": {"success_rate": 0.5}, "groups": {}}
+    for name, data in (("toy", tmp_path / "m.jsonl"), ("real", tmp_path / "missing.jsonl")):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"data": str(data), "samples": samples,
+                                                           "summary": summary}))
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "results_table.py"), tmp_path / "toy.json",
+                          tmp_path / "real.json"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    toy, real = out.stdout.splitlines()[2:]
+    assert toy.endswith("| 50 (42) % |")  # 1 of 2; chance (1/2 + 1/3) / 2
+    assert real.endswith("| – |")
 
 
 def _fake_results(world, tmp_path, right):
