@@ -53,19 +53,23 @@ def makedirs(path: str, where: str = "--out") -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str, where: str = "--out", need: int | None = None, suffix: str = ""):
+def atomic_path(path: str, where: str = "--out", need: int | None = None, suffix: str = "", durable: bool = True,
+                kept: str = "files written before are intact"):
     """Yield a temporary path beside `path`; when the block ends without error, fsync it and rename it onto
-    `path`. Any OSError (in the block or the rename) removes the temporary file and raises `write_error`.
-    `suffix` keeps an extension a writer needs (PIL picks the format from it)."""
+    `path`. Any OSError (in the block or the rename) removes the temporary file and raises `write_error` (whose
+    message ends with `kept`). `suffix` keeps an extension a writer needs (PIL picks the format from it).
+    `durable=False` skips the fsyncs, for a writer whose own later record (a manifest row) commits the file."""
     tmp = f"{os.path.join(os.path.dirname(path), '.' + os.path.basename(path))}.tmp-{os.getpid()}{suffix}"
     try:
         yield tmp
-        _fsync_file(tmp)
+        if durable:
+            _fsync_file(tmp)
         os.replace(tmp, path)
-        _fsync_dir(os.path.dirname(path) or ".")
+        if durable:
+            _fsync_dir(os.path.dirname(path) or ".")
     except OSError as e:
         _remove(tmp)
-        raise write_error(e, path, where, need) from None
+        raise write_error(e, path, where, need, kept) from None
     except BaseException:
         _remove(tmp)
         raise

@@ -3,7 +3,6 @@ rerun that skips what an earlier run wrote (see the package docstring for the la
 from __future__ import annotations
 
 import collections
-import contextlib
 import hashlib
 import io
 import json
@@ -13,7 +12,7 @@ import shutil
 import numpy as np
 from PIL import Image
 
-from ..fsio import write_error, write_text
+from ..fsio import atomic_path, write_error, write_text
 from ..errors import UserError
 from . import Row
 
@@ -48,6 +47,7 @@ class Converter:
         self.out, self.kind, self.max_skip = out, kind, max_skip_fraction
         self.manifest = os.path.join(out, MANIFEST)
         self.partial = self.manifest + ".partial"
+        self.on_fault = f"the rows converted so far are kept in {self.partial}: run the same command again to continue"
         self.report = os.path.join(out, "convert.json")
         self.info = {"format": fmt, "src": os.path.abspath(src)}
         self.kept = self.earlier = 0
@@ -122,7 +122,7 @@ class Converter:
             self.file.write(json.dumps(paths | row.fields | {"id": row.key}, ensure_ascii=False) + "\n")
             self.file.flush()
         except OSError as e:
-            raise self._write_error(e, self.partial) from None
+            raise write_error(e, self.partial, kept=self.on_fault) from None
         self.kept += 1
 
     def _image(self, key: str, field: str, data) -> str:
@@ -138,8 +138,8 @@ class Converter:
         ext = ".png" if mask is not None else EXT.get(fmt, "." + fmt.lower())
         rel = os.path.join("images", sub, f"{key}-{field}{ext}")
         path = os.path.join(self.out, rel)
-        tmp = f"{path}.tmp-{os.getpid()}"  # temp + rename, no fsync: the manifest row, written after, commits it
-        try:
+        # No fsync (millions of images): the manifest row, written after, is what commits the file.
+        with atomic_path(path, durable=False, kept=self.on_fault) as tmp:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             if mask is not None:
                 mask.save(tmp, format="PNG")
@@ -151,17 +151,7 @@ class Converter:
                     os.link(data, tmp)  # same filesystem: no copy
                 except OSError:
                     shutil.copyfile(data, tmp)
-            os.replace(tmp, path)
-        except OSError as e:
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
-            raise self._write_error(e, path) from None
         return rel
-
-    def _write_error(self, e: OSError, path: str) -> UserError:
-        """A failed write (full disk, I/O error, read-only folder): one line; the rows so far stay for a rerun."""
-        return write_error(e, path, kept=f"the rows converted so far are kept in {self.partial}: run the same "
-                                          "command again to continue")
 
     # -- the end ---------------------------------------------------------------------------------------------------
     def finish(self) -> dict:
