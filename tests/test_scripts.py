@@ -160,6 +160,46 @@ def test_condition_gap_is_zero_exactly_when_the_text_has_no_path(world, tmp_path
     assert all(g != 0 for g in gaps["plain"])
 
 
+def test_grounding_probe_names_the_shape_that_was_taken_away(world, monkeypatch):
+    """scripts/grounding_probe.py's pick: in a rendered scene with one shape drawn away, that shape is the one
+    whose footprint changed most — for every shape of every probe scene."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "scripts"))
+    import grounding_probe as gp
+
+    from minedit.data import read_manifest, to_tensor
+
+    rows, _ = read_manifest(world / "train.jsonl")
+    scenes = gp.probe_scenes(rows, 5)
+    assert scenes and all(len(r["objects"]) >= 2 for r in scenes)
+    for r in scenes:
+        src = to_tensor(toydraw.render(r["background"], r["objects"], 32))
+        for j in range(len(r["objects"])):
+            edited = to_tensor(toydraw.render(r["background"], r["objects"][:j] + r["objects"][j + 1:], 32))
+            assert gp.removed_shape(src, edited, r["objects"]) == j
+
+
+def test_grounding_probe_of_an_instruction_blind_editor_is_chance_exactly(world, tmp_path):
+    """With every cross-attention output zeroed the instruction cannot reach the UNet: one scene and one seed give
+    one edit whatever shape is named, so the removed shape never depends on the instruction and the named rate is
+    exactly the chance of a fixed pick (one shape in k named right)."""
+    torch.manual_seed(0)
+    cfg = preset("ip2p", "toy", 2)
+    model = EditModel(cfg)
+    for name, mod in model.unet.named_modules():
+        if name.endswith("attn2.to_out.0"):
+            torch.nn.init.zeros_(mod.weight), torch.nn.init.zeros_(mod.bias)
+    checkpoint.save_checkpoint(str(tmp_path / "blind"), 1, cfg, model.checkpoint_state(2))
+    r = run("scripts/grounding_probe.py", "--ckpt", tmp_path / "blind", "--data", world / "train.jsonl",
+            "--scenes", 3, "--seeds", "0,1")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["pairs"] == 6 and res["depends"] == 0
+    assert res["named"] == pytest.approx(res["chance"], abs=1e-12)
+    bad = run("scripts/grounding_probe.py", "--ckpt", tmp_path / "blind", "--data", world / "train.jsonl",
+              "--seeds", "one")
+    assert bad.returncode == 2 and bad.stderr.startswith("error: --seeds") and "Traceback" not in bad.stderr
+
+
 @pytest.mark.slow
 def test_lever_study_script_runs_each_lever_and_prints_its_table(tmp_path):
     """scripts/toy_levers.sh end to end at a tiny size (one lever, to keep it short): the lever trains, is scored
