@@ -10,6 +10,9 @@ the one whose footprint changed most (mean absolute change over its drawn pixels
   named    how often the removed shape is the named one, against the chance of a random pick (mean of 1/shapes);
   depends  in how many (scene, seed) pairs the removed shape changes with the instruction at all. An editor
            that chooses by the scene and the noise alone scores 0 here, whatever its "named" figure.
+  spread   how much the UNet's text condition f_txt moves with the instruction, one scene at a time:
+           ‖f − f̄‖ / ‖f̄‖ over the scene's instructions (f̄ their mean), averaged over scenes. 0 means the
+           conditioning carries nothing of which shape was named.
 
 Needs the toy manifest's "objects" (the toy world writes them); scenes come from the start of --data.
 """
@@ -58,6 +61,17 @@ def probe(model, scenes: list[dict], seeds: list[int], settings: dict) -> dict:
     from minedit.sampler import edit
 
     named = total = depends = 0
+    hw = (model.cfg.resolution // model.cfg.latent_factor,) * 2
+    spread = []
+    for r in scenes:
+        src = to_tensor(load_image(r["source"]))
+        texts = [f"remove the {o['colour']} {o['shape']}" for o in r["objects"]]
+        with torch.no_grad():
+            cond, _ = model.conditions(src[None].expand(len(texts), -1, -1, -1), texts, hw,
+                                       model.image_branch(model.cfg.stage))
+        f = cond.f_txt.float()                        # shapes×T×D
+        mean = f.mean(0, keepdim=True)
+        spread.append(((f - mean).norm() / mean.norm()).item())
     for seed in seeds:
         for r in scenes:
             src = to_tensor(load_image(r["source"]))
@@ -70,7 +84,8 @@ def probe(model, scenes: list[dict], seeds: list[int], settings: dict) -> dict:
             total += len(picks)
             depends += len(set(picks)) > 1
     chance = sum(1 / len(r["objects"]) for r in scenes) / len(scenes)
-    return {"named": named / total, "chance": chance, "depends": depends, "pairs": len(scenes) * len(seeds)}
+    return {"named": named / total, "chance": chance, "depends": depends, "pairs": len(scenes) * len(seeds),
+            "spread": sum(spread) / len(spread)}
 
 
 def main(argv=None) -> int:
@@ -100,7 +115,7 @@ def main(argv=None) -> int:
     res = probe(model, scenes, seeds, sampling_settings(model.cfg, flags, a.ckpt))
     print(f"{a.ckpt}: {len(scenes)} scenes x {len(seeds)} seeds: named shape removed {100 * res['named']:.0f} % "
           f"(chance {100 * res['chance']:.0f} %); the removed shape depends on the instruction in "
-          f"{res['depends']} / {res['pairs']} scene-seeds")
+          f"{res['depends']} / {res['pairs']} scene-seeds; f_txt spread over instructions {res['spread']:.3f}")
     print(json.dumps(res))
     return 0
 
