@@ -5,7 +5,7 @@
 
 For each toy scene of 2–3 shapes that differ in colour or shape, every shape gets the instruction "remove the
 <colour> <shape>", and all of them are sampled from the same noise (same seed). The shape the editor removed is
-the one whose footprint changed most (mean absolute change over its drawn pixels). Two figures:
+the one whose footprint changed most (mean absolute change over its drawn pixels). Three figures:
 
   named    how often the removed shape is the named one, against the chance of a random pick (mean of 1/shapes);
   depends  in how many (scene, seed) pairs the removed shape changes with the instruction at all. An editor
@@ -54,7 +54,7 @@ def probe_scenes(rows: list[dict], n: int) -> list[dict]:
 
 
 def probe(model, scenes: list[dict], seeds: list[int], settings: dict) -> dict:
-    """Edit each scene once per shape and seed -> {named, chance, depends, pairs} (fractions and a count)."""
+    """Edit each scene once per shape and seed -> {named, chance, spread} (fractions), {depends, pairs} (counts)."""
     import torch
 
     from minedit.data import load_image, to_tensor
@@ -66,23 +66,18 @@ def probe(model, scenes: list[dict], seeds: list[int], settings: dict) -> dict:
     for r in scenes:
         src = to_tensor(load_image(r["source"]))
         texts = [f"remove the {o['colour']} {o['shape']}" for o in r["objects"]]
+        sources = src[None].expand(len(texts), -1, -1, -1)  # shapes×3×H×W: one copy of the scene per instruction
         with torch.no_grad():
-            cond, _ = model.conditions(src[None].expand(len(texts), -1, -1, -1), texts, hw,
-                                       model.image_branch(model.cfg.stage))
-        f = cond.f_txt.float()                        # shapes×T×D
-        mean = f.mean(0, keepdim=True)
-        spread.append(((f - mean).norm() / mean.norm()).item())
-    for seed in seeds:
-        for r in scenes:
-            src = to_tensor(load_image(r["source"]))
-            texts = [f"remove the {o['colour']} {o['shape']}" for o in r["objects"]]
-            with torch.no_grad():
-                out = edit(model, src[None].expand(len(texts), -1, -1, -1), texts, seed=[seed] * len(texts),
-                           **settings)
-            picks = [removed_shape(src, img.cpu(), r["objects"]) for img in out]
-            named += sum(p == i for i, p in enumerate(picks))
-            total += len(picks)
-            depends += len(set(picks)) > 1
+            cond, _ = model.conditions(sources, texts, hw, model.image_branch(model.cfg.stage))
+            f = cond.f_txt.float()                           # shapes×T×D
+            mean = f.mean(0, keepdim=True)
+            spread.append(((f - mean).norm() / mean.norm()).item())
+            for seed in seeds:
+                out = edit(model, sources, texts, seed=[seed] * len(texts), **settings)
+                picks = [removed_shape(src, img.cpu(), r["objects"]) for img in out]
+                named += sum(p == i for i, p in enumerate(picks))
+                total += len(picks)
+                depends += len(set(picks)) > 1
     chance = sum(1 / len(r["objects"]) for r in scenes) / len(scenes)
     return {"named": named / total, "chance": chance, "depends": depends, "pairs": len(scenes) * len(seeds),
             "spread": sum(spread) / len(spread)}

@@ -137,6 +137,13 @@ def test_infer_bad_input_is_one_error_line(ckpt, tmp_path, args, needle):
     assert r.stderr.startswith("error: ") and needle in r.stderr and "Traceback" not in r.stderr
 
 
+def cut_text_path(model) -> None:
+    """Zero every cross-attention output projection: the instruction can no longer reach the UNet."""
+    for name, mod in model.unet.named_modules():
+        if name.endswith("attn2.to_out.0"):
+            torch.nn.init.zeros_(mod.weight), torch.nn.init.zeros_(mod.bias)
+
+
 def test_condition_gap_is_zero_exactly_when_the_text_has_no_path(world, tmp_path):
     """scripts/condition_gap.py: with every cross-attention output zeroed the instruction cannot reach the UNet,
     so the null-text loss equals the conditioned one; the untouched model's differ."""
@@ -146,9 +153,7 @@ def test_condition_gap_is_zero_exactly_when_the_text_has_no_path(world, tmp_path
         cfg = preset("ip2p", "toy", 2)
         model = EditModel(cfg)
         if name == "no-text-path":
-            for mod_name, mod in model.unet.named_modules():
-                if mod_name.endswith("attn2.to_out.0"):
-                    torch.nn.init.zeros_(mod.weight), torch.nn.init.zeros_(mod.bias)
+            cut_text_path(model)
         checkpoint.save_checkpoint(str(tmp_path / name), 1, cfg, model.checkpoint_state(2))
         r = run("scripts/condition_gap.py", "--ckpt", tmp_path / name, "--data", world / "train.jsonl", "--rows", 8)
         assert r.returncode == 0, r.stderr
@@ -185,9 +190,7 @@ def test_grounding_probe_of_an_instruction_blind_editor_is_chance_exactly(world,
     torch.manual_seed(0)
     cfg = preset("ip2p", "toy", 2)
     model = EditModel(cfg)
-    for name, mod in model.unet.named_modules():
-        if name.endswith("attn2.to_out.0"):
-            torch.nn.init.zeros_(mod.weight), torch.nn.init.zeros_(mod.bias)
+    cut_text_path(model)
     checkpoint.save_checkpoint(str(tmp_path / "blind"), 1, cfg, model.checkpoint_state(2))
     r = run("scripts/grounding_probe.py", "--ckpt", tmp_path / "blind", "--data", world / "train.jsonl",
             "--scenes", 3, "--seeds", "0,1")
