@@ -108,6 +108,9 @@ class Config:
     bim_width: int = arch(1024, "BIM's own width")
     bim_heads: int = arch(16, "BIM attention heads")
     iaa_tokens: int = arch(4, "N, image tokens for the decoupled cross-attention")
+    qformer_explicit_weight: float = setting(0.0, "ablation, not in the papers: stage 2 also pulls the Q-Former "
+                                             "output toward CLIP_text(optimized_instruction) by this weight × MSE "
+                                             "(rows without one are left out); 0 = off, the papers' stage 2")
     vision_head_layer: int = arch(21, "m (MIND-Edit): hidden_states[m] feeds the vision head F_v")
 
     # --- MIND-Edit stage 1 (paper eq. 6: l_text + lambda * l_embed) ------------------------------------------
@@ -244,6 +247,9 @@ class Config:
                 bad(name, "must be >= 0")
         if self.resolution % self.latent_factor:
             bad("resolution", f"must be a multiple of the VAE's downsampling factor {self.latent_factor}")
+        if self.qformer_explicit_weight < 0 or (self.qformer_explicit_weight and not self.uses_mm_tokens):
+            bad("qformer_explicit_weight", "must be >= 0, and > 0 only for insightedit or smartedit (the recipes "
+                "with a Q-Former)")
         if self.train_text_encoder and self.recipe not in ("ip2p", "mindedit"):
             bad("train_text_encoder", "only ip2p and mindedit give the UNet CLIP's text encoder to train")
         if self.mask_loss_weight <= 0:

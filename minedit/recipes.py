@@ -22,6 +22,8 @@ Choices the design left open (bridge path), recorded here:
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -53,8 +55,8 @@ class BridgePath:
     def image_branch(self, model, stage: int) -> bool:
         return model.cfg.uses_iaa and stage >= 3
 
-    def read(self, model, images, texts, latent_hw, image_branch: bool):
-        """-> (Conditions, L_LLM, e: B×D_img or None). The null image tokens are the IAA of zero [MM] states."""
+    def read(self, model, images, texts, latent_hw, image_branch: bool) -> "BridgeReading":
+        """One MLLM forward -> BridgeReading. The null image tokens are the IAA of zero [MM] states."""
         r = comprehend(model, images, texts)
         q = model.qformer(r.h.float())               # B×T×D_txt
         f_txt, v_txt = model.bim(q, r.v.float(), latent_hw) if model.cfg.uses_bim else (q, None)
@@ -64,10 +66,10 @@ class BridgePath:
             if image_branch:
                 f_img = model.iaa.tokens(e)          # B×N×D_img
                 null_img = model.iaa(torch.zeros_like(r.h, dtype=torch.float32))[1]
-        return Conditions(f_txt, v_txt, f_img, null_img), r.loss, e
+        return BridgeReading(Conditions(f_txt, v_txt, f_img, null_img), r.loss, e, q)
 
     def conditions(self, model, images, texts, latent_hw, image_branch=False, use_topt=True):
-        return self.read(model, images, texts, latent_hw, image_branch)[0], None
+        return self.read(model, images, texts, latent_hw, image_branch).cond, None
 
     def alignment_losses(self, model, batch) -> dict:
         """Stage 1: L_LLM, Q-Former output vs CLIP_text(caption), IAA mapper vs CLIP_image(I_src)."""
@@ -84,14 +86,40 @@ class BridgePath:
         return parts
 
     def edit_conditions(self, model, batch, source, target, latent_hw, stage):
-        """Stages 2-3: L_LLM keeps training the [MM] rows in stage 2; L_IAA aligns e with CLIP_image(I_tar)."""
-        cond, loss_llm, e = self.read(model, source, batch["instruction"], latent_hw, self.image_branch(model, stage))
-        parts = {} if stage == 3 else {"llm": loss_llm.float()}
-        if e is not None:
+        """Stages 2-3: L_LLM keeps training the [MM] rows in stage 2; L_IAA aligns e with CLIP_image(I_tar);
+        with --qformer_explicit_weight, stage 2 also aligns q' with CLIP_text(optimized_instruction)."""
+        read = self.read(model, source, batch["instruction"], latent_hw, self.image_branch(model, stage))
+        parts = {} if stage == 3 else {"llm": read.loss_llm.float()}
+        if read.e is not None:
             with torch.no_grad():
                 target_img = model.encode_image_clip(target).float()
-            parts["iaa"] = iaa_loss(e, target_img)
-        return cond, parts
+            parts["iaa"] = iaa_loss(read.e, target_img)
+        if stage == 2 and model.cfg.qformer_explicit_weight:
+            parts["explicit"] = model.cfg.qformer_explicit_weight * explicit_loss(
+                model, read.q, batch.get("optimized_instruction") or [""] * len(source))
+        return read.cond, parts
+
+
+def explicit_loss(model, q: torch.Tensor, explicit: list[str]) -> torch.Tensor:
+    """MSE between the Q-Former output q': B×T×D_txt and CLIP_text of each row's explicit instruction, over the
+    rows that have one (0 when none does). An ablation, not in the papers: the stage-1 target (a caption) says
+    what is in the image, not which shape to edit, and the diffusion loss alone teaches the bridge that slowly
+    (README, "Does the instruction steer the choice at all?"); MIND-Edit's CLIP_text(T_opt) shows the UNet
+    learns the choice from a condition that names the shape."""
+    keep = [i for i, text in enumerate(explicit) if text]
+    if not keep:
+        return q.sum() * 0.0
+    with torch.no_grad():
+        target = model.encode_text([explicit[i] for i in keep]).float()
+    return F.mse_loss(q[keep].float(), target)
+
+
+class BridgeReading(NamedTuple):
+    """What the bridge path computes from one MLLM forward."""
+    cond: Conditions          # the UNet's conditions
+    loss_llm: torch.Tensor    # scalar L_LLM
+    e: torch.Tensor | None    # B×D_img, the IAA mapper's output (InsightEdit), else None
+    q: torch.Tensor           # B×T×D_txt, the Q-Former output before BIM
 
 
 class MindPath:

@@ -212,6 +212,8 @@ TRAIN = [
     ("data-missing", [*TR, "--data", "{d}/none.jsonl", "--out", "{d}/t"], ["none.jsonl", "not found"]),
     ("bim-off-without-bim", ["--recipe", "ip2p", "--bim=false", "--data", "{train}", "--out", "{d}/t"],
      ["bim=False", "no BIM to drop"]),
+    ("explicit-without-qformer", ["--recipe", "ip2p", "--qformer_explicit_weight=1", "--data", "{train}", "--out",
+                                  "{d}/t"], ["qformer_explicit_weight=1.0", "with a Q-Former"]),
     # fails while building the model, after the run folder was made: the folder goes again
     ("override-vs-loaded-unet", ["--recipe", "ip2p", "--data", "{train}", "--out", "{d}/t",
                                  f"--sd_path={ROOT / 'assets/toy/base/sd'}", "--unet_layers_per_block=2"],

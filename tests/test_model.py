@@ -244,3 +244,33 @@ def test_train_text_encoder_trains_saves_and_keeps_the_null_text_fresh():
                                              {"unet", "text_encoder", "vae"})
     with pytest.raises(ConfigError, match="train_text_encoder"):
         apply_overrides(preset("insightedit", "toy"), ["--train_text_encoder=true"]).validate()
+
+
+def test_explicit_alignment_is_its_weight_times_the_mse_to_clip_text_of_the_rows_that_have_one(models):
+    """--qformer_explicit_weight (an ablation): stage 2 adds w · MSE(q', CLIP_text(optimized_instruction)) over
+    the rows with an explicit instruction, computed here independently from the Q-Former and the text encoder;
+    off by default, and 0 with a gradient when no row has one."""
+    import dataclasses
+
+    model = models("insightedit")
+    model.set_stage(2)
+    model.eval()  # no LoRA dropout: the reference below must see the same forward
+    batch = toy_batch(model.cfg, 2)
+    batch["optimized_instruction"] = ["remove the red circle", ""]  # the second row has none
+    default = model.cfg
+    try:
+        assert "explicit" not in model(batch, 2)[1]
+        model.cfg = dataclasses.replace(default, qformer_explicit_weight=2.5)
+        _, parts = model(batch, 2)
+        with torch.no_grad():
+            q = model.qformer(comprehend(model, batch["source"], batch["instruction"]).h.float())
+            goal = model.encode_text(["remove the red circle"])
+        assert torch.allclose(parts["explicit"], 2.5 * ((q[0] - goal[0]) ** 2).mean(), rtol=1e-5)
+        batch["optimized_instruction"] = ["", ""]
+        loss, parts = model(batch, 2)
+        assert parts["explicit"] == 0
+        loss.backward()  # the empty term keeps the graph whole
+    finally:
+        model.cfg = default
+        model.zero_grad(set_to_none=True)
+        model.train()
