@@ -75,10 +75,7 @@ class BridgePath:
         """Stage 1: L_LLM, Q-Former output vs CLIP_text(caption), IAA mapper vs CLIP_image(I_src)."""
         images, captions = batch["image"].to(model.device), batch["caption"]
         r = comprehend(model, images, captions)
-        parts = {"llm": r.loss.float()}
-        with torch.no_grad():
-            target_txt = model.encode_text(captions).float()
-        parts["qformer"] = F.mse_loss(model.qformer(r.h.float()).float(), target_txt)
+        parts = {"llm": r.loss.float(), "qformer": text_alignment_loss(model, model.qformer(r.h.float()), captions)}
         if model.cfg.uses_iaa:
             with torch.no_grad():
                 target_img = model.encode_image_clip(images).float()
@@ -95,22 +92,22 @@ class BridgePath:
                 target_img = model.encode_image_clip(target).float()
             parts["iaa"] = iaa_loss(read.e, target_img)
         if stage == 2 and model.cfg.qformer_explicit_weight:
-            parts["explicit"] = model.cfg.qformer_explicit_weight * explicit_loss(
-                model, read.q, batch.get("optimized_instruction") or [""] * len(source))
+            explicit = batch.get("optimized_instruction") or [""] * len(source)
+            parts["explicit"] = model.cfg.qformer_explicit_weight * text_alignment_loss(model, read.q, explicit)
         return read.cond, parts
 
 
-def explicit_loss(model, q: torch.Tensor, explicit: list[str]) -> torch.Tensor:
-    """MSE between the Q-Former output q': B×T×D_txt and CLIP_text of each row's explicit instruction, over the
-    rows that have one (0 when none does). An ablation, not in the papers: the stage-1 target (a caption) says
-    what is in the image, not which shape to edit, and the diffusion loss alone teaches the bridge that slowly
-    (README, "Does the instruction steer the choice at all?"); MIND-Edit's CLIP_text(T_opt) shows the UNet
-    learns the choice from a condition that names the shape."""
-    keep = [i for i, text in enumerate(explicit) if text]
+def text_alignment_loss(model, q: torch.Tensor, texts: list[str]) -> torch.Tensor:
+    """MSE between the Q-Former output q': B×T×D_txt and CLIP_text of each row's text, over the rows that have
+    one (0 when none does). Stage 1 aligns with the caption (InsightEdit supp. eq. 2); --qformer_explicit_weight
+    also aligns stage 2 with the edit's explicit instruction — an ablation, not in the papers: a caption says what
+    is in the image, not which shape to edit, and the diffusion loss alone teaches the bridge that slowly (README,
+    "Does the instruction steer the choice at all?"), while MIND-Edit's UNet learns it from CLIP_text(T_opt)."""
+    keep = [i for i, text in enumerate(texts) if text]
     if not keep:
         return q.sum() * 0.0
     with torch.no_grad():
-        target = model.encode_text([explicit[i] for i in keep]).float()
+        target = model.encode_text([texts[i] for i in keep]).float()
     return F.mse_loss(q[keep].float(), target)
 
 
