@@ -5,7 +5,7 @@
 
 For each toy scene of 2–3 shapes that differ in colour or shape, every shape gets the instruction "remove the
 <colour> <shape>", and all of them are sampled from the same noise (same seed). The shape the editor removed is
-the one whose footprint changed most (mean absolute change over its drawn pixels). Three figures:
+the one whose footprint changed most (mean absolute change over its drawn pixels). Four figures:
 
   named    how often the removed shape is the named one, against the chance of a random pick (mean of 1/shapes);
   depends  in how many (scene, seed) pairs the removed shape changes with the instruction at all. An editor
@@ -13,6 +13,10 @@ the one whose footprint changed most (mean absolute change over its drawn pixels
   spread   how much the UNet's text condition f_txt moves with the instruction, one scene at a time:
            ‖f − f̄‖ / ‖f̄‖ over the scene's instructions (f̄ their mean), averaged over scenes. 0 means the
            conditioning carries nothing of which shape was named.
+  carried  how often f_txt of an instruction is nearer (mean squared distance) CLIP_text of that instruction
+           than CLIP_text of the scene's other instructions: whether the condition names the right shape in the
+           text encoder's terms (ip2p: 1 by construction; InsightEdit/SmartEdit: what the Q-Former and BIM keep;
+           MIND-Edit: whether T_opt kept the referent). Chance is the "chance" figure.
 
 Needs the toy manifest's "objects" (the toy world writes them); scenes come from the start of --data.
 """
@@ -54,7 +58,8 @@ def probe_scenes(rows: list[dict], n: int) -> list[dict]:
 
 
 def probe(model, scenes: list[dict], seeds: list[int], settings: dict) -> dict:
-    """Edit each scene once per shape and seed -> {named, chance, spread} (fractions), {depends, pairs} (counts)."""
+    """Edit each scene once per shape and seed -> {named, chance, spread, carried} (fractions), {depends, pairs}
+    (counts)."""
     import torch
 
     from minedit.data import load_image, to_tensor
@@ -62,7 +67,7 @@ def probe(model, scenes: list[dict], seeds: list[int], settings: dict) -> dict:
 
     named = total = depends = 0
     hw = (model.cfg.resolution // model.cfg.latent_factor,) * 2
-    spread = []
+    spread, carried = [], 0
     for r in scenes:
         src = to_tensor(load_image(r["source"]))
         texts = [f"remove the {o['colour']} {o['shape']}" for o in r["objects"]]
@@ -72,6 +77,9 @@ def probe(model, scenes: list[dict], seeds: list[int], settings: dict) -> dict:
             f = cond.f_txt.float()                           # shapes×T×D
             mean = f.mean(0, keepdim=True)
             spread.append(((f - mean).norm() / mean.norm()).item())
+            ref = model.encode_text(texts).float()           # shapes×T×D: each instruction in CLIP-text terms
+            dist = ((f[:, None] - ref[None]) ** 2).mean((-2, -1))  # shapes×shapes: f_txt(i) to CLIP_text(j)
+            carried += (dist.argmin(1) == torch.arange(len(texts))).sum().item()
             for seed in seeds:
                 out = edit(model, sources, texts, seed=[seed] * len(texts), **settings)
                 picks = [removed_shape(src, img.cpu(), r["objects"]) for img in out]
@@ -80,7 +88,7 @@ def probe(model, scenes: list[dict], seeds: list[int], settings: dict) -> dict:
                 depends += len(set(picks)) > 1
     chance = sum(1 / len(r["objects"]) for r in scenes) / len(scenes)
     return {"named": named / total, "chance": chance, "depends": depends, "pairs": len(scenes) * len(seeds),
-            "spread": sum(spread) / len(spread)}
+            "spread": sum(spread) / len(spread), "carried": carried / sum(len(r["objects"]) for r in scenes)}
 
 
 def main(argv=None) -> int:
@@ -110,7 +118,8 @@ def main(argv=None) -> int:
     res = probe(model, scenes, seeds, sampling_settings(model.cfg, flags, a.ckpt))
     print(f"{a.ckpt}: {len(scenes)} scenes x {len(seeds)} seeds: named shape removed {100 * res['named']:.0f} % "
           f"(chance {100 * res['chance']:.0f} %); the removed shape depends on the instruction in "
-          f"{res['depends']} / {res['pairs']} scene-seeds; f_txt spread over instructions {res['spread']:.3f}")
+          f"{res['depends']} / {res['pairs']} scene-seeds; f_txt spread over instructions {res['spread']:.3f}, "
+          f"nearest its own instruction's CLIP_text {100 * res['carried']:.0f} %")
     print(json.dumps(res))
     return 0
 

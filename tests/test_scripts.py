@@ -199,6 +199,7 @@ def test_grounding_probe_of_an_instruction_blind_editor_is_chance_exactly(world,
     assert res["pairs"] == 6 and res["depends"] == 0
     assert res["named"] == pytest.approx(res["chance"], abs=1e-12)
     assert res["spread"] > 0  # CLIP_text still tells the instructions apart: it is the UNet that cannot read them
+    assert res["carried"] == 1.0  # ip2p's f_txt is CLIP_text(instruction) itself
     bad = run("scripts/grounding_probe.py", "--ckpt", tmp_path / "blind", "--data", world / "train.jsonl",
               "--seeds", "one")
     assert bad.returncode == 2 and bad.stderr.startswith("error: --seeds") and "Traceback" not in bad.stderr
