@@ -111,6 +111,10 @@ class Config:
     qformer_explicit_weight: float = setting(0.0, "ablation, not in the papers: stage 2 also pulls the Q-Former "
                                              "output toward CLIP_text(optimized_instruction) by this weight × MSE "
                                              "(rows without one are left out); 0 = off, the papers' stage 2")
+    qformer_teacher_forcing: float = setting(0.0, "ablation, not in the papers: in stage 2 this share of the rows "
+                                             "with an optimized_instruction feed the UNet CLIP_text of it in "
+                                             "place of the Q-Former output (MIND-Edit's teacher forcing); needs "
+                                             "qformer_explicit_weight > 0; 0 = off")
     vision_head_layer: int = arch(21, "m (MIND-Edit): hidden_states[m] feeds the vision head F_v")
 
     # --- MIND-Edit stage 1 (paper eq. 6: l_text + lambda * l_embed) ------------------------------------------
@@ -250,6 +254,10 @@ class Config:
         if self.qformer_explicit_weight < 0 or (self.qformer_explicit_weight and not self.uses_mm_tokens):
             bad("qformer_explicit_weight", "must be >= 0, and > 0 only for insightedit or smartedit (the recipes "
                 "with a Q-Former)")
+        if not 0 <= self.qformer_teacher_forcing <= 1 or (self.qformer_teacher_forcing
+                                                          and not self.qformer_explicit_weight):
+            bad("qformer_teacher_forcing", "must be in [0, 1], and > 0 only with --qformer_explicit_weight > 0 "
+                "(the Q-Former learns the forced condition from that loss alone)")
         if self.train_text_encoder and self.recipe not in ("ip2p", "mindedit"):
             bad("train_text_encoder", "only ip2p and mindedit give the UNet CLIP's text encoder to train")
         if self.mask_loss_weight <= 0:

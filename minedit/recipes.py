@@ -55,11 +55,13 @@ class BridgePath:
     def image_branch(self, model, stage: int) -> bool:
         return model.cfg.uses_iaa and stage >= 3
 
-    def read(self, model, images, texts, latent_hw, image_branch: bool) -> "BridgeReading":
-        """One MLLM forward -> BridgeReading. The null image tokens are the IAA of zero [MM] states."""
+    def read(self, model, images, texts, latent_hw, image_branch: bool, forced=None) -> "BridgeReading":
+        """One MLLM forward -> BridgeReading. The null image tokens are the IAA of zero [MM] states. forced =
+        (B bool, B×T×D_txt) puts those rows' text conditions in place of q' before BIM (teacher forcing)."""
         r = comprehend(model, images, texts)
         q = model.qformer(r.h.float())               # B×T×D_txt
-        f_txt, v_txt = model.bim(q, r.v.float(), latent_hw) if model.cfg.uses_bim else (q, None)
+        q_in = q if forced is None else torch.where(forced[0][:, None, None], forced[1], q)
+        f_txt, v_txt = model.bim(q_in, r.v.float(), latent_hw) if model.cfg.uses_bim else (q_in, None)
         e = f_img = null_img = None
         if model.cfg.uses_iaa:
             e = model.iaa.map(r.h.float())           # B×D_img
@@ -84,17 +86,37 @@ class BridgePath:
 
     def edit_conditions(self, model, batch, source, target, latent_hw, stage):
         """Stages 2-3: L_LLM keeps training the [MM] rows in stage 2; L_IAA aligns e with CLIP_image(I_tar);
-        with --qformer_explicit_weight, stage 2 also aligns q' with CLIP_text(optimized_instruction)."""
-        read = self.read(model, source, batch["instruction"], latent_hw, self.image_branch(model, stage))
+        with --qformer_explicit_weight, stage 2 also aligns q' with CLIP_text(optimized_instruction), and with
+        --qformer_teacher_forcing a share of the rows feed the UNet that target instead of q'."""
+        cfg = model.cfg
+        explicit = (batch.get("optimized_instruction") or [""] * len(source)) if stage == 2 else [""] * len(source)
+        forced = teacher_forced_rows(model, explicit, cfg.qformer_teacher_forcing) if stage == 2 else None
+        read = self.read(model, source, batch["instruction"], latent_hw, self.image_branch(model, stage), forced)
         parts = {} if stage == 3 else {"llm": read.loss_llm.float()}
         if read.e is not None:
             with torch.no_grad():
                 target_img = model.encode_image_clip(target).float()
             parts["iaa"] = iaa_loss(read.e, target_img)
-        if stage == 2 and model.cfg.qformer_explicit_weight:
-            explicit = batch.get("optimized_instruction") or [""] * len(source)
-            parts["explicit"] = model.cfg.qformer_explicit_weight * text_alignment_loss(model, read.q, explicit)
+        if stage == 2 and cfg.qformer_explicit_weight:
+            parts["explicit"] = cfg.qformer_explicit_weight * text_alignment_loss(model, read.q, explicit)
         return read.cond, parts
+
+
+def teacher_forced_rows(model, texts: list[str], rate: float):
+    """--qformer_teacher_forcing (an ablation, not in the papers): each row that has an explicit instruction is
+    drawn with probability `rate` to feed the UNet CLIP_text(that instruction) in place of the Q-Former output,
+    as MIND-Edit's stage 2 feeds CLIP_text of the ground-truth T_opt. The UNet then learns to edit from the exact
+    condition the Q-Former is pulled toward (--qformer_explicit_weight), not from a moving estimate of it.
+    -> (B bool on the model's device, B×T×D_txt), or None when no row is drawn."""
+    if not rate:
+        return None
+    has = torch.tensor([bool(t) for t in texts])
+    pick = has & (torch.rand(len(texts)) < rate)   # the training RNG: a resumed run draws the same rows
+    if not pick.any():
+        return None
+    with torch.no_grad():
+        target = model.encode_text([t or "" for t in texts]).float()
+    return pick.to(target.device), target
 
 
 def text_alignment_loss(model, q: torch.Tensor, texts: list[str]) -> torch.Tensor:

@@ -274,3 +274,35 @@ def test_explicit_alignment_is_its_weight_times_the_mse_to_clip_text_of_the_rows
         model.cfg = default
         model.zero_grad(set_to_none=True)
         model.train()
+
+
+def test_teacher_forcing_feeds_bim_clip_text_of_the_explicit_instruction_for_the_drawn_rows_only(models):
+    """--qformer_teacher_forcing=1: a row with an optimized_instruction conditions the UNet on
+    BIM(CLIP_text(that instruction)) — built here from the parts — and a row without one on BIM(q') as before;
+    at 0 (the default) no row is forced and the conditions are the papers'."""
+    import dataclasses
+
+    from minedit.recipes import BridgePath
+
+    model = models("insightedit")
+    model.set_stage(2)
+    model.eval()
+    batch = toy_batch(model.cfg, 2)
+    batch["optimized_instruction"] = ["remove the red circle", ""]
+    default = model.cfg
+    hw = (model.cfg.resolution // model.cfg.latent_factor,) * 2
+    path = BridgePath()
+    try:
+        with torch.no_grad():
+            free = path.edit_conditions(model, batch, batch["source"], batch["target"], hw, 2)[0].f_txt
+            r = comprehend(model, batch["source"], batch["instruction"])
+            goal = model.encode_text(["remove the red circle"]).float()
+            forced_row = model.bim(goal, r.v[:1].float(), hw)[0]
+            model.cfg = dataclasses.replace(default, qformer_explicit_weight=1.0, qformer_teacher_forcing=1.0)
+            f_txt = path.edit_conditions(model, batch, batch["source"], batch["target"], hw, 2)[0].f_txt
+        assert torch.allclose(f_txt[0], forced_row[0], atol=1e-5)
+        assert torch.allclose(f_txt[1], free[1], atol=1e-5)
+        assert not torch.allclose(free[0], forced_row[0], atol=1e-3)  # forcing changed what the UNet reads
+    finally:
+        model.cfg = default
+        model.train()
