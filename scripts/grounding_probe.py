@@ -18,6 +18,10 @@ the one whose footprint changed most (mean absolute change over its drawn pixels
            text encoder's terms (ip2p: 1 by construction; InsightEdit/SmartEdit: what the Q-Former and BIM keep;
            MIND-Edit: whether T_opt kept the referent). Chance is the "chance" figure.
 
+--exact-text (InsightEdit, SmartEdit) gives the UNet BIM(CLIP_text(instruction)) in place of the Q-Former output:
+the condition --qformer_teacher_forcing trains on, so "named" then says whether the UNet grounds the exact
+condition, apart from how closely the Q-Former reaches it.
+
 Needs the toy manifest's "objects" (the toy world writes them); scenes come from the start of --data.
 """
 from __future__ import annotations
@@ -55,6 +59,24 @@ def probe_scenes(rows: list[dict], n: int) -> list[dict]:
             out.append(r)
             seen.add(r["source"])
     return out[:n]
+
+
+def use_exact_text(model) -> None:
+    """Make model.conditions read BIM(CLIP_text(texts)) in place of the Q-Former output, for every row."""
+    import torch
+
+    from minedit.recipes import BridgePath
+
+    path = model.path
+    if not isinstance(path, BridgePath):
+        raise UserError(f"--exact-text: {model.cfg.recipe} has no Q-Former to stand in for — drop the flag")
+
+    def conditions(images, texts, latent_hw, image_branch, use_topt=True):
+        exact = model.encode_text(texts).float()
+        forced = (torch.ones(len(texts), dtype=torch.bool, device=exact.device), exact)
+        return path.read(model, images, texts, latent_hw, image_branch, forced).cond, None
+
+    model.conditions = conditions
 
 
 def probe(model, scenes: list[dict], seeds: list[int], settings: dict) -> dict:
@@ -97,6 +119,8 @@ def main(argv=None) -> int:
     p.add_argument("--data", required=True, help="toy-world manifest (rows with \"objects\"), e.g. eval.jsonl")
     p.add_argument("--scenes", type=int, default=40, help="how many scenes of 2-3 shapes (from the start)")
     p.add_argument("--seeds", default="0,1", help="comma-separated sampling seeds; each scene is edited per seed")
+    p.add_argument("--exact-text", action="store_true", help="the UNet reads BIM(CLIP_text(instruction)) in place "
+                   "of the Q-Former output (what --qformer_teacher_forcing trains on)")
     a = p.parse_args(argv)
     try:
         seeds = [int(s) for s in a.seeds.split(",")]
@@ -113,6 +137,8 @@ def main(argv=None) -> int:
     if not scenes:
         raise UserError(f"{a.data} has no toy scenes of 2-3 shapes with \"objects\" — give a toy world's manifest")
     model = load_model(a.ckpt)
+    if a.exact_text:
+        use_exact_text(model)
     flags = SimpleNamespace(steps=None, scheduler=None, text_guidance=None, image_guidance=None, ip_scale=None,
                             no_topt=False, no_vinsight=False)
     res = probe(model, scenes, seeds, sampling_settings(model.cfg, flags, a.ckpt))

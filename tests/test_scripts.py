@@ -203,6 +203,30 @@ def test_grounding_probe_of_an_instruction_blind_editor_is_chance_exactly(world,
     bad = run("scripts/grounding_probe.py", "--ckpt", tmp_path / "blind", "--data", world / "train.jsonl",
               "--seeds", "one")
     assert bad.returncode == 2 and bad.stderr.startswith("error: --seeds") and "Traceback" not in bad.stderr
+    bad = run("scripts/grounding_probe.py", "--ckpt", tmp_path / "blind", "--data", world / "train.jsonl",
+              "--exact-text")
+    assert bad.returncode == 2 and bad.stderr.startswith("error: --exact-text: ip2p") and "Traceback" not in bad.stderr
+
+
+def test_grounding_probe_exact_text_feeds_bim_clip_text_of_each_instruction(monkeypatch):
+    """--exact-text: the probe's conditions are BIM(CLIP_text(instruction)), built here from the parts — what
+    --qformer_teacher_forcing trains the UNet on — and no longer the Q-Former's reading of the instruction."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "scripts"))
+    import grounding_probe as gp
+
+    from minedit.comprehend import comprehend
+
+    torch.manual_seed(0)
+    model = EditModel(preset("insightedit", "toy", 2)).eval()
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    texts = ["remove the red circle", "remove the blue square"]
+    hw = (32 // model.cfg.latent_factor,) * 2
+    with torch.no_grad():
+        free = model.conditions(images, texts, hw, False)[0].f_txt
+        gp.use_exact_text(model)
+        exact = model.conditions(images, texts, hw, False)[0].f_txt
+        want = model.bim(model.encode_text(texts).float(), comprehend(model, images, texts).v.float(), hw)[0]
+    assert torch.allclose(exact, want, atol=1e-5) and not torch.allclose(exact, free, atol=1e-3)
 
 
 @pytest.mark.slow
