@@ -14,10 +14,11 @@ import math
 from .errors import UserError
 
 
-def add_sampling_flags(p) -> None:
-    """Declare the shared flags on an argparse parser."""
+def add_sampling_flags(p, seed: bool = True) -> None:
+    """Declare the shared flags on an argparse parser (seed=False: the caller declares its own seeds)."""
     p.add_argument("--steps", type=int)
-    p.add_argument("--seed", type=int, default=0)
+    if seed:
+        p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scheduler", help="a diffusers scheduler class name, e.g. DDIMScheduler")
     p.add_argument("--text-guidance", type=float)
     p.add_argument("--image-guidance", type=float)

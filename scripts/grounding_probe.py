@@ -22,6 +22,7 @@ the one whose footprint changed most (mean absolute change over its drawn pixels
 the condition --qformer_teacher_forcing trains on, so "named" then says whether the UNet grounds the exact
 condition, apart from how closely the Q-Former reaches it.
 
+Sampling uses the checkpoint's settings; infer.py's sampling flags (--steps, --text-guidance, ...) override them.
 Needs the toy manifest's "objects" (the toy world writes them); scenes come from the start of --data.
 """
 from __future__ import annotations
@@ -30,11 +31,11 @@ import argparse
 import json
 import os
 import sys
-from types import SimpleNamespace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from minedit.errors import UserError, run_cli  # noqa: E402
+from minedit.sampling_flags import add_sampling_flags, check_sampling_flags, sampling_settings  # noqa: E402
 
 
 def removed_shape(source, edited, objects: list[dict]) -> int:
@@ -121,7 +122,9 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", default="0,1", help="comma-separated sampling seeds; each scene is edited per seed")
     p.add_argument("--exact-text", action="store_true", help="the UNet reads BIM(CLIP_text(instruction)) in place "
                    "of the Q-Former output (what --qformer_teacher_forcing trains on)")
+    add_sampling_flags(p, seed=False)  # --steps --scheduler --text-guidance --image-guidance ...: as infer.py
     a = p.parse_args(argv)
+    check_sampling_flags(a)
     try:
         seeds = [int(s) for s in a.seeds.split(",")]
     except ValueError:
@@ -130,7 +133,6 @@ def main(argv=None) -> int:
         raise UserError(f"--scenes {a.scenes}: must be at least 1")
     from minedit.data import read_manifest
     from minedit.model import load_model
-    from minedit.sampling_flags import sampling_settings
 
     rows, _ = read_manifest(a.data, kind="edit")
     scenes = probe_scenes(rows, a.scenes)
@@ -139,9 +141,7 @@ def main(argv=None) -> int:
     model = load_model(a.ckpt)
     if a.exact_text:
         use_exact_text(model)
-    flags = SimpleNamespace(steps=None, scheduler=None, text_guidance=None, image_guidance=None, ip_scale=None,
-                            no_topt=False, no_vinsight=False)
-    res = probe(model, scenes, seeds, sampling_settings(model.cfg, flags, a.ckpt))
+    res = probe(model, scenes, seeds, sampling_settings(model.cfg, a, a.ckpt))
     print(f"{a.ckpt}: {len(scenes)} scenes x {len(seeds)} seeds: named shape removed {100 * res['named']:.0f} % "
           f"(chance {100 * res['chance']:.0f} %); the removed shape depends on the instruction in "
           f"{res['depends']} / {res['pairs']} scene-seeds; f_txt spread over instructions {res['spread']:.3f}, "

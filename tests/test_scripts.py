@@ -204,6 +204,9 @@ def test_grounding_probe_of_an_instruction_blind_editor_is_chance_exactly(world,
               "--seeds", "one")
     assert bad.returncode == 2 and bad.stderr.startswith("error: --seeds") and "Traceback" not in bad.stderr
     bad = run("scripts/grounding_probe.py", "--ckpt", tmp_path / "blind", "--data", world / "train.jsonl",
+              "--text-guidance", "-1")  # infer.py's sampling flags, checked as infer.py checks them
+    assert bad.returncode == 2 and bad.stderr.startswith("error: --text-guidance") and "Traceback" not in bad.stderr
+    bad = run("scripts/grounding_probe.py", "--ckpt", tmp_path / "blind", "--data", world / "train.jsonl",
               "--exact-text")
     assert bad.returncode == 2 and bad.stderr.startswith("error: --exact-text: ip2p") and "Traceback" not in bad.stderr
 
