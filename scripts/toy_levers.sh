@@ -54,10 +54,10 @@ lever_flags() {  # the overrides that make each lever; everything else is the to
                  [ "$RECIPE" = insightedit ] || [ "$RECIPE" = smartedit ] ||
                    { echo "error: explicit needs RECIPE=insightedit or smartedit" >&2; exit 2; }
                  echo "--qformer_explicit_weight=1" ;;
-    forced)      # ... and half the rows' UNet conditions teacher-forced to that target (an ablation)
+    forced)      # ... and every such row's UNet condition teacher-forced to that target (an ablation)
                  [ "$RECIPE" = insightedit ] || [ "$RECIPE" = smartedit ] ||
                    { echo "error: forced needs RECIPE=insightedit or smartedit" >&2; exit 2; }
-                 echo "--qformer_explicit_weight=1 --qformer_teacher_forcing=0.5" ;;
+                 echo "--qformer_explicit_weight=1 --qformer_teacher_forcing=1" ;;  # 0.5 did not ground (README)
     *) echo "error: unknown lever $1 — choose from base random-unet ema minsnr mask5 lr1e-3 fresh textenc xattn16 vae1 vae1-t2i batchN vpred explicit forced" >&2
        exit 2 ;;
   esac
