@@ -10,7 +10,10 @@ figures show a lever's direction early, which is why the study reports them side
 The last column asks whether the editor finds *which* shape an instruction names: success on removals in toy
 scenes of two or three shapes, against (in brackets) the success of removing one of the scene's shapes picked at
 random. A one-shape removal needs only *that* something is removed; these need the instruction grounded in the
-image. It is read from the scored manifest (the results' `data`), "–" where that has no toy scene description.
+image. The column before it splits replacements into recolours (same shape, new colour) and new shapes (a
+triangle turned into a star, with or without a new colour): a recolour repaints a footprint that is already there,
+a new shape has to be drawn. Both are read from the scored manifest (the results' `data`), "–" where that has no
+toy scene description.
 """
 from __future__ import annotations
 
@@ -35,24 +38,53 @@ def row(label: str, res: dict) -> str:
     kinds = (res.get("summary_by_kind") or {}).get("groups", {})
     cats = " / ".join(pct(groups.get(c, {}).get("success_rate")) for c in CATEGORIES)
     by_kind = " / ".join(pct(kinds.get(k, {}).get("success_rate")) for k in KINDS)
+    rows = manifest(res)
     return (f"| {label} | {cats} % | {num(100 * overall['success_rate'])} % | {by_kind} % | "
             f"{num(overall.get('psnr_in'))} | {num(overall.get('psnr_bg'))} | {num(overall.get('clip_score'))} | "
-            f"{grounding(res)} |")
+            f"{replacements(res, rows)} | {grounding(res, rows)} |")
 
 
-def grounding(res: dict) -> str:
-    """Multi-shape removals: 'success (chance)' in %, or '–'."""
+def manifest(res: dict) -> list[dict]:
+    """The scored manifest's rows, or [] when it cannot be read."""
     try:
         lines = Path(res["data"]).read_text(encoding="utf-8").splitlines()
-        rows = [json.loads(line) for line in lines if line.strip()]
+        return [json.loads(line) for line in lines if line.strip()]
     except (KeyError, OSError, ValueError):
-        return "–"
-    picks = [(s["success"], len(rows[s["index"]].get("objects") or ())) for s in res.get("samples", [])
-             if s.get("kind") == "remove" and s.get("index", len(rows)) < len(rows)]
-    multi = [(ok, n) for ok, n in picks if n >= 2]
+        return []
+
+
+def scored(res: dict, rows: list[dict], kind: str) -> list[tuple[bool, dict]]:
+    """(success, manifest row) of every scored sample of this kind."""
+    return [(s["success"], rows[s["index"]]) for s in res.get("samples", [])
+            if s.get("kind") == kind and s.get("index", len(rows)) < len(rows)]
+
+
+def grounding(res: dict, rows: list[dict]) -> str:
+    """Multi-shape removals: 'success (chance)' in %, or '–'."""
+    multi = [(ok, len(r["objects"])) for ok, r in scored(res, rows, "remove") if len(r.get("objects") or ()) >= 2]
     if not multi:
         return "–"
     return f"{pct(sum(ok for ok, _ in multi) / len(multi))} ({pct(sum(1 / n for _, n in multi) / len(multi))}) %"
+
+
+def new_shape(row: dict) -> bool | None:
+    """Whether a replacement draws a different shape where the old one was; None without a scene description."""
+    before = {(o["x"], o["y"]): o["shape"] for o in row.get("objects") or ()}
+    changed = [o for o in row.get("target_objects") or () if o not in row["objects"]]
+    if len(changed) != 1 or (changed[0].get("x"), changed[0].get("y")) not in before:
+        return None
+    return before[changed[0]["x"], changed[0]["y"]] != changed[0]["shape"]
+
+
+def replacements(res: dict, rows: list[dict]) -> str:
+    """Replacement success split into recolours / new shapes, in %, or '–'."""
+    split = {False: [], True: []}
+    for ok, r in scored(res, rows, "replace"):
+        if (drawn := new_shape(r)) is not None:
+            split[drawn].append(ok)
+    if not split[False] and not split[True]:
+        return "–"
+    return " / ".join(pct(sum(v) / len(v) if v else None) for v in (split[False], split[True])) + " %"
 
 
 def main(argv: list[str]) -> int:
@@ -60,8 +92,8 @@ def main(argv: list[str]) -> int:
         print(__doc__, file=sys.stderr)
         return 2
     lines = ["| run | success s / u / r | overall | remove / replace / add | in-mask PSNR | bg PSNR | CLIPScore | "
-             "removals among 2–3 shapes (chance) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "replacements: recolour / new shape | removals among 2–3 shapes (chance) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for arg in argv:
         label, _, path = arg.rpartition("=") if "=" in arg else (Path(arg).stem, "", arg)
         try:
