@@ -69,9 +69,10 @@ def grounding(res: dict, rows: list[dict]) -> str:
 
 def new_shape(row: dict) -> bool | None:
     """Whether a replacement draws a different shape where the old one was; None without a scene description."""
-    before = {(o["x"], o["y"]): o["shape"] for o in row.get("objects") or ()}
-    changed = [o for o in row.get("target_objects") or () if o not in row["objects"]]
-    if len(changed) != 1 or (changed[0].get("x"), changed[0].get("y")) not in before:
+    objects = row.get("objects") or []
+    before = {(o["x"], o["y"]): o["shape"] for o in objects}
+    changed = [o for o in row.get("target_objects") or () if o not in objects]
+    if len(changed) != 1 or (changed[0]["x"], changed[0]["y"]) not in before:
         return None
     return before[changed[0]["x"], changed[0]["y"]] != changed[0]["shape"]
 
