@@ -157,12 +157,17 @@ def test_evaluate_killed_then_rerun_gives_the_uninterrupted_results(tmp_path):
            "--pred-dir", tmp_path / "edits"]
     proc = subprocess.Popen(list(map(str, cmd)), cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     t0 = time.time()
-    while not (tmp_path / "edits").is_dir() or not any(n.endswith(".png") for n in os.listdir(tmp_path / "edits")):
+
+    def made_edits():  # finished edits only: the atomic writer's ".00000.png.tmp-PID.png" is not one yet
+        d = tmp_path / "edits"
+        return sorted(n for n in os.listdir(d) if re.fullmatch(r"\d{5}\.png", n)) if d.is_dir() else []
+
+    while not made_edits():
         assert proc.poll() is None and time.time() - t0 < 300
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    made = sorted(n for n in os.listdir(tmp_path / "edits") if re.fullmatch(r"\d{5}\.png", n))
+    made = made_edits()
     assert 0 < len(made) < 6, made  # killed part-way
     p = evaluate(world, tmp_path / "r.json", tmp_path / "edits")
     assert p.returncode == 0, p.stderr[-3000:]
