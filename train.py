@@ -353,6 +353,7 @@ def main(argv=None) -> int:
             sums = {}  # this step's loss parts, averaged over its micro-batches
             for micro in range(cfg.grad_accum):
                 batch = next(loader)
+                batch["step"] = p.step  # for schedules inside the loss (--qformer_teacher_forcing_steps)
                 quiet = rt.distributed and micro < cfg.grad_accum - 1  # DDP syncs gradients on the last one only
                 with net.no_sync() if quiet else contextlib.nullcontext(), rt.autocast():
                     loss, parts = net(batch, cfg.stage)

@@ -115,6 +115,9 @@ class Config:
                                              "with an optimized_instruction feed the UNet CLIP_text of it in "
                                              "place of the Q-Former output (MIND-Edit's teacher forcing); needs "
                                              "qformer_explicit_weight > 0; 0 = off")
+    qformer_teacher_forcing_steps: int = setting(0, "with qformer_teacher_forcing: force only during the first N "
+                                                 "steps of stage 2, then feed the UNet the Q-Former output as "
+                                                 "inference does (scheduled sampling); 0 = every step")
     vision_head_layer: int = arch(21, "m (MIND-Edit): hidden_states[m] feeds the vision head F_v")
 
     # --- MIND-Edit stage 1 (paper eq. 6: l_text + lambda * l_embed) ------------------------------------------
@@ -258,6 +261,9 @@ class Config:
                                                           and not self.qformer_explicit_weight):
             bad("qformer_teacher_forcing", "must be in [0, 1], and > 0 only with --qformer_explicit_weight > 0 "
                 "(the Q-Former learns the forced condition from that loss alone)")
+        if self.qformer_teacher_forcing_steps < 0 or (self.qformer_teacher_forcing_steps
+                                                      and not self.qformer_teacher_forcing):
+            bad("qformer_teacher_forcing_steps", "must be >= 0, and > 0 only with --qformer_teacher_forcing > 0")
         if self.train_text_encoder and self.recipe not in ("ip2p", "mindedit"):
             bad("train_text_encoder", "only ip2p and mindedit give the UNet CLIP's text encoder to train")
         if self.mask_loss_weight <= 0:

@@ -87,10 +87,11 @@ class BridgePath:
     def edit_conditions(self, model, batch, source, target, latent_hw, stage):
         """Stages 2-3: L_LLM keeps training the [MM] rows in stage 2; L_IAA aligns e with CLIP_image(I_tar);
         with --qformer_explicit_weight, stage 2 also aligns q' with CLIP_text(optimized_instruction), and with
-        --qformer_teacher_forcing a share of the rows feed the UNet that target instead of q'."""
+        --qformer_teacher_forcing a share of the rows feed the UNet that target instead of q' (in the first
+        --qformer_teacher_forcing_steps steps only, when that is set)."""
         cfg = model.cfg
         explicit = (batch.get("optimized_instruction") or [""] * len(source)) if stage == 2 else [""] * len(source)
-        forced = teacher_forced_rows(model, explicit, cfg.qformer_teacher_forcing) if stage == 2 else None
+        forced = teacher_forced_rows(model, explicit, forcing_rate(cfg, batch.get("step"))) if stage == 2 else None
         read = self.read(model, source, batch["instruction"], latent_hw, self.image_branch(model, stage), forced)
         parts = {} if stage == 3 else {"llm": read.loss_llm.float()}
         if read.e is not None:
@@ -100,6 +101,17 @@ class BridgePath:
         if stage == 2 and cfg.qformer_explicit_weight:
             parts["explicit"] = cfg.qformer_explicit_weight * text_alignment_loss(model, read.q, explicit)
         return read.cond, parts
+
+
+def forcing_rate(cfg, step: int | None) -> float:
+    """The share of rows to teacher-force at this optimizer step (the trainer puts it in the batch as "step"):
+    --qformer_teacher_forcing, until --qformer_teacher_forcing_steps steps have been taken when that is set."""
+    until = cfg.qformer_teacher_forcing_steps
+    if not until:
+        return cfg.qformer_teacher_forcing
+    if step is None:  # a training loop that does not say the step would force every step without a word
+        raise ValueError("--qformer_teacher_forcing_steps needs the optimizer step in the batch as 'step'")
+    return cfg.qformer_teacher_forcing if step < until else 0.0
 
 
 def teacher_forced_rows(model, texts: list[str], rate: float):

@@ -216,6 +216,9 @@ TRAIN = [
                                   "{d}/t"], ["qformer_explicit_weight=1.0", "with a Q-Former"]),
     ("forcing-without-explicit", ["--recipe", "insightedit", "--qformer_teacher_forcing=1", "--data", "{train}",
                                   "--out", "{d}/t"], ["qformer_teacher_forcing=1.0", "qformer_explicit_weight > 0"]),
+    ("forcing-steps-without-forcing", ["--recipe", "insightedit", "--qformer_teacher_forcing_steps=100", "--data",
+                                       "{train}", "--out", "{d}/t"],
+     ["qformer_teacher_forcing_steps=100", "--qformer_teacher_forcing > 0"]),
     # fails while building the model, after the run folder was made: the folder goes again
     ("override-vs-loaded-unet", ["--recipe", "ip2p", "--data", "{train}", "--out", "{d}/t",
                                  f"--sd_path={ROOT / 'assets/toy/base/sd'}", "--unet_layers_per_block=2"],

@@ -303,6 +303,15 @@ def test_teacher_forcing_feeds_bim_clip_text_of_the_explicit_instruction_for_the
         assert torch.allclose(f_txt[0], forced_row[0], atol=1e-5)
         assert torch.allclose(f_txt[1], free[1], atol=1e-5)
         assert not torch.allclose(free[0], forced_row[0], atol=1e-3)  # forcing changed what the UNet reads
+        # --qformer_teacher_forcing_steps=5: forced at steps 0-4, the Q-Former's own output from step 5 on
+        model.cfg = dataclasses.replace(model.cfg, qformer_teacher_forcing_steps=5)
+        for step, want in ((4, forced_row[0]), (5, free[0])):
+            with torch.no_grad():
+                got = path.edit_conditions(model, {**batch, "step": step}, batch["source"], batch["target"], hw,
+                                           2)[0].f_txt
+            assert torch.allclose(got[0], want, atol=1e-5), step
+        with pytest.raises(ValueError, match="step"):  # a loop that does not pass the step is caught
+            path.edit_conditions(model, batch, batch["source"], batch["target"], hw, 2)
     finally:
         model.cfg = default
         model.train()

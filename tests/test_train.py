@@ -213,10 +213,13 @@ def test_torchrun_two_processes_match_one_process(chain, world, tmp_path):
 
 # ---------------------------------------------------------------------------------------------------------------
 # 4. Exact resume: 6 steps straight = 3 steps (--stop-after) then --resume for 3, bit for bit
-# (also with the optional training levers: the EMA's shadow and trained values both come back)
+# (also with the optional training levers: the EMA's shadow and trained values both come back, and a
+# teacher-forcing schedule that switches off after step 4 — inside the resumed half — switches off there too)
 @pytest.mark.slow
-@pytest.mark.parametrize("levers", [[], ["--ema_decay=0.9", "--snr_gamma=5", "--mask_loss_weight=4"]],
-                         ids=["plain", "ema-minsnr-mask"])
+@pytest.mark.parametrize("levers", [[], ["--ema_decay=0.9", "--snr_gamma=5", "--mask_loss_weight=4",
+                                         "--qformer_explicit_weight=1", "--qformer_teacher_forcing=1",
+                                         "--qformer_teacher_forcing_steps=4"]],
+                         ids=["plain", "ema-minsnr-mask-forcing"])
 def test_resume_is_bit_exact(chain, world, tmp_path, levers):
     root, procs = chain
     ok(procs["ie1"])
