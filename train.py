@@ -145,6 +145,11 @@ def build_data(cfg, args, rt):
             raise UserError(f"{missing[0]['_manifest']} line {missing[0]['_line']}: mindedit stage 1 needs "
                             f"\"optimized_instruction\" on every row (the text head's target) — {len(missing)} of "
                             f"{len(ds.rows)} rows lack it")
+    if cfg.qformer_explicit_weight and cfg.stage == 2 and rt.is_main:
+        lack = sum(not str(r.get("optimized_instruction") or "").strip() for r in ds.rows)
+        if lack:  # those rows train as the papers' stage 2: no explicit alignment, no teacher forcing
+            print(f"warning: {lack} of {len(ds.rows)} rows have no \"optimized_instruction\"; "
+                  f"--qformer_explicit_weight and --qformer_teacher_forcing skip them", file=sys.stderr)
     if ds.bad and rt.is_main:
         print(f"warning: skipped {len(ds.bad)} bad manifest rows (first: line {ds.bad[0][0]}: {ds.bad[0][1]})",
               file=sys.stderr)

@@ -110,11 +110,12 @@ class Config:
     iaa_tokens: int = arch(4, "N, image tokens for the decoupled cross-attention")
     qformer_explicit_weight: float = setting(0.0, "ablation, not in the papers: stage 2 also pulls the Q-Former "
                                              "output toward CLIP_text(optimized_instruction) by this weight × MSE "
-                                             "(rows without one are left out); 0 = off, the papers' stage 2")
+                                             "(rows without one are left out); 0 = off, the papers' stage 2 (the "
+                                             "toy InsightEdit preset: 1)")
     qformer_teacher_forcing: float = setting(0.0, "ablation, not in the papers: in stage 2 this share of the rows "
                                              "with an optimized_instruction feed the UNet CLIP_text of it in "
                                              "place of the Q-Former output (MIND-Edit's teacher forcing); needs "
-                                             "qformer_explicit_weight > 0; 0 = off")
+                                             "qformer_explicit_weight > 0; 0 = off (the toy InsightEdit preset: 1)")
     qformer_teacher_forcing_steps: int = setting(0, "with qformer_teacher_forcing: force only during the first N "
                                                  "steps of stage 2, then feed the UNet the Q-Former output as "
                                                  "inference does (scheduled sampling); 0 = every step")

@@ -8,7 +8,8 @@
    evaluation scored right *and* that `infer.py` with its default seed also gets right (it edits one image, so
    its random draws differ from the evaluation's batch), and writes example.png, example-target.png,
    example.json and example-before-after.png (source | edit | target).
-2. Copies the checkpoint's weights and config into OUT/insightedit/ (OUT = assets/toy).
+2. Copies the checkpoint's weights and config into OUT/insightedit/ (OUT = assets/toy), the config's paths to
+   the toy bases made relative to the repository so that the shipped model loads from any clone.
 3. Copies the evaluation's per-category sheet to heldout-insightedit.png.
 Nothing is trained or downloaded, and nothing is written unless an example is found; the held-out world must be
 the one the results were scored on.
@@ -48,6 +49,22 @@ def candidates(results: dict, rows: list[dict], prefer: list[str]) -> list[int]:
     return sorted(ok, key=lambda i: (rank(i), i))
 
 
+def portable_config(ckpt: str) -> str:
+    """The checkpoint's config.json with every absolute path to a shipped toy base (any checkout's
+    .../assets/toy/base/PART) made relative to the repository, as the loader resolves it: the shipped model must
+    load from any clone. Raises ValueError naming a path that points anywhere else."""
+    cfg = json.load(open(os.path.join(ckpt, "config.json")))
+    marker = os.path.join("assets", "toy", "base") + os.sep
+    for key, value in cfg.items():
+        if not (key.endswith("_path") and isinstance(value, str) and os.path.isabs(value)):
+            continue
+        rel = marker + value.rsplit(marker, 1)[1] if marker in value else None
+        if rel is None or not os.path.isdir(os.path.join(ROOT, rel)):
+            raise ValueError(f"{key}={value} is outside the repository's toy bases — train from assets/toy/base")
+        cfg[key] = rel
+    return json.dumps(cfg, indent=2, sort_keys=True)
+
+
 def infer_one(ckpt: str, source: str, instruction: str, out: str) -> None:
     """The user's own command, in a subprocess, with every sampling default."""
     subprocess.run([sys.executable, os.path.join(ROOT, "infer.py"), "--ckpt", ckpt, "--image", source,
@@ -66,6 +83,11 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
 
     ckpt = find_checkpoint(a.ckpt)
+    try:
+        config = portable_config(ckpt)  # checked before anything is written
+    except ValueError as e:
+        print(f"error: {ckpt}/config.json: {e}", file=sys.stderr)
+        return 2
     results = json.load(open(a.results))
     rows = [json.loads(line) for line in open(os.path.join(a.world, "eval.jsonl"))]
     if len(rows) != results["count"]:
@@ -90,8 +112,9 @@ def main(argv=None) -> int:
             return 2
         shipped = os.path.join(a.out, "insightedit")  # nothing is written before an example is found
         os.makedirs(shipped, exist_ok=True)
-        for name in ("weights.safetensors", "config.json"):
-            shutil.copyfile(os.path.join(ckpt, name), os.path.join(shipped, name))
+        shutil.copyfile(os.path.join(ckpt, "weights.safetensors"), os.path.join(shipped, "weights.safetensors"))
+        with open(os.path.join(shipped, "config.json"), "w") as f:
+            f.write(config)
         print(f"copied {ckpt} -> {shipped}")
         images = [Image.open(f).convert("RGB") for f in (src, pred, tgt)]
         images[0].save(os.path.join(a.out, "example.png"))

@@ -257,10 +257,12 @@ def test_explicit_alignment_is_its_weight_times_the_mse_to_clip_text_of_the_rows
     model.eval()  # no LoRA dropout: the reference below must see the same forward
     batch = toy_batch(model.cfg, 2)
     batch["optimized_instruction"] = ["remove the red circle", ""]  # the second row has none
-    default = model.cfg
+    default = model.cfg  # the toy InsightEdit preset has the term on (weight 1); the papers' stage 2 has it off
+    papers = dataclasses.replace(default, qformer_explicit_weight=0.0, qformer_teacher_forcing=0.0)
     try:
+        model.cfg = papers
         assert "explicit" not in model(batch, 2)[1]
-        model.cfg = dataclasses.replace(default, qformer_explicit_weight=2.5)
+        model.cfg = dataclasses.replace(papers, qformer_explicit_weight=2.5)
         _, parts = model(batch, 2)
         with torch.no_grad():
             q = model.qformer(comprehend(model, batch["source"], batch["instruction"]).h.float())
@@ -279,7 +281,7 @@ def test_explicit_alignment_is_its_weight_times_the_mse_to_clip_text_of_the_rows
 def test_teacher_forcing_feeds_bim_clip_text_of_the_explicit_instruction_for_the_drawn_rows_only(models):
     """--qformer_teacher_forcing=1: a row with an optimized_instruction conditions the UNet on
     BIM(CLIP_text(that instruction)) — built here from the parts — and a row without one on BIM(q') as before;
-    at 0 (the default) no row is forced and the conditions are the papers'."""
+    at 0 (the papers' stage 2; the toy InsightEdit preset has 1) no row is forced."""
     import dataclasses
 
     from minedit.recipes import BridgePath
@@ -293,6 +295,7 @@ def test_teacher_forcing_feeds_bim_clip_text_of_the_explicit_instruction_for_the
     hw = (model.cfg.resolution // model.cfg.latent_factor,) * 2
     path = BridgePath()
     try:
+        model.cfg = dataclasses.replace(default, qformer_teacher_forcing=0.0)
         with torch.no_grad():
             free = path.edit_conditions(model, batch, batch["source"], batch["target"], hw, 2)[0].f_txt
             r = comprehend(model, batch["source"], batch["instruction"])

@@ -320,3 +320,19 @@ def test_ship_toy_picks_an_example_infer_gets_right_and_writes_nothing_otherwise
     assert (out / "insightedit" / "weights.safetensors").read_bytes() == \
         open(os.path.join(ck, "weights.safetensors"), "rb").read()
     assert (out / "heldout-insightedit.png").exists() and (out / "example-before-after.png").exists()
+    # A run trained in another checkout names its bases by absolute path: shipped relative to the repository;
+    # a path outside any toy bases is refused before anything is written.
+    moved = tmp_path / "moved"
+    shutil.copytree(ck, moved)
+    cfg = json.loads((moved / "config.json").read_text())
+    cfg["sd_path"] = "/elsewhere/clone/assets/toy/base/sd"
+    (moved / "config.json").write_text(json.dumps(cfg))
+    out2 = tmp_path / "assets2"
+    assert ship.main(["--ckpt", str(moved), "--results", str(results), "--world", str(world), "--out",
+                      str(out2)]) == 0
+    assert json.loads((out2 / "insightedit" / "config.json").read_text())["sd_path"] == "assets/toy/base/sd"
+    cfg["sd_path"] = "/elsewhere/my-sd"
+    (moved / "config.json").write_text(json.dumps(cfg))
+    r = run("scripts/ship_toy.py", "--ckpt", moved, "--results", results, "--world", world, "--out",
+            tmp_path / "assets3")
+    assert r.returncode == 2 and "sd_path=/elsewhere/my-sd" in r.stderr and not (tmp_path / "assets3").exists()

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "train.py")
 QUICK = ["--batch-size", "4", "--sample-every", "0", "--log_every=1"]
 # The loss parts each (recipe, stage) must log (DESIGN §4): LLM, Q-Former alignment, IAA, diffusion.
-PARTS = {("insightedit", 1): {"llm", "qformer", "iaa"}, ("insightedit", 2): {"llm", "iaa", "diff"},
+PARTS = {("insightedit", 1): {"llm", "qformer", "iaa"}, ("insightedit", 2): {"llm", "iaa", "explicit", "diff"},
          ("insightedit", 3): {"iaa", "diff"}, ("smartedit", 1): {"llm", "qformer"}, ("smartedit", 2): {"llm", "diff"}}
 
 
