@@ -19,7 +19,7 @@ ALIGN=${ALIGN:-300}
 BASE=${BASE:-assets/toy/base}            # its sd/unet is the text-to-image toy UNet
 RANDOM_SD=${RANDOM_SD:-$OUT/random-sd}   # the same bases with a random UNet (made below): the "no prior" lever
 T2I_F1=${T2I_F1:-$OUT/t2i-f1}            # the factor-1 bases with a text-to-image UNet (made below): lever vae1-t2i
-LEVERS=${LEVERS:-"base random-unet ema minsnr mask5 lr1e-3 fresh textenc xattn16 vae1"}  # also batchN, vpred, explicit, forced
+LEVERS=${LEVERS:-"base random-unet ema minsnr mask5 lr1e-3 fresh textenc xattn16 vae1"}  # also batchN, vpred, explicit, forced, papers
 TOY_SAMPLES=${TOY_SAMPLES:-24000}        # training world (as scripts/train_toy.sh)
 VAL_N=${VAL_N:-3000}                     # validation world: its eval split (10 %) is scored
 mkdir -p "$OUT/results"
@@ -53,12 +53,14 @@ lever_flags() {  # the overrides that make each lever; everything else is the to
     explicit)    # the Q-Former also aligned with CLIP_text(optimized_instruction) in stage 2 (an ablation)
                  [ "$RECIPE" = insightedit ] || [ "$RECIPE" = smartedit ] ||
                    { echo "error: explicit needs RECIPE=insightedit or smartedit" >&2; exit 2; }
-                 echo "--qformer_explicit_weight=1" ;;
+                 echo "--qformer_explicit_weight=1 --qformer_teacher_forcing=0" ;;
+    papers)      # the papers' stage 2: neither switch (the toy InsightEdit preset has both on)
+                 echo "--qformer_explicit_weight=0 --qformer_teacher_forcing=0" ;;
     forced)      # ... and every such row's UNet condition teacher-forced to that target (an ablation)
                  [ "$RECIPE" = insightedit ] || [ "$RECIPE" = smartedit ] ||
                    { echo "error: forced needs RECIPE=insightedit or smartedit" >&2; exit 2; }
-                 echo "--qformer_explicit_weight=1 --qformer_teacher_forcing=1" ;;  # 0.5 did not ground (README)
-    *) echo "error: unknown lever $1 — choose from base random-unet ema minsnr mask5 lr1e-3 fresh textenc xattn16 vae1 vae1-t2i batchN vpred explicit forced" >&2
+                 echo "--qformer_explicit_weight=1 --qformer_teacher_forcing=1" ;;  # = base for insightedit; 0.5 did not ground
+    *) echo "error: unknown lever $1 — choose from base random-unet ema minsnr mask5 lr1e-3 fresh textenc xattn16 vae1 vae1-t2i batchN vpred explicit forced papers" >&2
        exit 2 ;;
   esac
 }
