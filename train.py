@@ -116,6 +116,11 @@ def dry_run(cfg) -> int:
     return 0
 
 
+def rows_without_explicit(rows: list[dict]) -> list[dict]:
+    """The manifest rows with no (or a blank) "optimized_instruction", the explicit rewrite some stages train on."""
+    return [r for r in rows if not str(r.get("optimized_instruction") or "").strip()]
+
+
 def build_data(cfg, args, rt):
     """The dataset of the stage (caption pairs for stage 1, editing triples after), wrapped with its draws."""
     from minedit.data import EditDataset
@@ -140,13 +145,13 @@ def build_data(cfg, args, rt):
         raise UserError("--data is required with --preset full — pass one or more JSONL manifests")
     ds = EditDataset(manifests, cfg.resolution, kind=kind, max_bad_fraction=cfg.max_bad_fraction, seed=cfg.seed)
     if cfg.uses_vision_head and cfg.stage == 1:
-        missing = [r for r in ds.rows if not str(r.get("optimized_instruction") or "").strip()]
+        missing = rows_without_explicit(ds.rows)
         if missing:
             raise UserError(f"{missing[0]['_manifest']} line {missing[0]['_line']}: mindedit stage 1 needs "
                             f"\"optimized_instruction\" on every row (the text head's target) — {len(missing)} of "
                             f"{len(ds.rows)} rows lack it")
     if cfg.qformer_explicit_weight and cfg.stage == 2 and rt.is_main:
-        lack = sum(not str(r.get("optimized_instruction") or "").strip() for r in ds.rows)
+        lack = len(rows_without_explicit(ds.rows))
         if lack:  # those rows train as the papers' stage 2: no explicit alignment, no teacher forcing
             print(f"warning: {lack} of {len(ds.rows)} rows have no \"optimized_instruction\"; "
                   f"--qformer_explicit_weight and --qformer_teacher_forcing skip them", file=sys.stderr)
