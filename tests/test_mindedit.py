@@ -397,6 +397,20 @@ def test_stage1_manifest_without_optimized_instruction_is_refused(world, tmp_pat
     assert "optimized_instruction" in err and "line 1" in err
 
 
+def test_insightedit_stage2_warns_about_rows_without_optimized_instruction(world, tmp_path, in_process, capsys):
+    # The same rows that MIND-Edit's stage 1 refuses train InsightEdit's stage 2, whose toy preset turns on explicit
+    # alignment and teacher forcing: it trains, and says those rows go without both (the count names them).
+    s1 = str(tmp_path / "s1")
+    assert train.main(["--recipe", "insightedit", "--stage", "1", "--data", str(world / "captions.jsonl"),
+                       "--out", s1, "--max-steps", "1", *QUICK]) == 0
+    for name, expected in (("no-topt", 'warning: 4 of 4 rows have no "optimized_instruction"'), ("batch-train", "")):
+        capsys.readouterr()
+        assert train.main(["--stage", "2", "--init", s1, "--data", str(world / f"{name}.jsonl"), "--out",
+                           str(tmp_path / name), "--max-steps", "1", *QUICK]) == 0
+        err = capsys.readouterr().err
+        assert expected in err if expected else "optimized_instruction" not in err
+
+
 @pytest.mark.slow
 def test_fifty_steps_lower_the_losses_on_a_fixed_batch(world, tmp_path, in_process, monkeypatch):
     draw_generator = training.draw_generator
