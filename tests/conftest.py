@@ -10,6 +10,8 @@ from diffusers import UNet2DConditionModel
 ROOT = Path(__file__).resolve().parents[1]
 # The top-level scripts (train.py, infer.py, evaluate.py) are imported by some tests.
 sys.path.insert(0, str(ROOT))
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one of pytest.ini's two workers: one core each, no oversubscription
+    torch.set_num_threads(1)
 
 
 def run_python(*args, cwd=None, env=None, timeout=300) -> subprocess.CompletedProcess:
