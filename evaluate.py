@@ -4,6 +4,8 @@
     python evaluate.py --data toyworld/eval.jsonl         # no --ckpt: the shipped toy checkpoint, as infer.py
     python evaluate.py --ckpt runs/s3 --data advancededit_eval.jsonl --limit 500 --seed 0 --clip openai/clip-vit-large-patch14
     python evaluate.py --ckpt runs/s3 --data eval.jsonl --pred-dir edits/      # score edits made earlier
+    python evaluate.py --ckpt runs/s3 --data eval.jsonl --instruction-field optimized_instruction --exact-text
+                                               # diagnostic: the UNet given a perfect MLLM and Q-Former
     python evaluate.py ... --judge-url http://localhost:8000/v1 --judge-model qwen2-vl   # VIEScore, off by default
 
 Per sample, per category and overall (minedit/eval/metrics.py defines each precisely):
@@ -47,6 +49,9 @@ def parse_args(argv):
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--instruction-field", default="instruction",
                    help="which manifest field to edit with (e.g. simple_instruction, optimized_instruction)")
+    p.add_argument("--exact-text", action="store_true", help="diagnostic (InsightEdit, SmartEdit): the UNet reads "
+                   "BIM(CLIP_text(instruction)) in place of the Q-Former output — with --instruction-field "
+                   "optimized_instruction, what the UNet makes of a perfect MLLM and Q-Former")
     p.add_argument("--clip", help="CLIPModel id or folder for CLIP-I and CLIPScore")
     p.add_argument("--judge-url", help="OpenAI-compatible endpoint for VIEScore (off by default)")
     p.add_argument("--judge-model", default="gpt-4o")
@@ -92,12 +97,15 @@ def main(argv=None) -> int:
         return benchmarks.run(a)
     from minedit import runtime
     from minedit.eval import metrics
+    from minedit.recipes import check_exact_text
 
     # ---- inputs: the manifest, the checkpoint, the settings; a bad one fails here, before any folder is made ----
     editfiles.check_out_path(a.out)
     rows = read_rows(a)
     cfg = editfiles.check_inputs(a.ckpt, [])
     settings = sampling_settings(cfg, a, a.ckpt)
+    if a.exact_text:
+        check_exact_text(cfg)
     pred_dir = a.pred_dir or os.path.splitext(a.out)[0] + "-edits"
     fsio.makedirs(pred_dir, "--pred-dir")
     preds = [os.path.join(pred_dir, f"{i:05d}.png") for i in range(len(rows))]
@@ -157,6 +165,10 @@ def make_edits(a, rows, pred_dir: str, preds: list[str], todo: list[int], cfg, s
     from minedit.model import load_model
 
     model = load_model(a.ckpt, rt.device, rt.frozen_dtype)
+    if a.exact_text:
+        from minedit.recipes import use_exact_text
+
+        use_exact_text(model)
     jobs = [(rows[i]["source"], rows[i][a.instruction_field], None, preds[i]) for i in todo]
     t0 = time.perf_counter()
     editfiles.edit_files(model, rt, jobs, settings, cfg.resolution, a.batch_size, [a.seed + i for i in todo])
@@ -193,6 +205,9 @@ def score_edits(a, rows, preds) -> tuple[list[dict], list[tuple]]:
     return results, images
 
 
+STAMP_ADDED = {"exact_text": False}  # stamp fields added later: their value in the stamps written before them
+
+
 def check_edits_stamp(pred_dir: str, a, cfg, settings: dict, making: bool) -> dict | None:
     """--pred-dir/edits.json records what made its edits. Before making (more) edits there, the stamp must match
     this command — a run killed and started again continues only with the same checkpoint, manifest and settings,
@@ -201,7 +216,8 @@ def check_edits_stamp(pred_dir: str, a, cfg, settings: dict, making: bool) -> di
     from minedit import checkpoint
 
     stamp = {"ckpt": os.path.abspath(checkpoint.find_checkpoint(a.ckpt)), "data": os.path.abspath(a.data),
-             "instruction_field": a.instruction_field, "seed": a.seed, "resolution": cfg.resolution, **settings}
+             "instruction_field": a.instruction_field, "seed": a.seed, "resolution": cfg.resolution, **settings,
+             "exact_text": a.exact_text}
     path = os.path.join(pred_dir, "edits.json")
     try:
         with open(path, encoding="utf-8") as f:
@@ -210,7 +226,7 @@ def check_edits_stamp(pred_dir: str, a, cfg, settings: dict, making: bool) -> di
         old = None  # none, or unreadable: the edits' origin is unknown, like edits made elsewhere
     old = old if isinstance(old, dict) else None
     if making and old is not None:
-        differ = [k for k in stamp if old.get(k) != stamp[k]]
+        differ = [k for k in stamp if old.get(k, STAMP_ADDED.get(k)) != stamp[k]]
         if differ:
             shown = ", ".join(f"{k} {old.get(k)!r} there, {stamp[k]!r} now" for k in differ[:3])
             raise UserError(f"--pred-dir {pred_dir} holds edits made with other settings ({shown}) — repeat that "
@@ -218,7 +234,7 @@ def check_edits_stamp(pred_dir: str, a, cfg, settings: dict, making: bool) -> di
     if making and old is None:
         fsio.write_text(path, json.dumps(stamp, indent=1) + "\n", "--pred-dir")
         old = stamp
-    return None if old is None else {k: old.get(k) for k in settings}
+    return None if old is None else {k: old.get(k, STAMP_ADDED.get(k)) for k in [*settings, *STAMP_ADDED]}
 
 
 def add_clip_scores(path, images, results, device):

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from . import mind
+from .errors import UserError
 from .comprehend import comprehend
 from .conditions import Conditions
 from .parts.iaa import iaa_loss
@@ -167,6 +168,28 @@ class MindPath:
 
     def edit_conditions(self, model, batch, source, target, latent_hw, stage):
         return mind.teacher_conditions(model, batch, source, target), {}
+
+
+def check_exact_text(cfg) -> None:
+    """--exact-text needs a recipe whose UNet reads a Q-Former (the bridge path): checked before any model is built."""
+    if not isinstance(recipe_path(cfg), BridgePath):
+        raise UserError(f"--exact-text: {cfg.recipe} has no Q-Former to stand in for — drop the flag")
+
+
+def use_exact_text(model) -> None:
+    """A diagnostic (evaluate.py and grounding_probe.py --exact-text): make model.conditions read
+    BIM(CLIP_text(texts)) in place of the Q-Former output q', for every row — the condition
+    --qformer_teacher_forcing trains the UNet on, i.e. a Q-Former that reached its explicit target exactly.
+    Given the explicit instruction as the text, it measures what the UNet alone makes of a perfect bridge."""
+    check_exact_text(model.cfg)
+    path = model.path
+
+    def conditions(images, texts, latent_hw, image_branch, use_topt=True):
+        exact = model.encode_text(list(texts)).float()
+        forced = (torch.ones(len(texts), dtype=torch.bool, device=exact.device), exact)
+        return path.read(model, images, texts, latent_hw, image_branch, forced).cond, None
+
+    model.conditions = conditions
 
 
 def recipe_path(cfg):

@@ -62,24 +62,6 @@ def probe_scenes(rows: list[dict], n: int) -> list[dict]:
     return out[:n]
 
 
-def use_exact_text(model) -> None:
-    """Make model.conditions read BIM(CLIP_text(texts)) in place of the Q-Former output, for every row."""
-    import torch
-
-    from minedit.recipes import BridgePath
-
-    path = model.path
-    if not isinstance(path, BridgePath):
-        raise UserError(f"--exact-text: {model.cfg.recipe} has no Q-Former to stand in for — drop the flag")
-
-    def conditions(images, texts, latent_hw, image_branch, use_topt=True):
-        exact = model.encode_text(texts).float()
-        forced = (torch.ones(len(texts), dtype=torch.bool, device=exact.device), exact)
-        return path.read(model, images, texts, latent_hw, image_branch, forced).cond, None
-
-    model.conditions = conditions
-
-
 def probe(model, scenes: list[dict], seeds: list[int], settings: dict) -> dict:
     """Edit each scene once per shape and seed -> {named, chance, spread, carried} (fractions), {depends, pairs}
     (counts)."""
@@ -133,6 +115,7 @@ def main(argv=None) -> int:
         raise UserError(f"--scenes {a.scenes}: must be at least 1")
     from minedit.data import read_manifest
     from minedit.model import load_model
+    from minedit.recipes import use_exact_text
 
     rows, _ = read_manifest(a.data, kind="edit")
     scenes = probe_scenes(rows, a.scenes)

@@ -318,3 +318,25 @@ def test_teacher_forcing_feeds_bim_clip_text_of_the_explicit_instruction_for_the
     finally:
         model.cfg = default
         model.train()
+
+
+def test_use_exact_text_feeds_bim_clip_text_of_each_instruction():
+    """The --exact-text diagnostic (evaluate.py, grounding_probe.py): the conditions become BIM(CLIP_text(text)),
+    built here from the parts — what --qformer_teacher_forcing trains the UNet on — and no longer the Q-Former's
+    reading of the text; a recipe without a Q-Former is refused."""
+    from minedit.errors import UserError
+    from minedit.recipes import use_exact_text
+
+    torch.manual_seed(0)
+    model = EditModel(preset("insightedit", "toy", 2)).eval()
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    texts = ["remove the red circle", "remove the blue square"]
+    hw = (32 // model.cfg.latent_factor,) * 2
+    with torch.no_grad():
+        free = model.conditions(images, texts, hw, False)[0].f_txt
+        use_exact_text(model)
+        exact = model.conditions(images, texts, hw, False)[0].f_txt
+        want = model.bim(model.encode_text(texts).float(), comprehend(model, images, texts).v.float(), hw)[0]
+    assert torch.allclose(exact, want, atol=1e-5) and not torch.allclose(exact, free, atol=1e-3)
+    with pytest.raises(UserError, match="ip2p has no Q-Former"):
+        use_exact_text(EditModel(preset("ip2p", "toy", 2)))

@@ -86,6 +86,29 @@ def test_evaluate_writes_table_json_and_sheet(ckpt, world, tmp_path):
     assert json.load(open(tmp_path / "again.json"))["summary"] == res["summary"]
 
 
+@pytest.mark.slow
+def test_evaluate_exact_text_changes_the_edits_and_is_part_of_the_stamp(ckpt, world, tmp_path):
+    """--exact-text (the perfect-bridge diagnostic) makes other edits than the Q-Former's reading, says so in the
+    results' settings, and a folder of edits made one way is not continued the other way; a folder stamped before
+    the flag existed continues as made without it."""
+    edit = lambda name, *extra: run("evaluate.py", "--ckpt", ckpt, "--data", world / "eval.jsonl", "--out",  # noqa
+                                    tmp_path / f"{name}.json", "--steps", 2, "--limit", 2, "--instruction-field",
+                                    "optimized_instruction", *extra)
+    for name, extra in (("free", ()), ("exact", ("--exact-text",))):
+        assert edit(name, *extra).returncode == 0
+        assert json.load(open(tmp_path / f"{name}.json"))["settings"]["exact_text"] == bool(extra)
+    pixels = [np.asarray(Image.open(tmp_path / f"{n}-edits" / "00000.png"), dtype=np.int16) for n in ("free", "exact")]
+    assert np.abs(pixels[0] - pixels[1]).max() > 0
+    (tmp_path / "exact-edits" / "00001.png").unlink()
+    r = edit("exact", "--pred-dir", tmp_path / "exact-edits")  # now without the flag: refused
+    assert r.returncode == 2 and "other settings (exact_text True there, False now)" in r.stderr, r.stderr
+    stamp = tmp_path / "free-edits" / "edits.json"
+    stamp.write_text(json.dumps({k: v for k, v in json.load(open(stamp)).items() if k != "exact_text"}))
+    (tmp_path / "free-edits" / "00001.png").unlink()
+    r = edit("free", "--pred-dir", tmp_path / "free-edits")
+    assert r.returncode == 0 and "made 1 edits" in r.stdout, r.stderr
+
+
 def test_evaluate_accepts_any_valid_place_for_an_add(ckpt, world, tmp_path):
     """An add drawn at another place the instruction allows succeeds; scored against the one stored target (as
     --instruction-field simple_instruction does, whose region differs) the same edit fails."""
@@ -209,27 +232,6 @@ def test_grounding_probe_of_an_instruction_blind_editor_is_chance_exactly(world,
     bad = run("scripts/grounding_probe.py", "--ckpt", tmp_path / "blind", "--data", world / "train.jsonl",
               "--exact-text")
     assert bad.returncode == 2 and bad.stderr.startswith("error: --exact-text: ip2p") and "Traceback" not in bad.stderr
-
-
-def test_grounding_probe_exact_text_feeds_bim_clip_text_of_each_instruction(monkeypatch):
-    """--exact-text: the probe's conditions are BIM(CLIP_text(instruction)), built here from the parts — what
-    --qformer_teacher_forcing trains the UNet on — and no longer the Q-Former's reading of the instruction."""
-    monkeypatch.syspath_prepend(os.path.join(ROOT, "scripts"))
-    import grounding_probe as gp
-
-    from minedit.comprehend import comprehend
-
-    torch.manual_seed(0)
-    model = EditModel(preset("insightedit", "toy", 2)).eval()
-    images = torch.rand(2, 3, 32, 32) * 2 - 1
-    texts = ["remove the red circle", "remove the blue square"]
-    hw = (32 // model.cfg.latent_factor,) * 2
-    with torch.no_grad():
-        free = model.conditions(images, texts, hw, False)[0].f_txt
-        gp.use_exact_text(model)
-        exact = model.conditions(images, texts, hw, False)[0].f_txt
-        want = model.bim(model.encode_text(texts).float(), comprehend(model, images, texts).v.float(), hw)[0]
-    assert torch.allclose(exact, want, atol=1e-5) and not torch.allclose(exact, free, atol=1e-3)
 
 
 @pytest.mark.slow
