@@ -2,6 +2,8 @@
 
     python scripts/pretrain_toy_unet.py --base assets/toy/base                 # replaces base/sd/unet in place
     python scripts/pretrain_toy_unet.py --base assets/toy/base --out runs/b2   # a copy of base with the new unet
+    python scripts/pretrain_toy_unet.py --base assets/toy/base --out runs/wide --arch unet_channels=64,128,128
+        # a wider prior; train.py then needs --sd_path=runs/wide/sd --unet_channels=64,128,128
 
 InstructPix2Pix (and through it SmartEdit, InsightEdit, MIND-Edit) starts its editing UNet from Stable Diffusion,
 a UNet that already draws objects from text; the editing stage then only has to learn to copy the source and
@@ -42,7 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling pretrain
 
 from minedit import build  # noqa: E402
 from minedit.imagegrid import draw_grid  # noqa: E402
-from minedit.presets import preset  # noqa: E402
+from minedit.errors import UserError, run_cli  # noqa: E402
+from minedit.presets import apply_overrides, preset  # noqa: E402
 from minedit.sampler import to_pil  # noqa: E402
 from minedit.toy.phrases import BACKGROUNDS, COLOURS, tokenize_words  # noqa: E402
 from minedit.toy.world import cached_world  # noqa: E402
@@ -190,6 +193,15 @@ def pretrain_unet(cfg, vae, text_encoder, tok, clip, out: Path, seed: int = 0, n
                   "loss_last": float(np.mean(history[-k:])), **quality}
 
 
+def unet_config(arch: list[str]):
+    """The toy preset with --arch's UNet fields applied (a wider or deeper prior for a lever study); any other
+    field is an error, since only the UNet is trained here."""
+    other = [a for a in arch if not a.lstrip("-").replace("-", "_").startswith("unet_")]
+    if other:
+        raise UserError(f"--arch {other[0]}: only the UNet's fields (unet_...) are trained here")
+    return apply_overrides(preset("insightedit", "toy"), arch).validate()
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--base", required=True, help="toy base folder (sd/ and clip/ are read)")
@@ -202,7 +214,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--eval-n", type=int, default=512, help="held-out captions to generate from")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--arch", action="append", default=[], metavar="FIELD=VALUE",
+                    help="a UNet field of the toy preset changed (repeatable), e.g. --arch unet_channels=64,128,128 "
+                         "--arch unet_layers_per_block=2; the editing stages then pass the same --FIELD=VALUE")
     args = ap.parse_args(argv)
+    cfg = unet_config(args.arch)
     from diffusers import AutoencoderKL
     from transformers import AutoTokenizer, CLIPModel, CLIPTextModel
 
@@ -212,7 +228,6 @@ def main(argv: list[str] | None = None) -> dict:
     base, out = Path(args.base), Path(args.out or args.base)
     if out != base:
         shutil.copytree(base, out, dirs_exist_ok=True)
-    cfg = preset("insightedit", "toy")
     vae = AutoencoderKL.from_pretrained(base / "sd", subfolder="vae").eval()
     cfg.vae_channels = tuple(vae.config.block_out_channels)  # the base's VAE fixes the latent size (factor 1 or 2)
     text_encoder = CLIPTextModel.from_pretrained(base / "sd", subfolder="text_encoder").eval()
@@ -222,11 +237,11 @@ def main(argv: list[str] | None = None) -> dict:
                                   args.lr, args.eval_n)
     shutil.rmtree(out / "sd" / "unet", ignore_errors=True)
     unet.save_pretrained(out / "sd" / "unet")
-    metrics.update(wall_time_s=time.time() - start, threads=args.threads)
+    metrics.update(wall_time_s=time.time() - start, threads=args.threads, arch=args.arch)
     (out / "t2i.json").write_text(json.dumps(metrics, indent=1) + "\n")
     log(f"t2i: {json.dumps(metrics)}")
     return metrics
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(lambda argv: main(argv) and 0)

@@ -224,3 +224,24 @@ def test_referring_task_names_the_shape_each_phrase_picks_out(run):
     right = [a for q, a in qa.items() if "rightmost shape" in q]
     assert left == ["the red square"] and right == ["the blue circle"]
     assert script.refer_examples(tok, 4, [{"source": "b.png", "objects": objs[:1]}], {"b.png": 0}, 4.8) == []
+
+
+def test_wider_text_to_image_prior_trains_and_the_editing_stage_loads_it(run, tmp_path, monkeypatch):
+    """pretrain_toy_unet.py --arch: a prior of other UNet widths is written, and an editing config with the same
+    field loads it (widened 4 -> 8 channels); a field outside the UNet is a one-line error before anything is
+    written."""
+    monkeypatch.setenv("MINEDIT_CACHE", str(tmp_path / "cache"))
+    spec = importlib.util.spec_from_file_location("pretrain_toy_unet", SCRIPT.parent / "pretrain_toy_unet.py")
+    t2i = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(t2i)
+    _, base, _ = run
+    wide = ["--arch", "unet_channels=64,128,128"]
+    metrics = t2i.main(["--base", str(base), "--out", str(tmp_path / "wide"), "--n", "40", "--steps", "2",
+                        "--eval-n", "4", *wide])
+    assert metrics["arch"] == ["unet_channels=64,128,128"]
+    sd = tmp_path / "wide" / "sd"
+    unet = build.build_unet(apply_overrides(preset("ip2p", "toy"), [f"--sd_path={sd}", wide[1]]).validate())
+    assert tuple(unet.config.block_out_channels) == (64, 128, 128) and unet.config.in_channels == 8
+    with pytest.raises(UserError, match="--arch lr=1: only the UNet's fields"):
+        t2i.main(["--base", str(base), "--out", str(tmp_path / "no"), "--arch", "lr=1"])
+    assert not (tmp_path / "no").exists()
