@@ -219,6 +219,9 @@ def main(argv: list[str] | None = None) -> dict:
                          "--arch unet_layers_per_block=2; the editing stages then pass the same --FIELD=VALUE")
     args = ap.parse_args(argv)
     cfg = unet_config(args.arch)
+    if args.arch and not args.out:
+        raise UserError("--arch without --out would replace the base's prior with one its preset does not match — "
+                        "pass --out DIR")
     from diffusers import AutoencoderKL
     from transformers import AutoTokenizer, CLIPModel, CLIPTextModel
 

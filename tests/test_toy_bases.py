@@ -245,3 +245,5 @@ def test_wider_text_to_image_prior_trains_and_the_editing_stage_loads_it(run, tm
     with pytest.raises(UserError, match="--arch lr=1: only the UNet's fields"):
         t2i.main(["--base", str(base), "--out", str(tmp_path / "no"), "--arch", "lr=1"])
     assert not (tmp_path / "no").exists()
+    with pytest.raises(UserError, match="--arch without --out"):
+        t2i.main(["--base", str(base), *wide])
