@@ -56,7 +56,7 @@ _TOY = dict(
 # the Q-Former output toward CLIP_text(optimized_instruction) and teacher-forces that condition into the UNet. The
 # toy diffusion loss alone hardly teaches the bridge which shape an edit names; with both, removals among several
 # shapes beat chance and success rose on the validation world (21.3 -> 25.0 %) and the held-out one (25.3 ->
-# 27.0 %), one seed — README, "Toy world results"; docs/DESIGN.md §4.
+# 27.0 %; a second seed 22.3 / 27.7 %) — README, "Toy world results"; docs/DESIGN.md §4.
 _TOY_RECIPE = {"insightedit": dict(qformer_explicit_weight=1.0, qformer_teacher_forcing=1.0)}
 # Stage 1 has its own learning rate: the papers' 2e-4 (stages 2-3: 1e-5); the toy world's 3e-4 (stages 2-3: 1e-3,
 # which beat 3e-4 on the validation world: ip2p with two training seeds, InsightEdit with one — README, lever study).
