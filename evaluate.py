@@ -224,9 +224,9 @@ def check_edits_stamp(pred_dir: str, a, cfg, settings: dict, making: bool) -> di
             old = json.load(f)
     except (OSError, ValueError):
         old = None  # none, or unreadable: the edits' origin is unknown, like edits made elsewhere
-    old = old if isinstance(old, dict) else None
+    old = {**STAMP_ADDED, **old} if isinstance(old, dict) else None
     if making and old is not None:
-        differ = [k for k in stamp if old.get(k, STAMP_ADDED.get(k)) != stamp[k]]
+        differ = [k for k in stamp if old.get(k) != stamp[k]]
         if differ:
             shown = ", ".join(f"{k} {old.get(k)!r} there, {stamp[k]!r} now" for k in differ[:3])
             raise UserError(f"--pred-dir {pred_dir} holds edits made with other settings ({shown}) — repeat that "
@@ -234,7 +234,7 @@ def check_edits_stamp(pred_dir: str, a, cfg, settings: dict, making: bool) -> di
     if making and old is None:
         fsio.write_text(path, json.dumps(stamp, indent=1) + "\n", "--pred-dir")
         old = stamp
-    return None if old is None else {k: old.get(k, STAMP_ADDED.get(k)) for k in [*settings, *STAMP_ADDED]}
+    return None if old is None else {k: old.get(k) for k in [*settings, *STAMP_ADDED]}
 
 
 def add_clip_scores(path, images, results, device):
