@@ -4,6 +4,7 @@
     python scripts/pretrain_toy_unet.py --base assets/toy/base --out runs/b2   # a copy of base with the new unet
     python scripts/pretrain_toy_unet.py --base assets/toy/base --out runs/wide --arch unet_channels=64,128,128
         # a wider prior; train.py then needs --sd_path=runs/wide/sd --unet_channels=64,128,128
+    python scripts/pretrain_toy_unet.py --base runs/wide --out runs/wide-eval --eval-only   # score a prior as it is
 
 InstructPix2Pix (and through it SmartEdit, InsightEdit, MIND-Edit) starts its editing UNet from Stable Diffusion,
 a UNet that already draws objects from text; the editing stage then only has to learn to copy the source and
@@ -24,6 +25,9 @@ steps at guidance 3:
   * CLIP retrieval: the toy CLIP picks the right caption for the generated image among 32 (real images: ~95 %);
   * colours named: every colour the caption names appears (>= 6 pixels within a small RGB distance), and the
     background colour covers most of the image — the parts of the scene a caption always fixes;
+  * shapes drawn: for each named object whose colour is its scene's only one, the pixels of that colour are
+    matched against every toy shape and size drawn near their centroid; right when the best match (IoU) is the
+    named shape — what additions and new-shape replacements need, and what the colour check cannot see;
   * a grid of generations (caption above each image) written next to the UNet.
 """
 from __future__ import annotations
@@ -47,7 +51,7 @@ from minedit.imagegrid import draw_grid  # noqa: E402
 from minedit.errors import UserError, run_cli  # noqa: E402
 from minedit.presets import apply_overrides, preset  # noqa: E402
 from minedit.sampler import to_pil  # noqa: E402
-from minedit.toy.phrases import BACKGROUNDS, COLOURS, tokenize_words  # noqa: E402
+from minedit.toy.looks import colours_right, shapes_right  # noqa: E402
 from minedit.toy.world import cached_world  # noqa: E402
 from pretrain_toy_bases import clip_retrieval, load_images, log, read_jsonl, schedule, step  # noqa: E402
 
@@ -84,13 +88,16 @@ def build_t2i_unet(cfg):
     return UNet2DConditionModel(**{**build.unet_kwargs(cfg), "in_channels": 4})
 
 
-def train_t2i(cfg, vae, context, null_context, images, steps: int, batch: int, lr: float, g: torch.Generator):
-    """v-prediction diffusion loss on (latent, caption context) pairs; returns the UNet and its loss history."""
+def train_t2i(cfg, vae, context, null_context, images, steps: int, batch: int, lr: float, g: torch.Generator,
+              probe=None, probe_every: int = 0):
+    """v-prediction diffusion loss on (latent, caption context) pairs; returns the UNet, its loss history and the
+    learning curve: probe(unet) every probe_every steps (sampling draws from its own generator, so the training
+    stream is the same with or without it)."""
     unet, scheduler = build_t2i_unet(cfg), build.build_noise_scheduler(cfg)
     mean, std = latent_moments(vae, images)
     scale = vae.config.scaling_factor
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
-    sched, history = schedule(opt, steps, max(1, steps // 20)), []
+    sched, history, curve = schedule(opt, steps, max(1, steps // 20)), [], []
     unet.train()
     for s in range(steps):
         idx = torch.randint(len(images), (batch,), generator=g)
@@ -105,7 +112,11 @@ def train_t2i(cfg, vae, context, null_context, images, steps: int, batch: int, l
         history.append(loss.item())
         if (s + 1) % 100 == 0:
             log(f"t2i step {s + 1}/{steps} loss {np.mean(history[-100:]):.4f}")
-    return unet.eval(), history
+        if probe is not None and probe_every and (s + 1) % probe_every == 0:
+            curve.append({"step": s + 1, "loss": float(np.mean(history[-100:])), **probe(unet.eval())})
+            log(f"t2i curve {json.dumps(curve[-1])}")
+            unet.train()
+    return unet.eval(), history, curve
 
 
 @torch.no_grad()
@@ -132,25 +143,9 @@ def generate(unet, vae, context, null_context, cfg, guidance: float = 3.0, steps
 
 # ----------------------------------------------------------------------------------------------------------------
 # Quality, the toy way
-def _named_colours(caption: str) -> tuple[str | None, list[str]]:
-    """(background colour, object colours) named by a toy caption ('a red circle on a gray background')."""
-    words = tokenize_words(caption)
-    bg = next((w for w, nxt in zip(words, words[1:] + [""]) if nxt == "background" and w in BACKGROUNDS), None)
-    objects = [w for w, nxt in zip(words, words[1:] + [""]) if w in COLOURS and nxt != "background"]
-    return bg, objects
-
-
-def colours_right(images: torch.Tensor, captions: list[str], near: float = 60.0, min_pixels: int = 6) -> float:
-    """Fraction of images in which every object colour the caption names covers >= min_pixels pixels within
-    `near` (RGB distance) of its palette value, and the named background colour covers >= 40 % of the image."""
-    pixels = ((images.permute(0, 2, 3, 1) + 1) * 127.5).reshape(len(images), -1, 3)  # N×HW×3
-    right = []
-    for px, cap in zip(pixels, captions):
-        bg, objects = _named_colours(cap)
-        cover = lambda rgb: (px - torch.tensor(rgb, dtype=px.dtype)).norm(dim=-1).lt(near)  # noqa: E731
-        ok = bg is None or cover(BACKGROUNDS[bg]).float().mean() >= 0.4
-        right.append(ok and all(int(cover(COLOURS[c]).sum()) >= min_pixels for c in objects))
-    return float(np.mean(right))
+def rgb(images: torch.Tensor) -> np.ndarray:
+    """N×3×H×W in [-1, 1] -> N×H×W×3 in 0..255, what `minedit.toy.looks` reads."""
+    return ((images.permute(0, 2, 3, 1) + 1) * 127.5).numpy()
 
 
 def grid(images: torch.Tensor, captions: list[str], path: Path, cols: int = 8, scale: int = 3) -> None:
@@ -160,37 +155,60 @@ def grid(images: torch.Tensor, captions: list[str], path: Path, cols: int = 8, s
     draw_grid([cells[k:k + cols] for k in range(0, len(cells), cols)], (side, side), lines=2, gap=4).save(path)
 
 
-def t2i_quality(unet, vae, text_encoder, tok, clip, cfg, eval_images, eval_captions, null_context, out: Path):
-    """Generate from held-out captions; CLIP retrieval and named colours, for generations and the real images."""
+def t2i_quality(unet, vae, text_encoder, tok, clip, cfg, eval_images, eval_rows, null_context, out: Path):
+    """Generate from held-out captions; CLIP retrieval, named colours and shapes, for generations and the real
+    images."""
+    eval_captions = [r["caption"] for r in eval_rows]
     context = encode_captions(text_encoder, tok, cfg, eval_captions)
     generated = generate(unet, vae, context, null_context, cfg)
     grid(generated[:32], eval_captions[:32], out / "t2i-grid.png")
     return {"eval_captions": len(eval_captions), "guidance": 3.0, "sampler": "DDIM, 25 steps",
             "clip_top1_in_32_generated": clip_retrieval(clip, tok, cfg, generated, eval_captions),
             "clip_top1_in_32_real": clip_retrieval(clip, tok, cfg, eval_images, eval_captions),
-            "colours_right_generated": colours_right(generated, eval_captions),
-            "colours_right_real": colours_right(eval_images, eval_captions)}
+            "colours_right_generated": colours_right(rgb(generated), eval_captions),
+            "colours_right_real": colours_right(rgb(eval_images), eval_captions),
+            "shapes_generated": shapes_right(rgb(generated), eval_rows),
+            "shapes_real": shapes_right(rgb(eval_images), eval_rows)}
+
+
+def held_out(cfg, seed: int, n: int, eval_n: int):
+    """The world's folder, its train (image, caption) pairs and its first eval_n held-out rows."""
+    root = Path(cached_world(seed=seed + 1000, n=n, size=cfg.resolution))
+    return root, read_jsonl(root / "captions.jsonl"), read_jsonl(root / "eval.jsonl")[:eval_n]
+
+
+def curve_probe(vae, text_encoder, tok, cfg, rows: list[dict], null_context):
+    """A cheap quality check for the learning curve: colours and shapes of generations from these rows' captions."""
+    context = encode_captions(text_encoder, tok, cfg, [r["caption"] for r in rows])
+
+    def probe(unet) -> dict:
+        generated = rgb(generate(unet, vae, context, null_context, cfg))
+        shapes = shapes_right(generated, rows)
+        return {"colours_right": colours_right(generated, [r["caption"] for r in rows]),
+                "shapes_right": shapes["right"], "shapes_mean_iou": shapes["mean_iou"]}
+    return probe
 
 
 def pretrain_unet(cfg, vae, text_encoder, tok, clip, out: Path, seed: int = 0, n: int = 24000, steps: int = 3000,
-                  batch: int = 32, lr: float = 1e-3, eval_n: int = 512):
+                  batch: int = 32, lr: float = 1e-3, eval_n: int = 512, curve_every: int = 0, curve_n: int = 128):
     """Train the 4-channel text-to-image UNet on the editing world's (image, caption) pairs; returns it and its
-    metrics (loss ends, held-out quality), writing the grid of generations to out/t2i-grid.png."""
+    metrics (loss ends, held-out quality, the learning curve if curve_every), writing the grid of generations to
+    out/t2i-grid.png."""
     g = torch.Generator().manual_seed(seed)
-    root = Path(cached_world(seed=seed + 1000, n=n, size=cfg.resolution))
-    caps, evals = read_jsonl(root / "captions.jsonl"), read_jsonl(root / "eval.jsonl")[:eval_n]
+    root, caps, evals = held_out(cfg, seed, n, eval_n)
     log(f"toy world {root}: {len(caps)} train (image, caption) pairs, {len(evals)} held-out captions")
     context = encode_captions(text_encoder, tok, cfg, [c["caption"] for c in caps])
     null_context = encode_captions(text_encoder, tok, cfg, [""])
-    unet, history = train_t2i(cfg, vae, context, null_context, load_images(root, [c["image"] for c in caps]),
-                              steps, batch, lr, g)
+    probe = curve_probe(vae, text_encoder, tok, cfg, evals[:curve_n], null_context) if curve_every else None
+    unet, history, curve = train_t2i(cfg, vae, context, null_context, load_images(root, [c["image"] for c in caps]),
+                                     steps, batch, lr, g, probe, curve_every)
     del context
     k = max(1, len(history) // 10)
     quality = t2i_quality(unet, vae, text_encoder, tok, clip, cfg, load_images(root, [r["source"] for r in evals]),
-                          [r["caption"] for r in evals], null_context, out)
+                          evals, null_context, out)
     return unet, {"steps": steps, "batch": batch, "lr": lr, "p_null": P_NULL, "world_n": n,
                   "train_pairs": len(caps), "loss_first": float(np.mean(history[:k])),
-                  "loss_last": float(np.mean(history[-k:])), **quality}
+                  "loss_last": float(np.mean(history[-k:])), **quality, **({"curve": curve} if curve else {})}
 
 
 def unet_config(arch: list[str]):
@@ -200,6 +218,21 @@ def unet_config(arch: list[str]):
     if other:
         raise UserError(f"--arch {other[0]}: only the UNet's fields (unet_...) are trained here")
     return apply_overrides(preset("insightedit", "toy"), arch).validate()
+
+
+def evaluate_prior(cfg, base: Path, vae, text_encoder, tok, clip, out: Path, args) -> dict:
+    """--eval-only: the held-out quality of the prior already in base/sd/unet, written to out/t2i-eval.json."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(base / "sd", subfolder="unet").eval()
+    root, _, evals = held_out(cfg, args.seed, args.n, args.eval_n)
+    null_context = encode_captions(text_encoder, tok, cfg, [""])
+    metrics = t2i_quality(unet, vae, text_encoder, tok, clip, cfg, load_images(root, [r["source"] for r in evals]),
+                          evals, null_context, out)
+    metrics.update(prior=str(base / "sd" / "unet"))
+    (out / "t2i-eval.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    log(f"t2i eval: {json.dumps(metrics)}")
+    return metrics
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -214,6 +247,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--eval-n", type=int, default=512, help="held-out captions to generate from")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--curve-every", type=int, default=0,
+                    help="every N steps, generate from the first --curve-n held-out captions and log colours and "
+                         "shapes right (a learning curve, in t2i.json; mid-run points are at that step's learning "
+                         "rate, not the end of a shorter schedule)")
+    ap.add_argument("--curve-n", type=int, default=128, help="held-out captions per learning-curve point")
+    ap.add_argument("--eval-only", action="store_true",
+                    help="score --base's sd/unet as it is (no training): the metrics go to OUT/t2i-eval.json and "
+                         "the grid to OUT/t2i-grid.png; needs --out, so a base's own grid is not replaced")
     ap.add_argument("--arch", action="append", default=[], metavar="FIELD=VALUE",
                     help="a UNet field of the toy preset changed (repeatable), e.g. --arch unet_channels=64,128,128 "
                          "--arch unet_layers_per_block=2; the editing stages then pass the same --FIELD=VALUE")
@@ -222,6 +263,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.arch and not args.out:
         raise UserError("--arch without --out would replace the base's prior with one its preset does not match — "
                         "pass --out DIR")
+    if args.eval_only and not args.out:
+        raise UserError("--eval-only writes its metrics and grid to a folder of their own — pass --out DIR")
     from diffusers import AutoencoderKL
     from transformers import AutoTokenizer, CLIPModel, CLIPTextModel
 
@@ -229,15 +272,19 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     base, out = Path(args.base), Path(args.out or args.base)
-    if out != base:
+    if args.eval_only:
+        out.mkdir(parents=True, exist_ok=True)
+    elif out != base:
         shutil.copytree(base, out, dirs_exist_ok=True)
     vae = AutoencoderKL.from_pretrained(base / "sd", subfolder="vae").eval()
     cfg.vae_channels = tuple(vae.config.block_out_channels)  # the base's VAE fixes the latent size (factor 1 or 2)
     text_encoder = CLIPTextModel.from_pretrained(base / "sd", subfolder="text_encoder").eval()
     tok = AutoTokenizer.from_pretrained(base / "sd" / "tokenizer")
     clip = CLIPModel.from_pretrained(base / "clip").eval()
+    if args.eval_only:
+        return evaluate_prior(cfg, base, vae, text_encoder, tok, clip, out, args)
     unet, metrics = pretrain_unet(cfg, vae, text_encoder, tok, clip, out, args.seed, args.n, args.steps, args.batch,
-                                  args.lr, args.eval_n)
+                                  args.lr, args.eval_n, args.curve_every, args.curve_n)
     shutil.rmtree(out / "sd" / "unet", ignore_errors=True)
     unet.save_pretrained(out / "sd" / "unet")
     metrics.update(wall_time_s=time.time() - start, threads=args.threads, arch=args.arch)

@@ -237,8 +237,17 @@ def test_wider_text_to_image_prior_trains_and_the_editing_stage_loads_it(run, tm
     _, base, _ = run
     wide = ["--arch", "unet_channels=64,128,128"]
     metrics = t2i.main(["--base", str(base), "--out", str(tmp_path / "wide"), "--n", "40", "--steps", "2",
-                        "--eval-n", "4", *wide])
+                        "--eval-n", "4", "--curve-every", "1", "--curve-n", "2", *wide])
     assert metrics["arch"] == ["unet_channels=64,128,128"]
+    assert [c["step"] for c in metrics["curve"]] == [1, 2] and metrics["shapes_real"]["right"] == 1.0
+    # --eval-only scores the prior as saved, in a folder of its own, and gives the final figures again
+    again = t2i.main(["--base", str(tmp_path / "wide"), "--out", str(tmp_path / "wide-eval"), "--n", "40",
+                      "--eval-n", "4", "--eval-only"])
+    assert again["shapes_generated"] == metrics["shapes_generated"]
+    assert again["clip_top1_in_32_generated"] == metrics["clip_top1_in_32_generated"]
+    assert (tmp_path / "wide-eval" / "t2i-eval.json").is_file() and not (tmp_path / "wide-eval" / "sd").exists()
+    with pytest.raises(UserError, match="--eval-only writes"):
+        t2i.main(["--base", str(tmp_path / "wide"), "--eval-only"])
     sd = tmp_path / "wide" / "sd"
     unet = build.build_unet(apply_overrides(preset("ip2p", "toy"), [f"--sd_path={sd}", wide[1]]).validate())
     assert tuple(unet.config.block_out_channels) == (64, 128, 128) and unet.config.in_channels == 8

@@ -1,0 +1,75 @@
+"""What a generated toy image shows: the colours and the shapes its caption names (the text-to-image prior's
+quality, measured the toy way; `scripts/pretrain_toy_unet.py` reports both).
+
+Images are numpy arrays N×H×W×3 with values in 0..255. The toy world draws exact palette colours with no
+anti-aliasing (`draw.py`), so a real image passes both checks exactly and a generated one passes as far as it
+draws the scene the caption describes.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .draw import footprint
+from .phrases import BACKGROUNDS, COLOURS, RADIUS, SHAPES, tokenize_words
+
+
+def named_colours(caption: str) -> tuple[str | None, list[str]]:
+    """(background colour, object colours) named by a toy caption ('a red circle on a gray background')."""
+    words = tokenize_words(caption)
+    bg = next((w for w, nxt in zip(words, words[1:] + [""]) if nxt == "background" and w in BACKGROUNDS), None)
+    objects = [w for w, nxt in zip(words, words[1:] + [""]) if w in COLOURS and nxt != "background"]
+    return bg, objects
+
+
+def near_colour(image: np.ndarray, rgb, near: float = 60.0) -> np.ndarray:
+    """H×W mask of the pixels within `near` (RGB distance) of a palette colour."""
+    return np.linalg.norm(image.astype(np.float64) - np.asarray(rgb, dtype=np.float64), axis=-1) < near
+
+
+def colours_right(images: np.ndarray, captions: list[str], min_pixels: int = 6) -> float:
+    """Fraction of images in which every object colour the caption names covers >= min_pixels pixels near its
+    palette value, and the named background colour covers >= 40 % of the image."""
+    right = []
+    for img, cap in zip(images, captions):
+        bg, objects = named_colours(cap)
+        ok = bg is None or near_colour(img, BACKGROUNDS[bg]).mean() >= 0.4
+        right.append(ok and all(int(near_colour(img, COLOURS[c]).sum()) >= min_pixels for c in objects))
+    return float(np.mean(right))
+
+
+def best_shape(mask: np.ndarray, reach: int = 2) -> tuple[str, float]:
+    """(shape, IoU) of the toy shape, of either size, centred within `reach` px of the mask's centroid, that best
+    matches a binary H×W mask: a template classifier for one coloured region (chance 1 in 5)."""
+    ys, xs = np.nonzero(mask)
+    cx, cy, best = int(round(xs.mean())), int(round(ys.mean())), ("", 0.0)
+    for shape in SHAPES:
+        for size_word in RADIUS:
+            for dx in range(-reach, reach + 1):
+                for dy in range(-reach, reach + 1):
+                    fp = footprint({"shape": shape, "size": size_word, "x": cx + dx, "y": cy + dy}, mask.shape[0])
+                    iou = float((fp & mask).sum() / (fp | mask).sum())
+                    if iou > best[1]:
+                        best = (shape, iou)
+    return best
+
+
+def shapes_right(images: np.ndarray, rows: list[dict], min_pixels: int = 6) -> dict:
+    """For each object of a toy scene row whose colour is its own in the scene (no other object and not the
+    background has it) and whose colour and shape the row's caption names: is the region of that colour best
+    matched by the object's shape? A colour that is missing counts wrong. Returns the number of objects, the
+    fraction right (overall and per shape) and the mean IoU of the best matches (how crisp the drawn shapes are)."""
+    per_shape, ious = {}, []
+    for img, row in zip(images, rows):
+        words = set(tokenize_words(row["caption"]))
+        colours = [o["colour"] for o in row["objects"]]
+        for o in row["objects"]:
+            if colours.count(o["colour"]) > 1 or o["colour"] == row["background"] or not {o["colour"], o["shape"]} <= words:
+                continue
+            mask = near_colour(img, COLOURS[o["colour"]])
+            shape, iou = best_shape(mask) if mask.sum() >= min_pixels else ("", 0.0)
+            per_shape.setdefault(o["shape"], []).append(shape == o["shape"])
+            ious.append(iou)
+    hits = [h for v in per_shape.values() for h in v]
+    return {"objects": len(hits), "right": float(np.mean(hits)) if hits else 0.0,
+            "mean_iou": float(np.mean(ious)) if ious else 0.0,
+            "by_shape": {k: float(np.mean(v)) for k, v in sorted(per_shape.items())}}

@@ -1,0 +1,53 @@
+"""minedit/toy/looks.py: the colour and shape checks of a generated toy image pass every real scene exactly,
+fail a scene drawn with the wrong shapes object by object, and fail an empty background."""
+import json
+
+import numpy as np
+import pytest
+
+from minedit.toy.draw import render
+from minedit.toy.looks import best_shape, colours_right, shapes_right
+from minedit.toy.world import generate
+
+
+@pytest.fixture(scope="module")
+def rows(tmp_path_factory):
+    out = tmp_path_factory.mktemp("world")
+    generate(out, 60, seed=3)
+    return [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()] + \
+           [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()][:40]
+
+
+def draw(rows, swap=None, size=32):
+    """Each row's source scene rendered again, every object's shape replaced by swap(shape) when given."""
+    scenes = [[{**o, "shape": swap(o["shape"]) if swap else o["shape"]} for o in r["objects"]] for r in rows]
+    return np.stack([np.asarray(render(r["background"], objs, size)) for r, objs in zip(rows, scenes)])
+
+
+def test_real_scenes_pass_exactly(rows):
+    shapes = shapes_right(draw(rows), rows)
+    assert shapes["objects"] >= 40  # enough objects with a colour of their own to mean something
+    assert shapes["right"] == 1.0 and shapes["mean_iou"] == pytest.approx(1.0)
+    assert colours_right(draw(rows), [r["caption"] for r in rows]) == 1.0
+
+
+def test_wrong_shapes_fail_object_by_object(rows):
+    """Every shape drawn as the next one in a cycle: each counted object is wrong."""
+    cycle = {"circle": "square", "square": "triangle", "triangle": "diamond", "diamond": "star", "star": "circle"}
+    shapes = shapes_right(draw(rows, cycle.get), rows)
+    assert shapes["right"] == 0.0 and set(shapes["by_shape"].values()) == {0.0}
+    # colours stay right: the colour check cannot see shapes, which is why the shape check exists
+    assert colours_right(draw(rows, cycle.get), [r["caption"] for r in rows]) == 1.0
+
+
+def test_a_blank_background_has_neither(rows):
+    blank = np.stack([np.asarray(render(r["background"], [], 32)) for r in rows])
+    assert shapes_right(blank, rows)["right"] == 0.0
+    assert colours_right(blank, [r["caption"] for r in rows]) < 0.1
+
+
+def test_best_shape_finds_a_lone_shape_off_its_centroid():
+    """A triangle's centroid is not its drawing centre; the search around it still finds the exact template."""
+    img = np.asarray(render("white", [{"shape": "triangle", "size": "large", "x": 15, "y": 14, "colour": "red"}], 32))
+    mask = (img != 255).any(-1)
+    assert best_shape(mask) == ("triangle", pytest.approx(1.0))
