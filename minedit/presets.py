@@ -80,25 +80,31 @@ def preset(recipe: str = "insightedit", name: str = "toy", stage: int | None = N
     return cfg
 
 
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError
+
+
 def _parse_value(f: dataclasses.Field, text: str):
     kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
     try:
         if kind == "bool":
-            if text.lower() in ("1", "true", "yes", "on"):
-                return True
-            if text.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError
+            return _parse_bool(text)
         if kind == "int":
             return int(text)
         if kind == "float":
             return float(text)
-        if kind == "tuple":
-            items = [s for s in text.replace("(", "").replace(")", "").split(",") if s.strip()]
-            return tuple(s.strip() == "True" if s.strip() in ("True", "False") else int(s) for s in items)
+        if kind == "tuple":  # items read as the default's are: integers (block widths) or booleans (which blocks)
+            items = [s.strip() for s in text.replace("(", "").replace(")", "").split(",") if s.strip()]
+            of_bools = isinstance(f.default, tuple) and all(isinstance(v, bool) for v in f.default)
+            return tuple(_parse_bool(s) if of_bools else int(s) for s in items)
         return text
     except ValueError:
-        raise ConfigError(f"--{f.name}={text}: expected a {kind}") from None
+        example = f" like {','.join(str(v).lower() for v in f.default)}" if kind == "tuple" else ""
+        raise ConfigError(f"--{f.name}={text}: expected a {kind}{example}") from None
 
 
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:

@@ -83,6 +83,20 @@ def test_preset_is_the_one_name_for_toy_or_full():
         apply_overrides(preset(), ["--config", "full"])
 
 
+def test_tuple_fields_read_their_items_as_scalar_flags_of_that_type_are_read():
+    """A tuple of booleans takes true/false/1/0/yes/no/on/off in any case, like every boolean flag, and a tuple of
+    integers integers; a bad item names the field and shows its default's form."""
+    cfg = apply_overrides(preset("ip2p", "toy"), ["--unet_cross_attn_blocks=true,True,1", "--unet_channels=(64, 128,128)"])
+    assert cfg.unet_cross_attn_blocks == (True, True, True) and cfg.unet_channels == (64, 128, 128)
+    assert all(type(v) is bool for v in cfg.unet_cross_attn_blocks)
+    cfg = apply_overrides(cfg, ["--unet_cross_attn_blocks=off,yes,FALSE"])
+    assert cfg.unet_cross_attn_blocks == (False, True, False)
+    with pytest.raises(ConfigError, match=r"--unet_channels=64,wide: expected a tuple like 320,640,1280,1280"):
+        apply_overrides(cfg, ["--unet_channels=64,wide"])
+    with pytest.raises(ConfigError, match=r"expected a tuple like true,true,true,false"):
+        apply_overrides(cfg, ["--unet_cross_attn_blocks=2,0,1"])
+
+
 @pytest.mark.slow
 def test_old_config_flag_fails_in_one_line_naming_the_new_one():
     p = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--config", "full", "--dry-run"],
