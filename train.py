@@ -33,6 +33,7 @@ from minedit.config import HELP, PRESETS, RECIPES, Config
 from minedit.confighelp import field_help
 from minedit.errors import UserError, run_cli
 from minedit.presets import apply_overrides, preset
+from minedit.stages import random_for_good
 
 # Config fields that also have a conventional dashed flag.
 FLAG_FIELDS = ("max_steps", "save_every", "sample_every", "precision", "batch_size", "grad_accum", "lr", "seed")
@@ -269,8 +270,9 @@ def save(out: str, cfg, model, opt: Optim, p: Progress, rt) -> None:
     rt.barrier()
 
 
-def announce(out: str, cfg, rt, table, n_samples: int) -> None:
-    """The parameter table and the batch arithmetic on the console; the run's config.json in --out."""
+def announce(out: str, cfg, rt, table, n_samples: int, fresh: bool) -> None:
+    """The parameter table and the batch arithmetic on the console; the run's config.json in --out; a warning
+    when a fresh run (no --init or --resume) leaves a base model random for good."""
     from minedit.model import format_param_table
 
     if rt.is_main:
@@ -279,6 +281,11 @@ def announce(out: str, cfg, rt, table, n_samples: int) -> None:
         print(f"effective batch {global_batch} = {cfg.batch_size} per device × {cfg.grad_accum} accumulation × "
               f"{rt.world_size} process(es); {n_samples} samples; device {rt.device}, {cfg.precision}")
         fsio.write_text(os.path.join(out, "config.json"), cfg.to_json())
+        if fresh and (never := random_for_good(cfg, table)):
+            print(f"warning: {', '.join(never)} built at random and trained in no stage (no --sd_path / --mllm_path "
+                  f"/ --clip_path): the model cannot learn through them — for the toy world pass its bases: "
+                  f"--sd_path=assets/toy/base/sd --mllm_path=assets/toy/base/mllm --clip_path=assets/toy/base/clip",
+                  file=sys.stderr)
 
 
 def data_loader(data, weights, cfg, rt, draw: int):
@@ -347,7 +354,7 @@ def main(argv=None) -> int:
     model.to(rt.device)
     opt = Optim.build(model, cfg, rt)
     p, rng = resume(args.out, cfg, model, opt, rt) if args.resume else (Progress(), None)
-    announce(args.out, cfg, rt, table, len(data))
+    announce(args.out, cfg, rt, table, len(data), fresh=not (args.init or args.resume))
     loader = data_loader(data, weights, cfg, rt, p.draw)
     net = torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None) if rt.distributed else model

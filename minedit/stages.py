@@ -34,6 +34,19 @@ def trainable_parts(cfg: Config, stage: int) -> set:
     return parts
 
 
+def built_from_config(cfg: Config) -> set:
+    """The base models built at random from the config because no path names pretrained weights for them."""
+    return {base for base, path in (("mllm", cfg.mllm_path), ("unet", cfg.sd_path), ("vae", cfg.sd_path),
+                                    ("text_encoder", cfg.sd_path), ("image_encoder", cfg.clip_path)) if not path}
+
+
+def random_for_good(cfg: Config, parts) -> list[str]:
+    """The parts (of `parts`) built at random from the config that no stage of the recipe trains: they stay random,
+    which suits the tests' tiny models and nothing meant to learn (a random frozen VAE gives the UNet noise to fit)."""
+    trained = set().union(*(trainable_parts(cfg, s) for s in cfg.stages))
+    return sorted(p for p in parts if p in built_from_config(cfg) and p not in trained)
+
+
 def saved_parts(cfg: Config, stage: int, parts) -> set:
     """The parts (of `parts`) a checkpoint of `stage` holds whole: every part trained in this or an earlier stage
     (so one folder serves inference and the next stage), the LoRA adapters, and a base model built from the
@@ -42,8 +55,7 @@ def saved_parts(cfg: Config, stage: int, parts) -> set:
     trained = set().union(*(STAGE_TRAINABLE[(cfg.recipe, s)] for s in cfg.stages if s <= stage))
     if cfg.train_text_encoder and "unet" in trained:
         trained.add("text_encoder")
-    built = {base for base, path in (("mllm", cfg.mllm_path), ("unet", cfg.sd_path), ("vae", cfg.sd_path),
-                                     ("text_encoder", cfg.sd_path), ("image_encoder", cfg.clip_path)) if not path}
+    built = built_from_config(cfg)
     base_of = {"unet.ip": "unet", "mm_rows": "mllm"}
     return {p for p in parts if base_of.get(p, p) in built or (p != "mm_rows" and (p in trained or p == "lora"))}
 
