@@ -51,3 +51,15 @@ def test_best_shape_finds_a_lone_shape_off_its_centroid():
     img = np.asarray(render("white", [{"shape": "triangle", "size": "large", "x": 15, "y": 14, "colour": "red"}], 32))
     mask = (img != 255).any(-1)
     assert best_shape(mask) == ("triangle", pytest.approx(1.0))
+
+
+def test_a_stray_copy_does_not_hide_the_drawn_shape():
+    """Only the largest region of the colour is judged: a star with a stray 2-pixel speck of its colour is still a
+    star, and a blob beside a star that is larger than it decides the call."""
+    star = {"shape": "star", "size": "large", "x": 10, "y": 10, "colour": "blue"}
+    img = np.asarray(render("white", [star], 32)).copy()
+    img[28, 28:30] = (30, 70, 230)
+    row = {"caption": "a blue star on a white background", "objects": [star], "background": "white"}
+    assert shapes_right(img[None], [row])["right"] == 1.0
+    img = np.asarray(render("white", [star, {**star, "shape": "circle", "x": 22, "y": 22, "size": "large"}], 32))
+    assert shapes_right(img[None], [row])["right"] == 0.0

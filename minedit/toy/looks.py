@@ -37,6 +37,28 @@ def colours_right(images: np.ndarray, captions: list[str], min_pixels: int = 6) 
     return float(np.mean(right))
 
 
+def largest_region(mask: np.ndarray) -> np.ndarray:
+    """The largest 4-connected region of a binary H×W mask (the whole mask when it is one region or empty)."""
+    seen, best = np.zeros_like(mask, dtype=bool), np.zeros_like(mask, dtype=bool)
+    h, w = mask.shape
+    for y0, x0 in zip(*np.nonzero(mask)):
+        if seen[y0, x0]:
+            continue
+        region, stack = [], [(y0, x0)]
+        seen[y0, x0] = True
+        while stack:
+            y, x = stack.pop()
+            region.append((y, x))
+            for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+                if 0 <= ny < h and 0 <= nx < w and mask[ny, nx] and not seen[ny, nx]:
+                    seen[ny, nx] = True
+                    stack.append((ny, nx))
+        if len(region) > best.sum():
+            best = np.zeros_like(mask, dtype=bool)
+            best[tuple(np.array(region).T)] = True
+    return best
+
+
 def best_shape(mask: np.ndarray, reach: int = 2) -> tuple[str, float]:
     """(shape, IoU) of the toy shape, of either size, centred within `reach` px of the mask's centroid, that best
     matches a binary H×W mask: a template classifier for one coloured region (chance 1 in 5)."""
@@ -55,8 +77,9 @@ def best_shape(mask: np.ndarray, reach: int = 2) -> tuple[str, float]:
 
 def shapes_right(images: np.ndarray, rows: list[dict], min_pixels: int = 6) -> dict:
     """For each object of a toy scene row whose colour is its own in the scene (no other object and not the
-    background has it) and whose colour and shape the row's caption names: is the region of that colour best
-    matched by the object's shape? A colour that is missing counts wrong. Returns the number of objects, the
+    background has it) and whose colour and shape the row's caption names: is the largest region of that colour
+    best matched by the object's shape? (Stray copies are a counting error, not a drawing one, so only the largest
+    region is judged.) A colour that is missing counts wrong. Returns the number of objects, the
     fraction right (overall and per shape) and the mean IoU of the best matches (how crisp the drawn shapes are)."""
     per_shape, ious = {}, []
     for img, row in zip(images, rows):
@@ -65,7 +88,7 @@ def shapes_right(images: np.ndarray, rows: list[dict], min_pixels: int = 6) -> d
         for o in row["objects"]:
             if colours.count(o["colour"]) > 1 or o["colour"] == row["background"] or not {o["colour"], o["shape"]} <= words:
                 continue
-            mask = near_colour(img, COLOURS[o["colour"]])
+            mask = largest_region(near_colour(img, COLOURS[o["colour"]]))
             shape, iou = best_shape(mask) if mask.sum() >= min_pixels else ("", 0.0)
             per_shape.setdefault(o["shape"], []).append(shape == o["shape"])
             ious.append(iou)
