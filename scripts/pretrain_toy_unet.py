@@ -5,6 +5,7 @@
     python scripts/pretrain_toy_unet.py --base assets/toy/base --out runs/wide --arch unet_channels=64,128,128
         # a wider prior; train.py then needs --sd_path=runs/wide/sd --unet_channels=64,128,128
     python scripts/pretrain_toy_unet.py --base runs/wide --out runs/wide-eval --eval-only   # score a prior as it is
+    python scripts/pretrain_toy_unet.py --base runs/long --out runs/long2 --continue --steps 3000  # train it further
 
 InstructPix2Pix (and through it SmartEdit, InsightEdit, MIND-Edit) starts its editing UNet from Stable Diffusion,
 a UNet that already draws objects from text; the editing stage then only has to learn to copy the source and
@@ -89,11 +90,12 @@ def build_t2i_unet(cfg):
 
 
 def train_t2i(cfg, vae, context, null_context, images, steps: int, batch: int, lr: float, g: torch.Generator,
-              probe=None, probe_every: int = 0):
-    """v-prediction diffusion loss on (latent, caption context) pairs; returns the UNet, its loss history and the
-    learning curve: probe(unet) every probe_every steps (sampling draws from its own generator, so the training
-    stream is the same with or without it)."""
-    unet, scheduler = build_t2i_unet(cfg), build.build_noise_scheduler(cfg)
+              probe=None, probe_every: int = 0, start=None):
+    """v-prediction diffusion loss on (latent, caption context) pairs, from `start` (a UNet) or a fresh one;
+    returns the UNet, its loss history and the learning curve: probe(unet) every probe_every steps (sampling
+    draws from its own generator, so the training stream is the same with or without it)."""
+    unet = start if start is not None else build_t2i_unet(cfg)
+    scheduler = build.build_noise_scheduler(cfg)
     mean, std = latent_moments(vae, images)
     scale = vae.config.scaling_factor
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
@@ -190,7 +192,8 @@ def curve_probe(vae, text_encoder, tok, cfg, rows: list[dict], null_context):
 
 
 def pretrain_unet(cfg, vae, text_encoder, tok, clip, out: Path, seed: int = 0, n: int = 24000, steps: int = 3000,
-                  batch: int = 32, lr: float = 1e-3, eval_n: int = 512, curve_every: int = 0, curve_n: int = 128):
+                  batch: int = 32, lr: float = 1e-3, eval_n: int = 512, curve_every: int = 0, curve_n: int = 128,
+                  start=None):
     """Train the 4-channel text-to-image UNet on the editing world's (image, caption) pairs; returns it and its
     metrics (loss ends, held-out quality, the learning curve if curve_every), writing the grid of generations to
     out/t2i-grid.png."""
@@ -201,7 +204,7 @@ def pretrain_unet(cfg, vae, text_encoder, tok, clip, out: Path, seed: int = 0, n
     null_context = encode_captions(text_encoder, tok, cfg, [""])
     probe = curve_probe(vae, text_encoder, tok, cfg, evals[:curve_n], null_context) if curve_every else None
     unet, history, curve = train_t2i(cfg, vae, context, null_context, load_images(root, [c["image"] for c in caps]),
-                                     steps, batch, lr, g, probe, curve_every)
+                                     steps, batch, lr, g, probe, curve_every, start)
     del context
     k = max(1, len(history) // 10)
     quality = t2i_quality(unet, vae, text_encoder, tok, clip, cfg, load_images(root, [r["source"] for r in evals]),
@@ -220,11 +223,16 @@ def unet_config(arch: list[str]):
     return apply_overrides(preset("insightedit", "toy"), arch).validate()
 
 
-def evaluate_prior(cfg, base: Path, vae, text_encoder, tok, clip, out: Path, args) -> dict:
-    """--eval-only: the held-out quality of the prior already in base/sd/unet, written to out/t2i-eval.json."""
+def load_prior(base: Path):
+    """The text-to-image UNet saved in base/sd/unet."""
     from diffusers import UNet2DConditionModel
 
-    unet = UNet2DConditionModel.from_pretrained(base / "sd", subfolder="unet").eval()
+    return UNet2DConditionModel.from_pretrained(base / "sd", subfolder="unet").eval()
+
+
+def evaluate_prior(cfg, base: Path, vae, text_encoder, tok, clip, out: Path, args) -> dict:
+    """--eval-only: the held-out quality of the prior already in base/sd/unet, written to out/t2i-eval.json."""
+    unet = load_prior(base)
     root, _, evals = held_out(cfg, args.seed, args.n, args.eval_n)
     null_context = encode_captions(text_encoder, tok, cfg, [""])
     metrics = t2i_quality(unet, vae, text_encoder, tok, clip, cfg, load_images(root, [r["source"] for r in evals]),
@@ -252,6 +260,10 @@ def main(argv: list[str] | None = None) -> dict:
                          "shapes right (a learning curve, in t2i.json; mid-run points are at that step's learning "
                          "rate, not the end of a shorter schedule)")
     ap.add_argument("--curve-n", type=int, default=128, help="held-out captions per learning-curve point")
+    ap.add_argument("--continue", dest="resume_prior", action="store_true",
+                    help="train --base's own sd/unet further instead of a fresh one (a warm restart: a new warm-up "
+                         "and cosine over --steps; the saved architecture is kept, so no --arch) — a long prior in "
+                         "time-boxed pieces")
     ap.add_argument("--eval-only", action="store_true",
                     help="score --base's sd/unet as it is (no training): the metrics go to OUT/t2i-eval.json and "
                          "the grid to OUT/t2i-grid.png; needs --out, so a base's own grid is not replaced")
@@ -263,6 +275,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.arch and not args.out:
         raise UserError("--arch without --out would replace the base's prior with one its preset does not match — "
                         "pass --out DIR")
+    if args.resume_prior and args.arch:
+        raise UserError("--continue keeps the saved UNet's architecture — drop --arch")
     if args.eval_only and not args.out:
         raise UserError("--eval-only writes its metrics and grid to a folder of their own — pass --out DIR")
     from diffusers import AutoencoderKL
@@ -283,11 +297,16 @@ def main(argv: list[str] | None = None) -> dict:
     clip = CLIPModel.from_pretrained(base / "clip").eval()
     if args.eval_only:
         return evaluate_prior(cfg, base, vae, text_encoder, tok, clip, out, args)
+    start_unet = load_prior(base) if args.resume_prior else None
     unet, metrics = pretrain_unet(cfg, vae, text_encoder, tok, clip, out, args.seed, args.n, args.steps, args.batch,
-                                  args.lr, args.eval_n, args.curve_every, args.curve_n)
+                                  args.lr, args.eval_n, args.curve_every, args.curve_n, start_unet)
     shutil.rmtree(out / "sd" / "unet", ignore_errors=True)
     unet.save_pretrained(out / "sd" / "unet")
     metrics.update(wall_time_s=time.time() - start, threads=args.threads, arch=args.arch)
+    if args.resume_prior:  # steps in all, through every piece
+        before = json.loads((base / "t2i.json").read_text()) if (base / "t2i.json").is_file() else {}
+        done = before.get("steps_total", before.get("steps", 0))
+        metrics.update(continued_from=str(base), steps_total=done + args.steps)
     (out / "t2i.json").write_text(json.dumps(metrics, indent=1) + "\n")
     log(f"t2i: {json.dumps(metrics)}")
     return metrics

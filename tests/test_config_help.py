@@ -86,7 +86,8 @@ def test_preset_is_the_one_name_for_toy_or_full():
 def test_tuple_fields_read_their_items_as_scalar_flags_of_that_type_are_read():
     """A tuple of booleans takes true/false/1/0/yes/no/on/off in any case, like every boolean flag, and a tuple of
     integers integers; a bad item names the field and shows its default's form."""
-    cfg = apply_overrides(preset("ip2p", "toy"), ["--unet_cross_attn_blocks=true,True,1", "--unet_channels=(64, 128,128)"])
+    cfg = apply_overrides(preset("ip2p", "toy"), ["--unet_cross_attn_blocks=true,True,1",
+                                                  "--unet_channels=(64, 128,128)"])
     assert cfg.unet_cross_attn_blocks == (True, True, True) and cfg.unet_channels == (64, 128, 128)
     assert all(type(v) is bool for v in cfg.unet_cross_attn_blocks)
     cfg = apply_overrides(cfg, ["--unet_cross_attn_blocks=off,yes,FALSE"])

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoTokenizer, CLIPModel, CLIPTextModel, CLIPVisionModelWithProjection
 
 from minedit import build
@@ -248,6 +249,14 @@ def test_wider_text_to_image_prior_trains_and_the_editing_stage_loads_it(run, tm
     assert (tmp_path / "wide-eval" / "t2i-eval.json").is_file() and not (tmp_path / "wide-eval" / "sd").exists()
     with pytest.raises(UserError, match="--eval-only writes"):
         t2i.main(["--base", str(tmp_path / "wide"), "--eval-only"])
+    # --continue trains the saved UNet further (lr 0: it comes back unchanged, where a fresh one would not)
+    more = t2i.main(["--base", str(tmp_path / "wide"), "--out", str(tmp_path / "more"), "--n", "40", "--steps", "1",
+                     "--eval-n", "4", "--lr", "0", "--continue"])
+    assert more["steps_total"] == 3 and more["shapes_generated"] == metrics["shapes_generated"]
+    saved = [load_file(tmp_path / d / "sd" / "unet" / "diffusion_pytorch_model.safetensors") for d in ("wide", "more")]
+    assert all(torch.equal(saved[0][k], saved[1][k]) for k in saved[0])
+    with pytest.raises(UserError, match="--continue keeps the saved UNet's architecture"):
+        t2i.main(["--base", str(tmp_path / "wide"), "--out", str(tmp_path / "no"), "--continue", *wide])
     sd = tmp_path / "wide" / "sd"
     unet = build.build_unet(apply_overrides(preset("ip2p", "toy"), [f"--sd_path={sd}", wide[1]]).validate())
     assert tuple(unet.config.block_out_channels) == (64, 128, 128) and unet.config.in_channels == 8

@@ -86,7 +86,8 @@ def shapes_right(images: np.ndarray, rows: list[dict], min_pixels: int = 6) -> d
         words = set(tokenize_words(row["caption"]))
         colours = [o["colour"] for o in row["objects"]]
         for o in row["objects"]:
-            if colours.count(o["colour"]) > 1 or o["colour"] == row["background"] or not {o["colour"], o["shape"]} <= words:
+            own = colours.count(o["colour"]) == 1 and o["colour"] != row["background"]
+            if not own or not {o["colour"], o["shape"]} <= words:
                 continue
             mask = largest_region(near_colour(img, COLOURS[o["colour"]]))
             shape, iou = best_shape(mask) if mask.sum() >= min_pixels else ("", 0.0)
