@@ -157,20 +157,21 @@ def grid(images: torch.Tensor, captions: list[str], path: Path, cols: int = 8, s
     draw_grid([cells[k:k + cols] for k in range(0, len(cells), cols)], (side, side), lines=2, gap=4).save(path)
 
 
-def t2i_quality(unet, vae, text_encoder, tok, clip, cfg, eval_images, eval_rows, null_context, out: Path):
+def t2i_quality(unet, vae, text_encoder, tok, clip, cfg, root: Path, eval_rows, null_context, out: Path):
     """Generate from held-out captions; CLIP retrieval, named colours and shapes, for generations and the real
-    images."""
+    images (the rows' sources in the world folder `root`)."""
     eval_captions = [r["caption"] for r in eval_rows]
+    eval_images = load_images(root, [r["source"] for r in eval_rows])
     context = encode_captions(text_encoder, tok, cfg, eval_captions)
     generated = generate(unet, vae, context, null_context, cfg)
     grid(generated[:32], eval_captions[:32], out / "t2i-grid.png")
-    return {"eval_captions": len(eval_captions), "guidance": 3.0, "sampler": "DDIM, 25 steps",
-            "clip_top1_in_32_generated": clip_retrieval(clip, tok, cfg, generated, eval_captions),
-            "clip_top1_in_32_real": clip_retrieval(clip, tok, cfg, eval_images, eval_captions),
-            "colours_right_generated": colours_right(rgb(generated), eval_captions),
-            "colours_right_real": colours_right(rgb(eval_images), eval_captions),
-            "shapes_generated": shapes_right(rgb(generated), eval_rows),
-            "shapes_real": shapes_right(rgb(eval_images), eval_rows)}
+    metrics = {"eval_captions": len(eval_captions), "guidance": 3.0, "sampler": "DDIM, 25 steps"}
+    for name, images in (("generated", generated), ("real", eval_images)):
+        pixels = rgb(images)
+        metrics.update({f"clip_top1_in_32_{name}": clip_retrieval(clip, tok, cfg, images, eval_captions),
+                        f"colours_right_{name}": colours_right(pixels, eval_captions),
+                        f"shapes_{name}": shapes_right(pixels, eval_rows)})
+    return metrics
 
 
 def held_out(cfg, seed: int, n: int, eval_n: int):
@@ -207,8 +208,7 @@ def pretrain_unet(cfg, vae, text_encoder, tok, clip, out: Path, seed: int = 0, n
                                      steps, batch, lr, g, probe, curve_every, start)
     del context
     k = max(1, len(history) // 10)
-    quality = t2i_quality(unet, vae, text_encoder, tok, clip, cfg, load_images(root, [r["source"] for r in evals]),
-                          evals, null_context, out)
+    quality = t2i_quality(unet, vae, text_encoder, tok, clip, cfg, root, evals, null_context, out)
     return unet, {"steps": steps, "batch": batch, "lr": lr, "p_null": P_NULL, "world_n": n,
                   "train_pairs": len(caps), "loss_first": float(np.mean(history[:k])),
                   "loss_last": float(np.mean(history[-k:])), **quality, **({"curve": curve} if curve else {})}
@@ -235,8 +235,7 @@ def evaluate_prior(cfg, base: Path, vae, text_encoder, tok, clip, out: Path, arg
     unet = load_prior(base)
     root, _, evals = held_out(cfg, args.seed, args.n, args.eval_n)
     null_context = encode_captions(text_encoder, tok, cfg, [""])
-    metrics = t2i_quality(unet, vae, text_encoder, tok, clip, cfg, load_images(root, [r["source"] for r in evals]),
-                          evals, null_context, out)
+    metrics = t2i_quality(unet, vae, text_encoder, tok, clip, cfg, root, evals, null_context, out)
     metrics.update(prior=str(base / "sd" / "unet"))
     (out / "t2i-eval.json").write_text(json.dumps(metrics, indent=1) + "\n")
     log(f"t2i eval: {json.dumps(metrics)}")

@@ -39,7 +39,7 @@ def colours_right(images: np.ndarray, captions: list[str], min_pixels: int = 6) 
 
 def largest_region(mask: np.ndarray) -> np.ndarray:
     """The largest 4-connected region of a binary H×W mask (the whole mask when it is one region or empty)."""
-    seen, best = np.zeros_like(mask, dtype=bool), np.zeros_like(mask, dtype=bool)
+    seen, largest = np.zeros_like(mask, dtype=bool), []
     h, w = mask.shape
     for y0, x0 in zip(*np.nonzero(mask)):
         if seen[y0, x0]:
@@ -53,9 +53,10 @@ def largest_region(mask: np.ndarray) -> np.ndarray:
                 if 0 <= ny < h and 0 <= nx < w and mask[ny, nx] and not seen[ny, nx]:
                     seen[ny, nx] = True
                     stack.append((ny, nx))
-        if len(region) > best.sum():
-            best = np.zeros_like(mask, dtype=bool)
-            best[tuple(np.array(region).T)] = True
+        largest = max(largest, region, key=len)
+    best = np.zeros_like(mask, dtype=bool)
+    if largest:
+        best[tuple(np.array(largest).T)] = True
     return best
 
 
