@@ -6,7 +6,8 @@ removes its temporary file and becomes one `UserError` naming the path, what fai
 
     no space left on device writing RUN/ckpt-0000020 (needs ~21 MB) — free space or choose another --out
 
-Used by checkpoints, log.jsonl, sample grids, infer.py's edits and evaluate.py's edits and results.
+Used by checkpoints, log.jsonl, sample grids, infer.py's edits, evaluate.py's edits and results, and a toy prior's
+UNet folder (`replace_dir`).
 """
 from __future__ import annotations
 
@@ -73,6 +74,28 @@ def atomic_path(path: str, where: str = "--out", need: int | None = None, suffix
     except BaseException:
         _remove(tmp)
         raise
+
+
+def replace_dir(path: str, save, where: str = "--out") -> None:
+    """Replace the folder `path` by what `save(tmp)` writes into a fresh folder beside it. The old folder is
+    renamed aside first and removed only once the new one is in place, so a kill at any moment leaves one of the
+    two complete (the old one, if need be, as `.NAME.old` beside it)."""
+    tmp, old = (os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{k}") for k in ("tmp", "old"))
+    try:
+        _remove(tmp)
+        save(tmp)
+        for folder, _, files in os.walk(tmp):  # on disk before the rename makes the folder look complete
+            for f in files:
+                _fsync_file(os.path.join(folder, f))
+        _remove(old)
+        if os.path.exists(path):
+            os.replace(path, old)
+        os.replace(tmp, path)
+        _fsync_dir(os.path.dirname(path) or ".")
+    except OSError as e:
+        _remove(tmp)
+        raise write_error(e, path, where) from None
+    _remove(old)
 
 
 def write_text(path: str, text: str, where: str = "--out") -> None:

@@ -26,8 +26,8 @@ What each part learns, on the train split of `cached_world(seed, n)` (the eval s
      tower has the config of `build_image_encoder`. The text tokenizer appends "</s>": CLIPTextModel with an
      eos id other than 2 pools at the first eos, which must exist.
   3. UNet: text-to-image on the editing world's (image, caption) pairs with the VAE and text tower above frozen:
-     the toy world's "Stable Diffusion" (scripts/pretrain_toy_unet.py says how, and how it is scored). The
-     editing UNet is widened from it 4 -> 8 channels as InstructPix2Pix widens SD 1.5.
+     the toy world's "Stable Diffusion" (scripts/pretrain_toy_unet.py says how; scripts/prior_quality.py, how
+     it is scored). The editing UNet is widened from it 4 -> 8 channels as InstructPix2Pix widens SD 1.5.
   4. MLLM: next-token loss on the assistant answer (prompt masked) for two tasks mixed in every batch: image +
      "describe the picture." -> caption, and image + instruction -> the explicit `optimized_instruction`
      (the toy world's T_opt, e.g. "remove the green triangle"), so the MLLM grounds instructions in the image.

@@ -21,15 +21,7 @@ MSE loss; AdamW, warm-up then cosine decay, gradient clipping at 1. The images a
 of the world the editing stage trains on (`cached_world(seed + 1000, n)`: source and target of every sample);
 the eval split's captions are never trained on.
 
-Quality, measured the toy way on held-out captions (the eval split's source captions), sampled with 25 DDIM
-steps at guidance 3:
-  * CLIP retrieval: the toy CLIP picks the right caption for the generated image among 32 (real images: ~95 %);
-  * colours named: every colour the caption names appears (>= 6 pixels within a small RGB distance), and the
-    background colour covers most of the image — the parts of the scene a caption always fixes;
-  * shapes drawn: for each named object whose colour is its scene's only one, the pixels of that colour are
-    matched against every toy shape and size drawn near their centroid; right when the best match (IoU) is the
-    named shape — what additions and new-shape replacements need, and what the colour check cannot see;
-  * a grid of generations (caption above each image) written next to the UNet.
+Quality is measured the toy way on held-out captions (scripts/prior_quality.py says how).
 """
 from __future__ import annotations
 
@@ -47,14 +39,12 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python scripts/...` from a checkout
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling pretrain_toy_bases.py, however loaded
 
-from minedit import build  # noqa: E402
-from minedit.imagegrid import draw_grid  # noqa: E402
+from minedit import build, fsio  # noqa: E402
 from minedit.errors import UserError, run_cli  # noqa: E402
 from minedit.presets import apply_overrides, preset  # noqa: E402
-from minedit.sampler import to_pil  # noqa: E402
-from minedit.toy.looks import colours_right, shapes_right  # noqa: E402
 from minedit.toy.world import cached_world  # noqa: E402
-from pretrain_toy_bases import clip_retrieval, load_images, log, read_jsonl, schedule, step  # noqa: E402
+from pretrain_toy_bases import load_images, log, read_jsonl, schedule, step  # noqa: E402
+from prior_quality import curve_probe, encode_captions, t2i_quality  # noqa: E402
 
 P_NULL = 0.1  # fraction of captions replaced by "" (classifier-free guidance, as SD fine-tuning does)
 
@@ -69,17 +59,6 @@ def latent_moments(vae, images: torch.Tensor, batch: int = 512) -> tuple[torch.T
         means.append(dist.mean)
         stds.append(dist.std)
     return torch.cat(means), torch.cat(stds)
-
-
-@torch.no_grad()
-def encode_captions(text_encoder, tok, cfg, captions: list[str], batch: int = 1024) -> torch.Tensor:
-    """CLIP text last hidden states, N×T×D (what the UNet cross-attends to)."""
-    out = []
-    for i in range(0, len(captions), batch):
-        ids = tok(captions[i:i + batch], padding="max_length", max_length=cfg.text_max_length, truncation=True,
-                  return_tensors="pt").input_ids
-        out.append(text_encoder(ids).last_hidden_state)
-    return torch.cat(out)
 
 
 def build_t2i_unet(cfg):
@@ -121,75 +100,10 @@ def train_t2i(cfg, vae, context, null_context, images, steps: int, batch: int, l
     return unet.eval(), history, curve
 
 
-@torch.no_grad()
-def generate(unet, vae, context, null_context, cfg, guidance: float = 3.0, steps: int = 25, seed: int = 0,
-             batch: int = 64) -> torch.Tensor:
-    """Text-to-image sampling with classifier-free guidance (DDIM): N×3×H×W in [-1, 1]."""
-    from diffusers import DDIMScheduler
-
-    sampler = DDIMScheduler.from_config(build.build_noise_scheduler(cfg).config)
-    g = torch.Generator().manual_seed(seed)
-    side = cfg.resolution // cfg.latent_factor
-    out = []
-    for i in range(0, len(context), batch):
-        ctx = context[i:i + batch]
-        z = torch.randn((len(ctx), unet.config.in_channels, side, side), generator=g)
-        sampler.set_timesteps(steps)
-        both = torch.cat([null_context.expand_as(ctx), ctx])
-        for t in sampler.timesteps:
-            uncond, cond = unet(torch.cat([z, z]), t, encoder_hidden_states=both).sample.chunk(2)
-            z = sampler.step(uncond + guidance * (cond - uncond), t, z).prev_sample
-        out.append(vae.decode(z / vae.config.scaling_factor).sample.clamp(-1, 1))
-    return torch.cat(out)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Quality, the toy way
-def rgb(images: torch.Tensor) -> np.ndarray:
-    """N×3×H×W in [-1, 1] -> N×H×W×3 in 0..255, what `minedit.toy.looks` reads."""
-    return ((images.permute(0, 2, 3, 1) + 1) * 127.5).numpy()
-
-
-def grid(images: torch.Tensor, captions: list[str], path: Path, cols: int = 8, scale: int = 3) -> None:
-    """Generations in a grid, each over the first words of its caption."""
-    side = images.shape[-1] * scale
-    cells = [(to_pil(img), cap) for img, cap in zip(images, captions)]
-    draw_grid([cells[k:k + cols] for k in range(0, len(cells), cols)], (side, side), lines=2, gap=4).save(path)
-
-
-def t2i_quality(unet, vae, text_encoder, tok, clip, cfg, root: Path, eval_rows, null_context, out: Path):
-    """Generate from held-out captions; CLIP retrieval, named colours and shapes, for generations and the real
-    images (the rows' sources in the world folder `root`)."""
-    eval_captions = [r["caption"] for r in eval_rows]
-    eval_images = load_images(root, [r["source"] for r in eval_rows])
-    context = encode_captions(text_encoder, tok, cfg, eval_captions)
-    generated = generate(unet, vae, context, null_context, cfg)
-    grid(generated[:32], eval_captions[:32], out / "t2i-grid.png")
-    metrics = {"eval_captions": len(eval_captions), "guidance": 3.0, "sampler": "DDIM, 25 steps"}
-    for name, images in (("generated", generated), ("real", eval_images)):
-        pixels = rgb(images)
-        metrics.update({f"clip_top1_in_32_{name}": clip_retrieval(clip, tok, cfg, images, eval_captions),
-                        f"colours_right_{name}": colours_right(pixels, eval_captions),
-                        f"shapes_{name}": shapes_right(pixels, eval_rows)})
-    return metrics
-
-
 def held_out(cfg, seed: int, n: int, eval_n: int):
     """The world's folder, its train (image, caption) pairs and its first eval_n held-out rows."""
     root = Path(cached_world(seed=seed + 1000, n=n, size=cfg.resolution))
     return root, read_jsonl(root / "captions.jsonl"), read_jsonl(root / "eval.jsonl")[:eval_n]
-
-
-def curve_probe(vae, text_encoder, tok, cfg, rows: list[dict], null_context):
-    """A cheap quality check for the learning curve: colours and shapes of generations from these rows' captions."""
-    context = encode_captions(text_encoder, tok, cfg, [r["caption"] for r in rows])
-
-    def probe(unet) -> dict:
-        generated = rgb(generate(unet, vae, context, null_context, cfg))
-        shapes = shapes_right(generated, rows)
-        return {"colours_right": colours_right(generated, [r["caption"] for r in rows]),
-                "shapes_right": shapes["right"], "shapes_mean_iou": shapes["mean_iou"]}
-    return probe
 
 
 def pretrain_unet(cfg, vae, text_encoder, tok, clip, out: Path, seed: int = 0, n: int = 24000, steps: int = 3000,
@@ -230,6 +144,17 @@ def load_prior(base: Path):
     return UNet2DConditionModel.from_pretrained(base / "sd", subfolder="unet").eval()
 
 
+def steps_so_far(base: Path) -> int:
+    """Steps base's prior has been trained: from this script's record (t2i.json) or, in a folder written by
+    pretrain_toy_bases.py (the shipped bases), from its metrics.json["unet"]."""
+    for name, key in (("t2i.json", None), ("metrics.json", "unet")):
+        if (base / name).is_file():
+            record = json.loads((base / name).read_text())
+            record = record.get(key, {}) if key else record
+            return record.get("steps_total", record.get("steps", 0))
+    return 0
+
+
 def evaluate_prior(cfg, base: Path, vae, text_encoder, tok, clip, out: Path, args) -> dict:
     """--eval-only: the held-out quality of the prior already in base/sd/unet, written to out/t2i-eval.json."""
     unet = load_prior(base)
@@ -249,7 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                   "replace --base's sd/unet in place)")
     ap.add_argument("--seed", type=int, default=0, help="the editing runs' seed: the world is seed + 1000")
     ap.add_argument("--n", type=int, default=24000, help="toy world size (its train split's images are used)")
-    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--steps", type=int, default=None, help="training steps (default 3000)")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--eval-n", type=int, default=512, help="held-out captions to generate from")
@@ -278,6 +203,10 @@ def main(argv: list[str] | None = None) -> dict:
         raise UserError("--continue keeps the saved UNet's architecture — drop --arch")
     if args.eval_only and not args.out:
         raise UserError("--eval-only writes its metrics and grid to a folder of their own — pass --out DIR")
+    trains = [f for f, on in (("--steps", args.steps is not None), ("--continue", args.resume_prior),
+                              ("--arch", args.arch), ("--curve-every", args.curve_every)) if on]
+    if args.eval_only and trains:
+        raise UserError(f"--eval-only trains nothing, so {trains[0]} would be ignored — drop it")
     from diffusers import AutoencoderKL
     from transformers import AutoTokenizer, CLIPModel, CLIPTextModel
 
@@ -297,16 +226,14 @@ def main(argv: list[str] | None = None) -> dict:
     if args.eval_only:
         return evaluate_prior(cfg, base, vae, text_encoder, tok, clip, out, args)
     start_unet = load_prior(base) if args.resume_prior else None
-    unet, metrics = pretrain_unet(cfg, vae, text_encoder, tok, clip, out, args.seed, args.n, args.steps, args.batch,
+    steps = args.steps or 3000
+    unet, metrics = pretrain_unet(cfg, vae, text_encoder, tok, clip, out, args.seed, args.n, steps, args.batch,
                                   args.lr, args.eval_n, args.curve_every, args.curve_n, start_unet)
-    shutil.rmtree(out / "sd" / "unet", ignore_errors=True)
-    unet.save_pretrained(out / "sd" / "unet")
+    fsio.replace_dir(str(out / "sd" / "unet"), unet.save_pretrained)  # a kill never leaves sd/ without a UNet
     metrics.update(wall_time_s=time.time() - start, threads=args.threads, arch=args.arch)
     if args.resume_prior:  # steps in all, through every piece
-        before = json.loads((base / "t2i.json").read_text()) if (base / "t2i.json").is_file() else {}
-        done = before.get("steps_total", before.get("steps", 0))
-        metrics.update(continued_from=str(base), steps_total=done + args.steps)
-    (out / "t2i.json").write_text(json.dumps(metrics, indent=1) + "\n")
+        metrics.update(continued_from=str(base), steps_total=steps_so_far(base) + steps)
+    fsio.write_text(str(out / "t2i.json"), json.dumps(metrics, indent=1) + "\n")
     log(f"t2i: {json.dumps(metrics)}")
     return metrics
 

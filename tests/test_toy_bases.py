@@ -255,6 +255,12 @@ def test_wider_text_to_image_prior_trains_and_the_editing_stage_loads_it(run, tm
     assert more["steps_total"] == 3 and more["shapes_generated"] == metrics["shapes_generated"]
     saved = [load_file(tmp_path / d / "sd" / "unet" / "diffusion_pytorch_model.safetensors") for d in ("wide", "more")]
     assert all(torch.equal(saved[0][k], saved[1][k]) for k in saved[0])
+    # the shipped bases record their prior's steps in metrics.json["unet"]; a piece from them counts those too
+    from_base = t2i.main(["--base", str(base), "--out", str(tmp_path / "b1"), "--n", "40", "--steps", "1",
+                          "--eval-n", "4", "--continue"])
+    assert from_base["steps_total"] == json.loads((base / "metrics.json").read_text())["unet"]["steps"] + 1
+    with pytest.raises(UserError, match="--eval-only trains nothing, so --steps would be ignored"):
+        t2i.main(["--base", str(base), "--out", str(tmp_path / "no"), "--eval-only", "--steps", "5"])
     with pytest.raises(UserError, match="--continue keeps the saved UNet's architecture"):
         t2i.main(["--base", str(tmp_path / "wide"), "--out", str(tmp_path / "no"), "--continue", *wide])
     sd = tmp_path / "wide" / "sd"

@@ -111,6 +111,26 @@ def test_save_image_failure_keeps_the_old_image(tmp_path, monkeypatch):
     assert Image.open(path).getpixel((0, 0)) == (255, 0, 0) and os.listdir(tmp_path) == ["edit.png"]
 
 
+def test_replace_dir_keeps_the_old_folder_until_the_new_one_is_whole(tmp_path):
+    folder = tmp_path / "unet"
+    folder.mkdir()
+    (folder / "w.bin").write_text("old")
+
+    def half_written(path):  # the disk fills after one of two files
+        os.makedirs(path)
+        (Path(path) / "w.bin").write_text("new")
+        raise oserror(errno.ENOSPC)()
+    with pytest.raises(UserError, match=rf"no space left on device writing {folder} — free space"):
+        fsio.replace_dir(str(folder), half_written)
+    assert (folder / "w.bin").read_text() == "old" and os.listdir(tmp_path) == ["unet"]
+
+    def whole(path):
+        os.makedirs(path)
+        (Path(path) / "config.json").write_text("{}")
+    fsio.replace_dir(str(folder), whole)
+    assert os.listdir(folder) == ["config.json"] and os.listdir(tmp_path) == ["unet"]
+
+
 def test_append_line_cut_short_leaves_no_half_line(tmp_path, monkeypatch):
     path = tmp_path / "log.jsonl"
     path.write_text('{"step": 1}\n')
