@@ -191,8 +191,8 @@ def score_edits(a, rows, preds) -> tuple[list[dict], list[tuple]]:
         edited = as_array(pred.resize(size))
         mask = load_mask(row["mask"], size) if row.get("mask") else None
         choices = 1
-        if a.instruction_field == "instruction" and row.get("add_region"):
-            nearest = toydraw.nearest_target(row, edited.astype(np.float32))
+        if row.get("add_region"):
+            nearest = toydraw.nearest_target(row, edited.astype(np.float32), a.instruction_field)
             if nearest:
                 target, mask, choices = nearest
         mask = np.asarray(mask) > 127 if mask is not None else None

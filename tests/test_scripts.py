@@ -140,6 +140,44 @@ def test_evaluate_accepts_any_valid_place_for_an_add(ckpt, world, tmp_path):
         assert all(samples[i]["valid_targets"] > 1 for i in moved) is expect
 
 
+def test_evaluate_scores_an_explicit_add_anywhere_in_the_region_it_names(ckpt, world, tmp_path):
+    """--instruction-field optimized_instruction: an add drawn elsewhere in the region its rewrite names ("at the
+    top left") succeeds; drawn where only the original instruction allowed (another region) it fails."""
+    rows = [json.loads(line) for line in open(world / "eval.jsonl")]
+
+    def score(place) -> tuple[list[dict], list[int]]:
+        """Every row's exact target, but each add's shape moved to place(row) (None: left where it was)."""
+        preds, moved = tmp_path / place.__name__, []
+        preds.mkdir()
+        for i, row in enumerate(rows):
+            target = Image.open(world / row["target"])
+            o = place(row) if row["kind"] == "add" else None
+            if o is not None:
+                target = toydraw.render(row["background"], row["objects"] + [o], 32)
+                moved.append(i)
+            target.save(preds / f"{i:05d}.png")
+        out = tmp_path / f"{place.__name__}.json"
+        r = run("evaluate.py", "--ckpt", ckpt, "--data", world / "eval.jsonl", "--out", out, "--pred-dir", preds,
+                "--instruction-field", "optimized_instruction")
+        assert r.returncode == 0, r.stderr
+        return json.load(open(out))["samples"], moved
+
+    def inside(row):  # the farthest place with the same size and region word
+        new = row["target_objects"][-1]
+        far = max(toydraw.valid_targets(row, 32, "optimized_instruction"),
+                  key=lambda o: abs(o["x"] - new["x"]) + abs(o["y"] - new["y"]))
+        return far if far != new else None
+
+    def outside(row):  # a place the original instruction allows, in another region
+        new, here = row["target_objects"][-1], toydraw.valid_targets(row, 32, "optimized_instruction")
+        return next((o for o in toydraw.valid_targets(row, 32) if o["size"] == new["size"] and o not in here), None)
+
+    for place, expect in ((inside, True), (outside, False)):
+        samples, moved = score(place)
+        assert moved and all(samples[i]["success"] is expect for i in moved), place.__name__
+        assert all(s["success"] for i, s in enumerate(samples) if i not in moved)
+
+
 @pytest.mark.parametrize("args,needle", [
     (["--steps", "0"], "--steps"),
     (["--text-guidance", "-1"], "--text-guidance"),

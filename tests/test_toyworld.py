@@ -212,3 +212,14 @@ def test_add_region_holds_the_drawn_target_and_only_valid_ones(toyset):
         assert np.array_equal(np.asarray(got[0]), target) and np.array_equal(np.asarray(got[1]), mask)
     # Some adds leave real freedom (else the scoring rule would change nothing).
     assert max(len(toydraw.valid_targets(r, 32)) for r in adds) > 10
+    # The explicit rewrite names size and region ("add a small red star at the top left"): its valid targets keep
+    # the stored size and `where`, hold the stored one, and the exact target is again its own nearest.
+    for r in adds:
+        new = r["target_objects"][-1]
+        options = toydraw.valid_targets(r, 32, "optimized_instruction")
+        assert new in options and r["optimized_instruction"].endswith(toydraw.where(new, 32))
+        assert all(o["size"] == new["size"] and toydraw.where(o, 32) == toydraw.where(new, 32) for o in options)
+        target = np.asarray(Image.open(out / r["target"])).astype(np.float32) / 255
+        assert np.array_equal(np.asarray(toydraw.nearest_target(r, target, "optimized_instruction")[0]),
+                              np.asarray(Image.open(out / r["target"])))
+    assert toydraw.valid_targets(adds[0], 32, "simple_instruction") == []  # other texts: the stored target only

@@ -10,7 +10,7 @@ import math
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .phrases import BACKGROUNDS, COLOURS, RADIUS
+from .phrases import BACKGROUNDS, COLOURS, RADIUS, WHERE
 
 
 def draw_shape(draw: ImageDraw.ImageDraw, o: dict, size: int, fill) -> None:
@@ -72,33 +72,47 @@ def place(rng, size, others, shape, size_word, box=(0, 10**9, 0, 10**9), tries=3
     return None
 
 
+def where(o: dict, size: int) -> str:
+    """Canonical absolute position of a centre ("at the top left", "in the middle"): thirds split at 0.4 and 0.6
+    of the side. The explicit rewrite of an add names its place this way."""
+    h = "left" if o["x"] < 0.4 * size else "right" if o["x"] > 0.6 * size else None
+    v = "top" if o["y"] < 0.4 * size else "bottom" if o["y"] > 0.6 * size else None
+    return WHERE[(h is not None) + 2 * (v is not None)].format(h=h, v=v)
+
+
 # ---------------------------------------------------------------- the right answers to an add
-def valid_targets(row: dict, size: int) -> list[dict]:
-    """Every added shape that fulfils an add row's `instruction`: each free size x each centre in the row's
-    `add_region` box that touches nothing (the placements `place` could have drawn). Rows of other kinds have
-    exactly one valid target, the stored one, and give []."""
+def valid_targets(row: dict, size: int, field: str = "instruction") -> list[dict]:
+    """Every added shape that fulfils an add row's text `field`, placements that touch nothing:
+      instruction            each free size x each centre in the row's `add_region` box (what `place` could draw);
+      optimized_instruction  the explicit rewrite ("add a small red star at the top left") fixes the size and
+                             names a region by `where`: the stored size x every centre with the same `where`.
+    Other fields, and rows of other kinds, have exactly one valid target, the stored one, and give []."""
     free = row.get("add_region")
-    if not free:
+    if not free or field not in ("instruction", "optimized_instruction"):
         return []
     new, others = row["target_objects"][-1], row["objects"]
+    sizes, box, region = free["sizes"], free["box"], None
+    if field == "optimized_instruction":
+        sizes, box, region = [new["size"]], (0, size, 0, size), where(new, size)
     out = []
-    for size_word in free["sizes"]:
-        x0, x1, y0, y1 = centre_range(size_word, size, free["box"])
+    for size_word in sizes:
+        x0, x1, y0, y1 = centre_range(size_word, size, box)
         for y in range(y0, y1 + 1):
             for x in range(x0, x1 + 1):
                 o = {"shape": new["shape"], "size": size_word, "x": x, "y": y}
-                if fits(o, others, size):
+                if (region is None or where(o, size) == region) and fits(o, others, size):
                     out.append(dict(o, colour=new["colour"]))
     return out
 
 
-def nearest_target(row: dict, pred: np.ndarray) -> tuple[Image.Image, Image.Image, int] | None:
-    """For an add row: the valid target (and its mask) closest to `pred` (H x W x 3 in [0, 1]) in squared
-    error, and how many valid targets there were. "Add a star at the top" has many right answers; an edit that
-    draws the star anywhere the instruction allows is scored against that answer, not the one place the generator
-    happened to draw. None for rows without an `add_region`."""
+def nearest_target(row: dict, pred: np.ndarray, field: str = "instruction"
+                   ) -> tuple[Image.Image, Image.Image, int] | None:
+    """For an add row: the valid target of its text `field` (and its mask) closest to `pred` (H x W x 3 in
+    [0, 1]) in squared error, and how many valid targets there were. "Add a star at the top" has many right
+    answers; an edit that draws the star anywhere the instruction allows is scored against that answer, not the
+    one place the generator happened to draw. None when there is one valid target (see `valid_targets`)."""
     size = pred.shape[0]
-    options = valid_targets(row, size)
+    options = valid_targets(row, size, field)
     if not options:
         return None
     base = np.asarray(render(row["background"], row["objects"], size), np.float32) / 255

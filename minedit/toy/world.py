@@ -43,9 +43,10 @@ from PIL import Image
 from .phrases import (
     SHAPES, COLOURS, BACKGROUNDS, BG_WEIGHTS, RADIUS, CATEGORIES, KINDS, COLOUR_OF, COLOUR_OF_PHRASE, REMOVE,
     REMOVE_Q, REPLACE, REPLACE_Q, RESHAPE, RESHAPE_Q, RECOLOUR, RECOLOUR_Q, ADD, OPTIMIZED, SIDE_WHERE, RELATIONS,
-    CORNER, SAME_COLOUR, COPY, WHERE, CAPTIONS, EMPTY_CAPTIONS,
+    CORNER, SAME_COLOUR, COPY, CAPTIONS, EMPTY_CAPTIONS,
 )
 from .draw import dilate, fits, footprint, place, render
+from .draw import where as _where
 from .refer import explicit, new_desc, pick, reasoning, understanding
 
 VERSION = 2  # bump when the generator's output changes: cached worlds are keyed by it
@@ -57,13 +58,6 @@ def _articles(text: str) -> str:
 
 
 # ---------------------------------------------------------------- positions and captions
-def _where(o: dict, size: int) -> str:
-    """Canonical absolute position from the centre: thirds split at 0.4 and 0.6 of the side."""
-    h = "left" if o["x"] < 0.4 * size else "right" if o["x"] > 0.6 * size else None
-    v = "top" if o["y"] < 0.4 * size else "bottom" if o["y"] > 0.6 * size else None
-    return WHERE[(h is not None) + 2 * (v is not None)].format(h=h, v=v)
-
-
 def _side_box(side: str | None, size: int) -> tuple[int, int, int, int]:
     lo, hi, big = math.ceil(0.4 * size) - 1, math.floor(0.6 * size) + 1, 10**9
     return {None: (0, big, 0, big), "left": (0, lo, 0, big), "right": (hi, big, 0, big),
