@@ -162,7 +162,7 @@ def evaluate_prior(cfg, base: Path, vae, text_encoder, tok, clip, out: Path, arg
     null_context = encode_captions(text_encoder, tok, cfg, [""])
     metrics = t2i_quality(unet, vae, text_encoder, tok, clip, cfg, root, evals, null_context, out)
     metrics.update(prior=str(base / "sd" / "unet"))
-    (out / "t2i-eval.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    fsio.write_text(str(out / "t2i-eval.json"), json.dumps(metrics, indent=1) + "\n")
     log(f"t2i eval: {json.dumps(metrics)}")
     return metrics
 
@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.eval_only:
         return evaluate_prior(cfg, base, vae, text_encoder, tok, clip, out, args)
     start_unet = load_prior(base) if args.resume_prior else None
-    steps = args.steps or 3000
+    steps = 3000 if args.steps is None else args.steps
     unet, metrics = pretrain_unet(cfg, vae, text_encoder, tok, clip, out, args.seed, args.n, steps, args.batch,
                                   args.lr, args.eval_n, args.curve_every, args.curve_n, start_unet)
     fsio.replace_dir(str(out / "sd" / "unet"), unet.save_pretrained)  # a kill never leaves sd/ without a UNet

@@ -7,7 +7,8 @@ steps at guidance 3:
     background colour covers most of the image — the parts of the scene a caption always fixes;
   * shapes drawn: for each named object whose colour is its scene's only one, the largest region of that colour
     is matched against every toy shape and size drawn near its centroid; right when the best match (IoU) is the
-    named shape (minedit.toy.looks) — what additions and new-shape replacements need, and what the colour check cannot see;
+    named shape (minedit.toy.looks) — what additions and new-shape replacements need, and what the colour check
+    cannot see;
   * a grid of generations (caption above each image) written next to the UNet.
 """
 from __future__ import annotations

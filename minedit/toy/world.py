@@ -45,8 +45,7 @@ from .phrases import (
     REMOVE_Q, REPLACE, REPLACE_Q, RESHAPE, RESHAPE_Q, RECOLOUR, RECOLOUR_Q, ADD, OPTIMIZED, SIDE_WHERE, RELATIONS,
     CORNER, SAME_COLOUR, COPY, CAPTIONS, EMPTY_CAPTIONS,
 )
-from .draw import dilate, fits, footprint, place, render
-from .draw import where as _where
+from .draw import dilate, fits, footprint, place, render, where as _where
 from .refer import explicit, new_desc, pick, reasoning, understanding
 
 VERSION = 2  # bump when the generator's output changes: cached worlds are keyed by it
