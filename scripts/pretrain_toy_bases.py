@@ -68,7 +68,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling pretrain
 
 from minedit import build, export, fsio  # noqa: E402
 from minedit.errors import UserError, run_cli  # noqa: E402
-from minedit.presets import preset  # noqa: E402
+from minedit.presets import apply_overrides, preset  # noqa: E402
 from minedit.toy.phrases import CATEGORIES, KINDS, tokenize_words  # noqa: E402
 from minedit.toy.tokenizer import toy_tokenizer  # noqa: E402
 from minedit.toy.world import MARGIN, cached_world  # noqa: E402
@@ -76,6 +76,7 @@ from minedit.toy.world import MARGIN, cached_world  # noqa: E402
 CAPTION_PROMPT = "describe the picture."
 STUDY = "## Comprehension study"  # README section kept when write_readme rewrites the file
 EDIT_SHARE = 0.6  # fraction of each MLLM batch drawn from the instruction task (the rest: captions)
+TOWER = ("hidden", "intermediate", "layers", "heads", "image_size", "patch")  # vision_X of LLaVA = clip_X of CLIP
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -84,6 +85,15 @@ def load_images(root: Path, paths: list[str]) -> torch.Tensor:
     """N×3×H×W float in [-1, 1] (the toy world's PNGs are square RGB at the training size)."""
     arr = np.stack([np.asarray(Image.open(root / p).convert("RGB")) for p in paths])
     return torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def clip_data(root: Path):
+    """CLIP's (image, caption) training pairs from root's train split and its eval (image, caption) pairs."""
+    caption_rows, eval_rows = read_jsonl(root / "captions.jsonl"), read_jsonl(root / "eval.jsonl")
+    paths = sorted({r["image"] for r in caption_rows})
+    images, index = load_images(root, paths), {p: i for i, p in enumerate(paths)}
+    return (images[[index[r["image"]] for r in caption_rows]], [r["caption"] for r in caption_rows],
+            load_images(root, [r["source"] for r in eval_rows]), [r["caption"] for r in eval_rows])
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -391,6 +401,10 @@ def mllm_data(cfg, roots: list[Path], eval_root: Path):
     eval_edits = [(i, prompt_ids(tok, n_img, r["instruction"]),
                    tok(r["optimized_instruction"], add_special_tokens=False).input_ids + [tok.eos_token_id])
                   for i, r in enumerate(eval_rows)]
+    longest = max(len(p) + len(a) for _, p, a in caps + edits + refers + eval_caps + eval_edits)
+    if longest > cfg.llm_max_positions:
+        raise UserError(f"the longest MLLM example is {longest} tokens ({n_img} of them image tokens), beyond "
+                        f"llm_max_positions {cfg.llm_max_positions}: add --arch llm_max_positions={1 << (longest - 1).bit_length()}")
     return torch.cat(images), caps, edits, refers, (eval_rows, eval_images, eval_caps, eval_edits)
 
 
@@ -506,7 +520,14 @@ def main(argv: list[str] | None = None) -> dict:
     mllm.add_argument("--mllm-refer-share", type=float, default=0.0,
                       help="fraction of each batch given to naming the shape a relational phrase picks out "
                            "(taken from the captions' share; 0: the two shipped tasks only)")
+    mllm.add_argument("--arch", action="append", default=[], metavar="FIELD=VALUE",
+                      help="an MLLM field of the toy preset changed (vision_... or llm_..., repeatable), e.g. --arch "
+                           "vision_patch=2 --arch llm_max_positions=512; a changed vision tower gets its own CLIP "
+                           "first (--steps-clip steps), whose vision tower starts it as base/clip's starts the "
+                           "shipped one; base/clip itself is kept")
     args = ap.parse_args(argv)
+    if args.arch and args.only != "mllm":
+        raise UserError("--arch changes the MLLM stage alone: add --only mllm --base DIR")
     if not 0 <= args.mllm_refer_share <= 1 - EDIT_SHARE:
         raise UserError(f"--mllm-refer-share {args.mllm_refer_share}: must be in [0, {1 - EDIT_SHARE:g}] (the "
                         f"instruction task keeps {EDIT_SHARE:g} of each batch)")
@@ -525,20 +546,14 @@ def main(argv: list[str] | None = None) -> dict:
 
     root = Path(cached_world(seed=args.seed, n=args.n, size=cfg.resolution))
     rows, eval_rows = read_jsonl(root / "train.jsonl"), read_jsonl(root / "eval.jsonl")
-    caption_rows = read_jsonl(root / "captions.jsonl")
-    paths = sorted({r["image"] for r in caption_rows})
-    image_index = {p: i for i, p in enumerate(paths)}
-    images = load_images(root, paths)
+    images = load_images(root, sorted({r["image"] for r in read_jsonl(root / "captions.jsonl")}))
     eval_images = load_images(root, [r["source"] for r in eval_rows])
-    eval_captions = [r["caption"] for r in eval_rows]
     log(f"toy world {root}: {len(rows)} train rows, {len(eval_rows)} eval rows, {len(images)} train images")
 
     vae, m_vae = train_vae(cfg, images, eval_images, args.steps_vae, args.batch_vae, 2e-3, args.vae_crop, g)
     log(f"vae: {json.dumps(m_vae)}")
     text_tok = text_tokenizer(cfg)
-    cap_images = images[[image_index[r["image"]] for r in caption_rows]]
-    clip, m_clip = train_clip(cfg, text_tok, cap_images, [r["caption"] for r in caption_rows], eval_images,
-                              eval_captions, args.steps_clip, args.batch_clip, 1e-3, g)
+    clip, m_clip = train_clip(cfg, text_tok, *clip_data(root), args.steps_clip, args.batch_clip, 1e-3, g)
     log(f"clip: {json.dumps(m_clip)}")
     from pretrain_toy_unet import pretrain_unet  # its sibling: the UNet stage (it imports this file's helpers)
 
@@ -561,6 +576,14 @@ def main(argv: list[str] | None = None) -> dict:
     return metrics
 
 
+def mllm_config(cfg, arch: list[str]):
+    """The toy preset with --arch's MLLM fields applied; any other field is an error (only the MLLM trains)."""
+    other = [a for a in arch if not a.lstrip("-").replace("-", "_").startswith(("vision_", "llm_"))]
+    if other:
+        raise UserError(f"--arch {other[0]}: only the MLLM's fields (vision_..., llm_...) are trained here")
+    return apply_overrides(cfg, arch).validate()
+
+
 def mllm_only(args, cfg, g: torch.Generator, start: float, command: str) -> dict:
     """--only mllm: a copy of --base in --out whose mllm/ is retrained from base/clip's vision tower; the base's
     metrics.json is kept with its "mllm" entry replaced (and the command that made it)."""
@@ -574,9 +597,17 @@ def mllm_only(args, cfg, g: torch.Generator, start: float, command: str) -> dict
                         "(e.g. assets/toy/base)")
     if out.resolve() == base.resolve():
         raise UserError(f"--out {out} is --base: write the new MLLM to another folder (the base stays as it is)")
+    cfg = mllm_config(cfg, args.arch)
     root = Path(cached_world(seed=args.seed, n=args.n, size=cfg.resolution))
-    clip = CLIPModel.from_pretrained(base / "clip").eval()
+    clip, m_clip = CLIPModel.from_pretrained(base / "clip").eval(), None
+    if any(getattr(cfg, f"vision_{f}") != getattr(cfg, f"clip_{f}") for f in TOWER):
+        # LLaVA's tower starts from a CLIP of its own architecture: train one (the editing side keeps base/clip).
+        tower_cfg = dataclasses.replace(cfg, **{f"clip_{f}": getattr(cfg, f"vision_{f}") for f in TOWER})
+        clip, m_clip = train_clip(tower_cfg, text_tokenizer(cfg), *clip_data(root), args.steps_clip,
+                                  args.batch_clip, 1e-3, g)
+        log(f"clip for the vision tower: {json.dumps(m_clip)}")
     mllm, tok, m_mllm = run_mllm(cfg, clip, args, root, g)
+    m_mllm.update(arch=args.arch, **({"tower_clip": m_clip} if m_clip else {}))
     shutil.copytree(base, out, dirs_exist_ok=True, ignore=shutil.ignore_patterns("mllm", "metrics.json"))
     shutil.rmtree(out / "mllm", ignore_errors=True)
     export.save_bases(str(out), cfg, mllm=mllm, tokenizer=tok)
