@@ -589,6 +589,7 @@ def mllm_only(args, cfg, g: torch.Generator, start: float, command: str) -> dict
     metrics.json is kept with its "mllm" entry replaced (and the command that made it)."""
     from transformers import CLIPModel
 
+    cfg = mllm_config(cfg, args.arch)
     if not args.base:
         raise UserError("--only mllm needs --base DIR: the toy base folder whose clip/ starts the vision tower")
     base, out = Path(args.base), Path(args.out)
@@ -597,7 +598,6 @@ def mllm_only(args, cfg, g: torch.Generator, start: float, command: str) -> dict
                         "(e.g. assets/toy/base)")
     if out.resolve() == base.resolve():
         raise UserError(f"--out {out} is --base: write the new MLLM to another folder (the base stays as it is)")
-    cfg = mllm_config(cfg, args.arch)
     root = Path(cached_world(seed=args.seed, n=args.n, size=cfg.resolution))
     clip, m_clip = CLIPModel.from_pretrained(base / "clip").eval(), None
     if any(getattr(cfg, f"vision_{f}") != getattr(cfg, f"clip_{f}") for f in TOWER):

@@ -178,11 +178,39 @@ def test_only_mllm_retrains_the_mllm_alone_from_the_base(run, monkeypatch):
     assert any(not torch.equal(lm_new[k], lm_old[k]) for k in lm_old)  # the LLM was (re)trained
 
 
+def test_only_mllm_arch_gives_the_tower_its_own_clip_at_the_new_grid(run, monkeypatch):
+    """--arch vision_patch=8: LLaVA's tower is a new CLIP's (trained first, at 8-px patches: 16 image tokens),
+    the MLLM reads 16 image tokens, and base/clip — the editing side's image encoder — is copied unchanged."""
+    from transformers import LlavaForConditionalGeneration
+
+    script, base, _ = run
+    monkeypatch.setenv("MINEDIT_CACHE", str(base.parent / "cache"))
+    out = base.parent / "mllm-arch"
+    metrics = script.main(["--only", "mllm", "--base", str(base), "--out", str(out), "--n", "45", "--steps-clip", "2",
+                           "--batch-clip", "8", "--steps-mllm", "2", "--batch-mllm", "4", "--freeze-vision",
+                           "--arch", "vision_patch=8", "--arch", "llm_layers=1"])
+    m = metrics["mllm"]
+    assert m["arch"] == ["vision_patch=8", "llm_layers=1"] and m["tower_clip"]["steps"] == 2
+    new = LlavaForConditionalGeneration.from_pretrained(out / "mllm")
+    assert new.config.vision_config.patch_size == 8 and new.config.text_config.num_hidden_layers == 1
+    assert new.config.image_seq_length == (32 // 8) ** 2
+    assert (out / "clip/model.safetensors").read_bytes() == (base / "clip/model.safetensors").read_bytes()
+    old_tower = CLIPModel.from_pretrained(base / "clip").vision_model.embeddings.patch_embedding.weight
+    new_tower = new.model.vision_tower.embeddings.patch_embedding.weight
+    assert old_tower.shape[-1] == 4 and new_tower.shape[-1] == 8  # not the base CLIP's tower
+    with pytest.raises(UserError, match="add --arch llm_max_positions=512"):  # 256 image tokens + the prompt
+        script.main(["--only", "mllm", "--base", str(base), "--out", str(base.parent / "x"), "--n", "45",
+                     "--steps-clip", "1", "--batch-clip", "8", "--arch", "vision_patch=2"])
+
+
 @pytest.mark.parametrize("args, says", [
     (["--only", "mllm", "--out", "x"], "--only mllm needs --base"),
     (["--only", "mllm", "--base", "nowhere", "--out", "x"], "no clip/config.json"),
     (["--base", "assets/toy/base", "--out", "x"], "--base is read only with --only mllm"),
     (["--mllm-refer-share", "0.5", "--out", "x"], "must be in [0, 0.4]"),
+    (["--arch", "vision_patch=2", "--out", "x"], "add --only mllm --base DIR"),
+    (["--only", "mllm", "--base", "assets/toy/base", "--arch", "unet_channels=8,8,8", "--out", "x"],
+     "only the MLLM's fields"),
 ])
 def test_only_mllm_bad_flags_are_one_line_errors(args, says, tmp_path):
     import subprocess
