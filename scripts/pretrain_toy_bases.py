@@ -69,7 +69,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling pretrain
 from minedit import build, export, fsio  # noqa: E402
 from minedit.errors import UserError, run_cli  # noqa: E402
 from minedit.presets import apply_overrides, preset  # noqa: E402
-from minedit.toy.phrases import CATEGORIES, KINDS, tokenize_words  # noqa: E402
+from minedit.toy.phrases import CATEGORIES, KINDS, SHAPES, tokenize_words  # noqa: E402
 from minedit.toy.tokenizer import toy_tokenizer  # noqa: E402
 from minedit.toy.world import MARGIN, cached_world  # noqa: E402
 
@@ -213,24 +213,70 @@ def clip_retrieval(clip, tok, cfg, images, captions, batch: int = 32) -> float:
     return right / max(1, total)
 
 
-def train_clip(cfg, tok, images, captions, eval_images, eval_captions, steps, batch, lr, g):
+def shape_swapped(ids: torch.Tensor, shape_ids: torch.Tensor, g: torch.Generator):
+    """NegCLIP's hard negatives (Yuksekgonul et al., 2023), for shapes: each caption with one shape word replaced
+    by another shape — a false caption of the same image that only the shape tells apart.
+    -> (swapped ids, changed: (B,) bool; False for a caption with no shape word left after truncation)."""
+    out, is_shape = ids.clone(), torch.isin(ids, shape_ids)
+    for i in range(len(ids)):
+        where = is_shape[i].nonzero().flatten()
+        if len(where):
+            p = where[torch.randint(len(where), (1,), generator=g)]
+            others = shape_ids[shape_ids != ids[i, p]]
+            out[i, p] = others[torch.randint(len(others), (1,), generator=g)]
+    return out, is_shape.any(1)
+
+
+def clip_loss(clip, ids, mask, pixels, shape_ids=None, g=None):
+    """CLIP's symmetric contrastive loss; with shape_ids, every image also sees its caption's shape-swapped copy
+    (and the batch's other copies) among the captions it must not pick: logits (B, 2B) on the image side, the
+    text side as usual (a swapped caption has no image of its own)."""
+    if shape_ids is None:
+        return clip(input_ids=ids, attention_mask=mask, pixel_values=pixels, return_loss=True).loss
+    neg, changed = shape_swapped(ids, shape_ids, g)
+    out = clip(input_ids=torch.cat([ids, neg]), attention_mask=torch.cat([mask, mask]), pixel_values=pixels)
+    b, target = len(ids), torch.arange(len(ids))
+    per_image = torch.cat([out.logits_per_image[:, :b],
+                           out.logits_per_image[:, b:].masked_fill(~changed, float("-inf"))], 1)
+    return (F.cross_entropy(per_image, target) + F.cross_entropy(out.logits_per_text[:b], target)) / 2
+
+
+@torch.no_grad()
+def clip_prefers_true_shape(clip, tok, cfg, images, captions, shape_ids, g) -> float:
+    """How often an image is nearer its caption than the caption with one shape word swapped (chance 0.5)."""
+    enc = tok(captions, padding="max_length", max_length=cfg.text_max_length, truncation=True, return_tensors="pt")
+    neg, changed = shape_swapped(enc.input_ids, shape_ids, g)
+    img = clip.get_image_features(pixel_values=build.clip_pixels(images, cfg.clip_image_size))
+    img = getattr(img, "pooler_output", img)  # transformers 5 may return an output object
+    sims = []
+    for ids in (enc.input_ids, neg):
+        txt = clip.get_text_features(input_ids=ids, attention_mask=enc.attention_mask)
+        sims.append(F.cosine_similarity(img, getattr(txt, "pooler_output", txt), dim=-1))
+    return float((sims[0] > sims[1])[changed].float().mean())
+
+
+def train_clip(cfg, tok, images, captions, eval_images, eval_captions, steps, batch, lr, g,
+               shape_negatives: bool = False):
     clip = build_clip(cfg)
     enc = tok(captions, padding="max_length", max_length=cfg.text_max_length, truncation=True, return_tensors="pt")
     truncated = float(np.mean([len(tokenize_words(c)) + 2 > cfg.text_max_length for c in captions]))
+    shape_ids = torch.tensor(tok.convert_tokens_to_ids(list(SHAPES)))
     opt = torch.optim.AdamW(clip.parameters(), lr=lr, weight_decay=0.01)
     sched, history = schedule(opt, steps, max(1, steps // 20)), []
     clip.train()
     for s in range(steps):
         idx = torch.randperm(len(images), generator=g)[:batch]
-        out = clip(input_ids=enc.input_ids[idx], attention_mask=enc.attention_mask[idx],
-                   pixel_values=build.clip_pixels(images[idx], cfg.clip_image_size), return_loss=True)
-        step(clip, opt, sched, out.loss)
-        history.append(out.loss.item())
+        loss = clip_loss(clip, enc.input_ids[idx], enc.attention_mask[idx],
+                         build.clip_pixels(images[idx], cfg.clip_image_size), shape_ids if shape_negatives else None, g)
+        step(clip, opt, sched, loss)
+        history.append(loss.item())
         if (s + 1) % 100 == 0:
             log(f"clip step {s + 1}/{steps} loss {np.mean(history[-100:]):.4f}")
     clip.eval()
     metrics = {"eval_image_to_caption_top1_in_32": clip_retrieval(clip, tok, cfg, eval_images, eval_captions),
-               "chance": 1 / 32, "captions_truncated": truncated, "steps": steps, "batch": batch,
+               "chance": 1 / 32, "eval_true_over_shape_swapped": clip_prefers_true_shape(
+                   clip, tok, cfg, eval_images, eval_captions, shape_ids, torch.Generator().manual_seed(0)),
+               "shape_negatives": shape_negatives, "captions_truncated": truncated, "steps": steps, "batch": batch,
                **loss_ends(history)}
     return clip, metrics
 
@@ -506,6 +552,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch-mllm", type=int, default=32)
     ap.add_argument("--vae-crop", type=int, default=16, help="train the VAE on random crops of this side (0: whole)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--clip-shape-negatives", action="store_true",
+                    help="train CLIP with each caption's shape-swapped copy as a hard negative (NegCLIP's swaps; "
+                         "our lever: the contrastive loss alone can tell most toy captions apart by colour); with "
+                         "--only mllm it trains the vision tower's CLIP")
     ap.add_argument("--only", choices=["mllm"], default=None,
                     help="train this stage alone on the VAE/CLIP/UNet of --base; --out gets a copy of --base with "
                          "the new stage, metrics.json and README.md")
@@ -553,7 +603,8 @@ def main(argv: list[str] | None = None) -> dict:
     vae, m_vae = train_vae(cfg, images, eval_images, args.steps_vae, args.batch_vae, 2e-3, args.vae_crop, g)
     log(f"vae: {json.dumps(m_vae)}")
     text_tok = text_tokenizer(cfg)
-    clip, m_clip = train_clip(cfg, text_tok, *clip_data(root), args.steps_clip, args.batch_clip, 1e-3, g)
+    clip, m_clip = train_clip(cfg, text_tok, *clip_data(root), args.steps_clip, args.batch_clip, 1e-3, g,
+                              args.clip_shape_negatives)
     log(f"clip: {json.dumps(m_clip)}")
     from pretrain_toy_unet import pretrain_unet  # its sibling: the UNet stage (it imports this file's helpers)
 
@@ -600,11 +651,12 @@ def mllm_only(args, cfg, g: torch.Generator, start: float, command: str) -> dict
         raise UserError(f"--out {out} is --base: write the new MLLM to another folder (the base stays as it is)")
     root = Path(cached_world(seed=args.seed, n=args.n, size=cfg.resolution))
     clip, m_clip = CLIPModel.from_pretrained(base / "clip").eval(), None
-    if any(getattr(cfg, f"vision_{f}") != getattr(cfg, f"clip_{f}") for f in TOWER):
-        # LLaVA's tower starts from a CLIP of its own architecture: train one (the editing side keeps base/clip).
+    if args.clip_shape_negatives or any(getattr(cfg, f"vision_{f}") != getattr(cfg, f"clip_{f}") for f in TOWER):
+        # LLaVA's tower starts from a CLIP of its own architecture and training: train one (the editing side
+        # keeps base/clip).
         tower_cfg = dataclasses.replace(cfg, **{f"clip_{f}": getattr(cfg, f"vision_{f}") for f in TOWER})
         clip, m_clip = train_clip(tower_cfg, text_tokenizer(cfg), *clip_data(root), args.steps_clip,
-                                  args.batch_clip, 1e-3, g)
+                                  args.batch_clip, 1e-3, g, args.clip_shape_negatives)
         log(f"clip for the vision tower: {json.dumps(m_clip)}")
     mllm, tok, m_mllm = run_mllm(cfg, clip, args, root, g)
     m_mllm.update(arch=args.arch, **({"tower_clip": m_clip} if m_clip else {}))

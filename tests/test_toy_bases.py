@@ -299,3 +299,30 @@ def test_wider_text_to_image_prior_trains_and_the_editing_stage_loads_it(run, tm
     assert not (tmp_path / "no").exists()
     with pytest.raises(UserError, match="--arch without --out"):
         t2i.main(["--base", str(base), *wide])
+
+
+def test_shape_swapped_negatives_change_one_shape_word_each():
+    script = load_script()
+    shapes = torch.tensor([10, 11, 12])
+    ids = torch.tensor([[1, 10, 5, 12, 2], [1, 5, 6, 7, 2], [1, 11, 11, 5, 2]])
+    neg, changed = script.shape_swapped(ids, shapes, torch.Generator().manual_seed(0))
+    assert changed.tolist() == [True, False, True]
+    diff = neg != ids
+    assert diff.sum(1).tolist() == [1, 0, 1]  # one word swapped, none where there is no shape word
+    assert torch.isin(ids[diff], shapes).all() and torch.isin(neg[diff], shapes).all()  # a shape for a shape
+
+
+def test_shape_negatives_only_add_competitors_to_the_image_side_of_clips_loss():
+    """With no shape word to swap the loss is CLIPModel's own; with swaps every image has more captions to beat,
+    so its loss can only grow."""
+    script = load_script()
+    cfg = preset("insightedit", "toy")
+    torch.manual_seed(0)
+    clip = script.build_clip(cfg).eval()
+    pixels, mask = torch.randn(4, 3, 32, 32), torch.ones(4, 6, dtype=torch.long)
+    ids = torch.randint(20, 60, (4, 6))
+    plain = script.clip_loss(clip, ids, mask, pixels)
+    absent = torch.tensor([7, 8])  # no caption holds these ids
+    torch.testing.assert_close(script.clip_loss(clip, ids, mask, pixels, absent, torch.Generator()), plain)
+    present = torch.unique(ids[:, 2])
+    assert len(present) > 1 and script.clip_loss(clip, ids, mask, pixels, present, torch.Generator()) > plain
