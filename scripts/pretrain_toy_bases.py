@@ -352,6 +352,20 @@ def mllm_eval_loss(mllm, examples, images, cfg, pad_id, batch: int = 64) -> floa
 
 
 @torch.no_grad()
+def caption_shape_accuracy(mllm, tok, examples, images, cfg, batch: int = 64) -> float:
+    """Teacher-forced: how often the caption's next word is predicted right where that word is a shape — after
+    "a small red" the shape of the small red object, which only the image tells (chance 1 / 5)."""
+    shape_ids, right, total = torch.tensor(tok.convert_tokens_to_ids(list(SHAPES))), 0, 0
+    for i in range(0, len(examples), batch):
+        ids, mask, labels, pixels = collate_mllm(examples[i:i + batch], images, cfg, tok.pad_token_id)
+        logits = mllm(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+        pred, gold = logits[:, :-1].argmax(-1), labels[:, 1:]
+        at = torch.isin(gold, shape_ids)
+        right, total = right + int((pred[at] == gold[at]).sum()), total + int(at.sum())
+    return right / max(1, total)
+
+
+@torch.no_grad()
 def greedy_answers(mllm, tok, prompts: list[list[int]], pixels: torch.Tensor, max_new: int = 24) -> list[str]:
     """Greedy decoding; prompts of equal length are decoded together, so no padding is ever needed."""
     groups = defaultdict(list)
@@ -418,6 +432,7 @@ def train_mllm(cfg, clip, images, caps, edits, eval_sets, steps, batch, lr, g, f
     metrics = {"eval_exact_match": acc, "eval_loss_caption": mllm_eval_loss(mllm, eval_caps, eval_images, cfg,
                                                                              tok.pad_token_id),
                "eval_loss_instruction": mllm_eval_loss(mllm, eval_edits, eval_images, cfg, tok.pad_token_id),
+               "eval_caption_shape_word": caption_shape_accuracy(mllm, tok, eval_caps, eval_images, cfg),
                "eval_samples": samples, "steps": steps, "batch": batch, "lr": lr, "train_edits": len(edits),
                "train_captions": len(caps), "vision_feature_layer": cfg.vision_feature_layer,
                "freeze_vision": freeze_vision, "train_refers": len(refers), "refer_share": refer_share,
@@ -449,8 +464,9 @@ def mllm_data(cfg, roots: list[Path], eval_root: Path):
                   for i, r in enumerate(eval_rows)]
     longest = max(len(p) + len(a) for _, p, a in caps + edits + refers + eval_caps + eval_edits)
     if longest > cfg.llm_max_positions:
+        enough = 1 << (longest - 1).bit_length()  # the next power of two
         raise UserError(f"the longest MLLM example is {longest} tokens ({n_img} of them image tokens), beyond "
-                        f"llm_max_positions {cfg.llm_max_positions}: add --arch llm_max_positions={1 << (longest - 1).bit_length()}")
+                        f"llm_max_positions {cfg.llm_max_positions}: add --arch llm_max_positions={enough}")
     return torch.cat(images), caps, edits, refers, (eval_rows, eval_images, eval_caps, eval_edits)
 
 

@@ -166,7 +166,7 @@ def test_only_mllm_retrains_the_mllm_alone_from_the_base(run, monkeypatch):
     m = saved["mllm"]
     assert m["loss_last"] == metrics["mllm"]["loss_last"] and m["steps"] == 2 and "--only mllm" in m["command"]
     assert 0 <= m["eval_exact_match"]["all"] <= 1 and "--only mllm" in (out / "README.md").read_text()
-    assert m["train_refers"] > 0 and m["refer_share"] == 0.25
+    assert m["train_refers"] > 0 and m["refer_share"] == 0.25 and 0 <= m["eval_caption_shape_word"] <= 1
     new = LlavaForConditionalGeneration.from_pretrained(out / "mllm")
     old = LlavaForConditionalGeneration.from_pretrained(base / "mllm")
     assert new.config.vision_feature_layer == -1 and old.config.vision_feature_layer == -2
