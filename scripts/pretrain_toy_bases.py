@@ -384,7 +384,7 @@ def greedy_answers(mllm, tok, prompts: list[list[int]], pixels: torch.Tensor, ma
     return out
 
 
-def mllm_accuracy(mllm, tok, n_img, cfg, rows, images) -> tuple[dict, list]:
+def mllm_accuracy(mllm, tok, n_img, cfg, rows, images) -> tuple[dict, list, dict]:
     """Exact match (as word sequences) of the greedy answer to optimized_instruction, per category and kind."""
     prompts = [prompt_ids(tok, n_img, r["instruction"]) for r in rows]
     answers = greedy_answers(mllm, tok, prompts, build.clip_pixels(images, cfg.vision_image_size))
@@ -399,7 +399,32 @@ def mllm_accuracy(mllm, tok, n_img, cfg, rows, images) -> tuple[dict, list]:
         acc[f"{c}_remove_replace"] = float(np.mean(sel)) if sel else float("nan")
     samples = [{"instruction": r["instruction"], "target": r["optimized_instruction"], "answer": a}
                for r, a in list(zip(rows, answers))[:9]]
-    return acc, samples
+    return acc, samples, why_wrong(rows, answers, hits)
+
+
+def named_object(text: str):
+    """(colour, shape) of the shape a remove/replace rewrite names first: "replace the small red circle on the
+    left with ..." -> ("red", "circle"); None when the words do not parse."""
+    words = [w for w in tokenize_words(text) if w not in ("small", "large")]
+    return tuple(words[2:4]) if len(words) >= 4 and words[:2] in (["remove", "the"], ["replace", "the"]) else None
+
+
+def why_wrong(rows, answers, hits) -> dict:
+    """The wrong remove/replace rewrites of each category sorted by what the named shape got wrong: another
+    shape of the scene (the reference not resolved), the right colour with a shape the scene lacks (the shape
+    not recognised), the right shape with a colour it lacks, the right shape and colour with a qualifier or the
+    new part wrong, or none of these."""
+    out = {c: defaultdict(int) for c in CATEGORIES}
+    for r, a, hit in zip(rows, answers, hits):
+        if hit or r["kind"] == "add":
+            continue
+        want, got = named_object(r["optimized_instruction"]), named_object(a)
+        scene = {(o["colour"], o["shape"]) for o in r["objects"]}
+        why = ("right shape and colour, rest wrong" if got == want else "another shape of the scene" if got in scene
+               else "colour right, shape not in the scene" if got and want and got[0] == want[0]
+               else "shape right, colour not in the scene" if got and want and got[1] == want[1] else "other")
+        out[r["category"]][why] += 1
+    return {c: dict(v) for c, v in out.items()}
 
 
 def train_mllm(cfg, clip, images, caps, edits, eval_sets, steps, batch, lr, g, freeze_vision: bool = False,
@@ -428,8 +453,8 @@ def train_mllm(cfg, clip, images, caps, edits, eval_sets, steps, batch, lr, g, f
             log(f"mllm step {s + 1}/{steps} loss {np.mean(history[-100:]):.4f}")
     mllm.eval()
     eval_rows, eval_images, eval_caps, eval_edits = eval_sets
-    acc, samples = mllm_accuracy(mllm, tok, n_img, cfg, eval_rows, eval_images)
-    metrics = {"eval_exact_match": acc, "eval_loss_caption": mllm_eval_loss(mllm, eval_caps, eval_images, cfg,
+    acc, samples, failures = mllm_accuracy(mllm, tok, n_img, cfg, eval_rows, eval_images)
+    metrics = {"eval_exact_match": acc, "eval_failures": failures, "eval_loss_caption": mllm_eval_loss(mllm, eval_caps, eval_images, cfg,
                                                                              tok.pad_token_id),
                "eval_loss_instruction": mllm_eval_loss(mllm, eval_edits, eval_images, cfg, tok.pad_token_id),
                "eval_caption_shape_word": caption_shape_accuracy(mllm, tok, eval_caps, eval_images, cfg),
