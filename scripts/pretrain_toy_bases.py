@@ -411,17 +411,20 @@ def named_object(text: str):
 
 def why_wrong(rows, answers, hits) -> dict:
     """The wrong remove/replace rewrites of each category sorted by what the named shape got wrong: another
-    shape of the scene (the reference not resolved), the right colour with a shape the scene lacks (the shape
-    not recognised), the right shape with a colour it lacks, the right shape and colour with a qualifier or the
-    new part wrong, or none of these."""
+    shape of the scene (the reference not resolved), the right colour with a shape the scene lacks — one the
+    instruction names (a word copied: "turn the left shape into a star" -> "replace the red star ...") or not
+    (the shape not recognised) —, the right shape with a colour it lacks, the right shape and colour with a
+    qualifier or the new part wrong, or none of these."""
     out = {c: defaultdict(int) for c in CATEGORIES}
     for r, a, hit in zip(rows, answers, hits):
         if hit or r["kind"] == "add":
             continue
         want, got = named_object(r["optimized_instruction"]), named_object(a)
         scene = {(o["colour"], o["shape"]) for o in r["objects"]}
+        copied = got is not None and got[1] in tokenize_words(r["instruction"])
         why = ("right shape and colour, rest wrong" if got == want else "another shape of the scene" if got in scene
-               else "colour right, shape not in the scene" if got and want and got[0] == want[0]
+               else f"colour right, shape {'copied from the instruction' if copied else 'not in the scene'}"
+               if got and want and got[0] == want[0]
                else "shape right, colour not in the scene" if got and want and got[1] == want[1] else "other")
         out[r["category"]][why] += 1
     return {c: dict(v) for c, v in out.items()}

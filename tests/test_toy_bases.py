@@ -331,18 +331,20 @@ def test_shape_negatives_only_add_competitors_to_the_image_side_of_clips_loss():
 def test_wrong_rewrites_are_sorted_by_what_the_named_shape_got_wrong():
     script = load_script()
     objs = [{"colour": "red", "shape": "circle"}, {"colour": "blue", "shape": "star"}]
-    row = lambda target, cat="understanding", kind="remove": {  # noqa: E731
-        "optimized_instruction": target, "category": cat, "kind": kind, "objects": objs}
+    row = lambda target, cat="understanding", kind="remove", instruction="remove the left shape": {  # noqa: E731
+        "optimized_instruction": target, "category": cat, "kind": kind, "objects": objs, "instruction": instruction}
     rows = [row("remove the red circle"), row("remove the red circle"), row("remove the red circle"),
             row("remove the red circle"), row("replace the red circle with a blue square", "reasoning", "replace"),
             row("remove the red circle", "simple"), row("add a red star at the top", kind="add"),
-            row("remove the red circle")]
+            row("remove the red circle"),
+            row("replace the red circle with a blue square", kind="replace", instruction="make the left one a square")]
     answers = ["remove the blue star", "remove the red square", "remove the green circle",
                "remove the small red circle on the left", "replace the red circle with a blue star",
-               "remove the red circle", "add a blue star at the top", "make it so"]
-    hits = [False, False, False, False, False, True, False, False]
+               "remove the red circle", "add a blue star at the top", "make it so",
+               "replace the red square with a blue square"]
+    hits = [False, False, False, False, False, True, False, False, False]
     assert script.why_wrong(rows, answers, hits) == {
         "simple": {}, "reasoning": {"right shape and colour, rest wrong": 1},
         "understanding": {"another shape of the scene": 1, "colour right, shape not in the scene": 1,
                           "shape right, colour not in the scene": 1, "right shape and colour, rest wrong": 1,
-                          "other": 1}}
+                          "other": 1, "colour right, shape copied from the instruction": 1}}
