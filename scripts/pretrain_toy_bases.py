@@ -2,6 +2,8 @@
 
     python scripts/pretrain_toy_bases.py --out assets/toy/base
     python scripts/pretrain_toy_bases.py --only mllm --base assets/toy/base --out DIR   # the MLLM stage alone
+    python scripts/pretrain_toy_bases.py --only mllm --base assets/toy/base --out DIR --arch vision_patch=2 \
+        --arch llm_max_positions=512   # a comprehension-study lever: the tower gets its own CLIP first
 
 Measured: 27.1 min wall on 1 thread of a shared 2-core CPU (VAE 6.7, CLIP 3.7, MLLM 16.6 min), with the toy world
 already cached (generating it adds about 1 min); the folder is 13.5 MB. Its README.md and metrics.json hold the
