@@ -19,11 +19,17 @@ from minedit.presets import apply_overrides, preset
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "pretrain_toy_bases.py"
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("pretrain_toy_bases", SCRIPT)
+def load_script(path: Path = SCRIPT):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def load_quality():
+    """scripts/mllm_quality.py, the MLLM's scoring (it imports its sibling pretrain_toy_bases.py)."""
+    load_script()  # puts scripts/ on sys.path
+    return load_script(SCRIPT.parent / "mllm_quality.py")
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +131,7 @@ def test_greedy_decoding_equals_argmax_loop(run):
     prompts = [script.prompt_ids(tok, 64, t) for t in ("remove the red circle", "describe the picture.",
                                                        "add a blue star")]
     pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
-    got = script.greedy_answers(mllm, tok, prompts, pixels, max_new=5)
+    got = load_quality().greedy_answers(mllm, tok, prompts, pixels, max_new=5)
     for p, px, answer in zip(prompts, pixels, got):  # reference: full forward, argmax, no cache
         ids = torch.tensor([p])
         for _ in range(5):
@@ -329,7 +335,7 @@ def test_shape_negatives_only_add_competitors_to_the_image_side_of_clips_loss():
 
 
 def test_wrong_rewrites_are_sorted_by_what_the_named_shape_got_wrong():
-    script = load_script()
+    quality = load_quality()
     objs = [{"colour": "red", "shape": "circle"}, {"colour": "blue", "shape": "star"}]
     row = lambda target, cat="understanding", kind="remove", instruction="remove the left shape": {  # noqa: E731
         "optimized_instruction": target, "category": cat, "kind": kind, "objects": objs, "instruction": instruction}
@@ -343,7 +349,7 @@ def test_wrong_rewrites_are_sorted_by_what_the_named_shape_got_wrong():
                "remove the red circle", "add a blue star at the top", "make it so",
                "replace the red square with a blue square"]
     hits = [False, False, False, False, False, True, False, False, False]
-    assert script.why_wrong(rows, answers, hits) == {
+    assert quality.why_wrong(rows, answers, hits) == {
         "simple": {}, "reasoning": {"right shape and colour, rest wrong": 1},
         "understanding": {"another shape of the scene": 1, "colour right, shape not in the scene": 1,
                           "shape right, colour not in the scene": 1, "right shape and colour, rest wrong": 1,
