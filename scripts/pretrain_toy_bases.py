@@ -70,6 +70,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling pretrain
 
 from minedit import build, export, fsio  # noqa: E402
 from minedit.errors import UserError, run_cli  # noqa: E402
+from minedit.eval.metrics import clip_features  # noqa: E402
 from minedit.presets import apply_overrides, preset  # noqa: E402
 from minedit.toy.phrases import CATEGORIES, KINDS, SHAPES, tokenize_words  # noqa: E402
 from minedit.toy.tokenizer import toy_tokenizer  # noqa: E402
@@ -89,13 +90,18 @@ def load_images(root: Path, paths: list[str]) -> torch.Tensor:
     return torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
-def clip_data(root: Path):
-    """CLIP's (image, caption) training pairs from root's train split and its eval (image, caption) pairs."""
-    caption_rows, eval_rows = read_jsonl(root / "captions.jsonl"), read_jsonl(root / "eval.jsonl")
-    paths = sorted({r["image"] for r in caption_rows})
-    images, index = load_images(root, paths), {p: i for i, p in enumerate(paths)}
+def world_images(root: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """root's train images (each once, in path order) and its eval rows' source images."""
+    paths = sorted({r["image"] for r in read_jsonl(root / "captions.jsonl")})
+    return load_images(root, paths), load_images(root, [r["source"] for r in read_jsonl(root / "eval.jsonl")])
+
+
+def clip_data(root: Path, images: torch.Tensor, eval_images: torch.Tensor):
+    """CLIP's (image, caption) training pairs and its eval (image, caption) pairs, from world_images(root)."""
+    caption_rows = read_jsonl(root / "captions.jsonl")
+    index = {p: i for i, p in enumerate(sorted({r["image"] for r in caption_rows}))}
     return (images[[index[r["image"]] for r in caption_rows]], [r["caption"] for r in caption_rows],
-            load_images(root, [r["source"] for r in eval_rows]), [r["caption"] for r in eval_rows])
+            eval_images, [r["caption"] for r in read_jsonl(root / "eval.jsonl")])
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -248,12 +254,11 @@ def clip_prefers_true_shape(clip, tok, cfg, images, captions, shape_ids, g) -> f
     """How often an image is nearer its caption than the caption with one shape word swapped (chance 0.5)."""
     enc = tok(captions, padding="max_length", max_length=cfg.text_max_length, truncation=True, return_tensors="pt")
     neg, changed = shape_swapped(enc.input_ids, shape_ids, g)
-    img = clip.get_image_features(pixel_values=build.clip_pixels(images, cfg.clip_image_size))
-    img = getattr(img, "pooler_output", img)  # transformers 5 may return an output object
+    img = clip_features(clip.get_image_features(pixel_values=build.clip_pixels(images, cfg.clip_image_size)))
     sims = []
     for ids in (enc.input_ids, neg):
-        txt = clip.get_text_features(input_ids=ids, attention_mask=enc.attention_mask)
-        sims.append(F.cosine_similarity(img, getattr(txt, "pooler_output", txt), dim=-1))
+        txt = clip_features(clip.get_text_features(input_ids=ids, attention_mask=enc.attention_mask))
+        sims.append(F.cosine_similarity(img, txt, dim=-1))
     return float((sims[0] > sims[1])[changed].float().mean())
 
 
@@ -369,8 +374,8 @@ def train_mllm(cfg, clip, images, caps, edits, eval_sets, steps, batch, lr, g, f
     mllm.eval()
     from mllm_quality import mllm_quality  # its sibling: how the MLLM is scored (it imports this file's helpers)
 
-    metrics = {**mllm_quality(mllm, tok, n_img, cfg, eval_sets), "steps": steps, "batch": batch, "lr": lr, "train_edits": len(edits),
-               "train_captions": len(caps), "vision_feature_layer": cfg.vision_feature_layer,
+    metrics = {**mllm_quality(mllm, tok, n_img, cfg, eval_sets), "steps": steps, "batch": batch, "lr": lr,
+               "train_edits": len(edits), "train_captions": len(caps), "vision_feature_layer": cfg.vision_feature_layer,
                "freeze_vision": freeze_vision, "train_refers": len(refers), "refer_share": refer_share,
                **loss_ends(history)}
     return mllm, tok, n_img, metrics
@@ -548,15 +553,14 @@ def main(argv: list[str] | None = None) -> dict:
 
     root = Path(cached_world(seed=args.seed, n=args.n, size=cfg.resolution))
     rows, eval_rows = read_jsonl(root / "train.jsonl"), read_jsonl(root / "eval.jsonl")
-    images = load_images(root, sorted({r["image"] for r in read_jsonl(root / "captions.jsonl")}))
-    eval_images = load_images(root, [r["source"] for r in eval_rows])
+    images, eval_images = world_images(root)
     log(f"toy world {root}: {len(rows)} train rows, {len(eval_rows)} eval rows, {len(images)} train images")
 
     vae, m_vae = train_vae(cfg, images, eval_images, args.steps_vae, args.batch_vae, 2e-3, args.vae_crop, g)
     log(f"vae: {json.dumps(m_vae)}")
     text_tok = text_tokenizer(cfg)
-    clip, m_clip = train_clip(cfg, text_tok, *clip_data(root), args.steps_clip, args.batch_clip, 1e-3, g,
-                              args.clip_shape_negatives)
+    clip, m_clip = train_clip(cfg, text_tok, *clip_data(root, images, eval_images), args.steps_clip, args.batch_clip,
+                              1e-3, g, args.clip_shape_negatives)
     log(f"clip: {json.dumps(m_clip)}")
     from pretrain_toy_unet import pretrain_unet  # its sibling: the UNet stage (it imports this file's helpers)
 
@@ -607,8 +611,8 @@ def mllm_only(args, cfg, g: torch.Generator, start: float, command: str) -> dict
         # LLaVA's tower starts from a CLIP of its own architecture and training: train one (the editing side
         # keeps base/clip).
         tower_cfg = dataclasses.replace(cfg, **{f"clip_{f}": getattr(cfg, f"vision_{f}") for f in TOWER})
-        clip, m_clip = train_clip(tower_cfg, text_tokenizer(cfg), *clip_data(root), args.steps_clip,
-                                  args.batch_clip, 1e-3, g, args.clip_shape_negatives)
+        clip, m_clip = train_clip(tower_cfg, text_tokenizer(cfg), *clip_data(root, *world_images(root)),
+                                  args.steps_clip, args.batch_clip, 1e-3, g, args.clip_shape_negatives)
         log(f"clip for the vision tower: {json.dumps(m_clip)}")
     mllm, tok, m_mllm = run_mllm(cfg, clip, args, root, g)
     m_mllm.update(arch=args.arch, **({"tower_clip": m_clip} if m_clip else {}))

@@ -205,7 +205,8 @@ def _clip_pixels(images, size: int) -> torch.Tensor:
     return (x - mean) / std
 
 
-def _features(output) -> torch.Tensor:
+def clip_features(output) -> torch.Tensor:
+    """get_image_features / get_text_features output -> the embedding tensor, on every transformers version."""
     # transformers 5 returns a BaseModelOutputWithPooling whose pooler_output is the projected embedding
     return getattr(output, "pooler_output", output)
 
@@ -230,7 +231,7 @@ def clip_scores(model, processor_or_tokenizer, images: Sequence, texts: Sequence
 
     def embed_images(batch) -> torch.Tensor:
         pixels = _clip_pixels(batch, size).to(param.device, param.dtype)
-        return F.normalize(_features(model.get_image_features(pixel_values=pixels)).float(), dim=-1)
+        return F.normalize(clip_features(model.get_image_features(pixel_values=pixels)).float(), dim=-1)
 
     clip_i, clip_s = [], []
     for start in range(0, n, batch_size):
@@ -241,7 +242,7 @@ def clip_scores(model, processor_or_tokenizer, images: Sequence, texts: Sequence
         if texts is not None:
             tok = tokenizer(list(texts[start:stop]), padding=True, truncation=True, max_length=max_len,
                             return_tensors="pt").to(param.device)
-            t = _features(model.get_text_features(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"]))
+            t = clip_features(model.get_text_features(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"]))
             clip_s += (100.0 * (e * F.normalize(t.float(), dim=-1)).sum(-1).clamp(min=0)).tolist()
     return (clip_i if targets is not None else [None] * n), (clip_s if texts is not None else [None] * n)
 

@@ -170,7 +170,7 @@ def dino_features(model, images) -> torch.Tensor:
 def clip_image_features(model, images) -> torch.Tensor:
     param = next(model.parameters())
     pixels = metrics._clip_pixels(images, model.config.vision_config.image_size).to(param.device, param.dtype)
-    return F.normalize(metrics._features(model.get_image_features(pixel_values=pixels)).float(), dim=-1)
+    return F.normalize(metrics.clip_features(model.get_image_features(pixel_values=pixels)).float(), dim=-1)
 
 
 @torch.no_grad()
@@ -179,7 +179,7 @@ def clip_text_features(model, tokenizer, texts) -> torch.Tensor:
     tok = tokenizer(list(texts), padding=True, truncation=True,
                     max_length=model.config.text_config.max_position_embeddings, return_tensors="pt").to(param.device)
     feats = model.get_text_features(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"])
-    return F.normalize(metrics._features(feats).float(), dim=-1)
+    return F.normalize(metrics.clip_features(feats).float(), dim=-1)
 
 
 def magicbrush_distances(edit, target) -> dict:
