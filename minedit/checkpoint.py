@@ -10,9 +10,10 @@
         state.json                step, scheduler, scaler, data position and the non-tensor optimizer state
     RUN/latest                    the name of the newest complete checkpoint
 
-A checkpoint is written into a hidden temporary folder and renamed into place, then `latest` is replaced
-(write + os.replace), so a process killed at any moment leaves the previous checkpoint intact and `latest`
-pointing at a complete one. Nothing is ever unpickled: a checkpoint cannot make the code execute anything.
+A checkpoint is written into a hidden temporary folder and renamed into place (`fsio.replace_dir`: a re-saved
+step's old folder is set aside as `.ckpt-X.old` until the new one is in), then `latest` is replaced
+(write + os.replace), so a process killed at any moment leaves a complete checkpoint that `find_checkpoint`
+finds. Nothing is ever unpickled: a checkpoint cannot make the code execute anything.
 """
 from __future__ import annotations
 
@@ -83,27 +84,25 @@ def save_checkpoint(run_dir: str, step: int, config: Config, weights: dict, stat
     A failed write (full disk, I/O error, read-only folder) removes the partial folder, leaves the previous
     checkpoint and `latest` untouched and raises one UserError with the size the checkpoint needs."""
     name = f"ckpt-{step:07d}"
-    final, tmp = os.path.join(run_dir, name), os.path.join(run_dir, f".{name}.tmp")
+    final = os.path.join(run_dir, name)
     weights = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
     tensors, skeleton = flatten_state(state, "s") if state is not None else ({}, None)
     need = sum(t.numel() * t.element_size() for t in (*weights.values(), *tensors.values()))
-    try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        save_file(weights, os.path.join(tmp, "weights.safetensors"))
-        _write_plain(os.path.join(tmp, "config.json"), config.to_json())
-        if state is not None:
-            save_file(tensors, os.path.join(tmp, "state.safetensors"))
-            _write_plain(os.path.join(tmp, "state.json"), json.dumps(skeleton))
-        for f in os.listdir(tmp):  # on disk before the rename makes the folder look complete
-            fsio._fsync_file(os.path.join(tmp, f))
-        if os.path.exists(final):  # re-saving the same step (e.g. a final save right after a periodic one)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except (OSError, SafetensorError) as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise fsio.write_error(_as_oserror(e), final, "--out", need, "the previous checkpoint in "
-                               f"{run_dir} is intact (infer.py --ckpt and train.py --resume use it)") from None
+
+    def write(folder: str) -> None:
+        try:
+            os.makedirs(folder)
+            save_file(weights, os.path.join(folder, "weights.safetensors"))
+            _write_plain(os.path.join(folder, "config.json"), config.to_json())
+            if state is not None:
+                save_file(tensors, os.path.join(folder, "state.safetensors"))
+                _write_plain(os.path.join(folder, "state.json"), json.dumps(skeleton))
+        except SafetensorError as e:
+            raise _as_oserror(e) from None
+
+    # Re-saving a step (a final save right after a periodic one) replaces that folder the same safe way.
+    fsio.replace_dir(final, write, "--out", need, f"the previous checkpoint in {run_dir} is intact "
+                     "(infer.py --ckpt and train.py --resume use it)")
     fsio.write_text(os.path.join(run_dir, "latest"), name + "\n")
     old = sorted(d for d in os.listdir(run_dir) if d.startswith("ckpt-") and d != name)
     for d in old[:max(0, len(old) - (keep - 1))] if keep > 0 else []:
@@ -123,8 +122,9 @@ def find_checkpoint(path: str) -> str:
     if os.path.isfile(latest):
         with open(latest) as f:
             name = f.read().strip()
-        if os.path.isfile(os.path.join(path, name, "weights.safetensors")):
-            return os.path.join(path, name)
+        for d in (name, f".{name}.old"):  # the second: killed while re-saving that step (fsio.replace_dir)
+            if os.path.isfile(os.path.join(path, d, "weights.safetensors")):
+                return os.path.join(path, d)
     done = sorted(d for d in os.listdir(path)
                   if d.startswith("ckpt-") and os.path.isfile(os.path.join(path, d, "weights.safetensors")))
     if not done:

@@ -76,10 +76,12 @@ def atomic_path(path: str, where: str = "--out", need: int | None = None, suffix
         raise
 
 
-def replace_dir(path: str, save, where: str = "--out") -> None:
+def replace_dir(path: str, save, where: str = "--out", need: int | None = None,
+                kept: str = "files written before are intact") -> None:
     """Replace the folder `path` by what `save(tmp)` writes into a fresh folder beside it. The old folder is
     renamed aside first and removed only once the new one is in place, so a kill at any moment leaves one of the
-    two complete (the old one, if need be, as `.NAME.old` beside it)."""
+    two complete (the old one, if need be, as `.NAME.old` beside it); a failed write or rename puts the old one
+    back and raises `write_error` (with `need` and `kept` as there)."""
     tmp, old = (os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{k}") for k in ("tmp", "old"))
     try:
         _remove(tmp)
@@ -94,7 +96,10 @@ def replace_dir(path: str, save, where: str = "--out") -> None:
         _fsync_dir(os.path.dirname(path) or ".")
     except OSError as e:
         _remove(tmp)
-        raise write_error(e, path, where) from None
+        if os.path.exists(old) and not os.path.exists(path):
+            with contextlib.suppress(OSError):
+                os.replace(old, path)
+        raise write_error(e, path, where, need, kept) from None
     _remove(old)
 
 

@@ -75,6 +75,35 @@ def test_checkpoint_write_failure_keeps_the_last_one(tmp_path, monkeypatch, code
     assert float(checkpoint.load_weights(where_)["w"][0, 0]) == 1.0 and checkpoint.load_state(where_)["step"] == 10
 
 
+class Killed(BaseException):
+    """A kill: no handler runs (a BaseException that is not an OSError)."""
+
+
+@pytest.mark.parametrize("fault", ["error", "kill"])
+def test_resaving_a_step_never_loses_it(tmp_path, monkeypatch, fault):
+    """A final save right after a periodic one re-saves that step: the old folder is set aside, not removed, until
+    the new one is in place; a failed rename puts it back, a kill leaves it where find_checkpoint looks."""
+    run = tmp_path / "run"
+    tiny_save(run, 10, 1.0)
+    real, calls = os.replace, []
+
+    def second_rename_fails(src, dst):  # the first moves the old folder aside, the second would move the new in
+        calls.append(dst)
+        if len(calls) == 2:
+            raise OSError(errno.EIO, "input/output error") if fault == "error" else Killed()
+        return real(src, dst)
+    monkeypatch.setattr(checkpoint.os, "replace", second_rename_fails)
+    with pytest.raises(UserError if fault == "error" else Killed):
+        tiny_save(run, 10, 2.0)
+    monkeypatch.undo()
+    found = checkpoint.find_checkpoint(str(run))
+    assert found.endswith("ckpt-0000010" if fault == "error" else ".ckpt-0000010.old"), found
+    assert float(checkpoint.load_weights(found)["w"][0, 0]) == 1.0 and checkpoint.load_state(found)["step"] == 10
+    tiny_save(run, 10, 3.0)  # the next save of that step tidies up
+    assert sorted(os.listdir(run)) == ["ckpt-0000010", "latest"]
+    assert float(checkpoint.load_weights(checkpoint.find_checkpoint(str(run)))["w"][0, 0]) == 3.0
+
+
 def test_checkpoint_size_estimate_counts_weights_and_state(tmp_path, monkeypatch):
     monkeypatch.setattr(checkpoint, "save_file", oserror(errno.ENOSPC))
     with pytest.raises(UserError, match=r"needs ~16 KB"):  # 64·64 fp32 weights + 5 fp32 state = 16 404 bytes
