@@ -4,6 +4,8 @@
     python scripts/pretrain_toy_bases.py --only mllm --base assets/toy/base --out DIR   # the MLLM stage alone
     python scripts/pretrain_toy_bases.py --only mllm --base assets/toy/base --out DIR --arch vision_patch=2 \
         --arch llm_max_positions=512   # a comprehension-study lever: the tower gets its own CLIP first
+    python scripts/pretrain_toy_bases.py --only mllm --base DIR --out DIR2 --continue-mllm --steps-mllm 12000 \
+        --mllm-world-n 24000           # DIR's MLLM trained 12 000 steps more (pieces that fit a session)
 
 Measured: 27.1 min wall on 1 thread of a shared 2-core CPU (VAE 6.7, CLIP 3.7, MLLM 16.6 min), with the toy world
 already cached (generating it adds about 1 min); the folder is 13.5 MB. Its README.md and metrics.json hold the
@@ -349,13 +351,14 @@ def collate_mllm(batch, images, cfg, pad_id):
 
 def train_mllm(cfg, clip, images, caps, edits, eval_sets, steps, batch, lr, g, freeze_vision: bool = False,
                refers=(), refer_share: float = 0.0):
-    """The LLaVA of `cfg` (its vision tower loaded from `clip`) trained on the tasks mixed in every batch
-    (instructions EDIT_SHARE, referring phrases refer_share, captions the rest); freeze_vision keeps the CLIP
-    tower fixed (LLaVA's own stage 1) and trains projector + LLM only."""
+    """The LLaVA of `cfg` (its vision tower loaded from `clip`; every weight from cfg.mllm_path when that is set,
+    to continue one) trained on the tasks mixed in every batch (instructions EDIT_SHARE, referring phrases
+    refer_share, captions the rest); freeze_vision keeps the CLIP tower fixed (LLaVA's own stage 1) and trains
+    projector + LLM only."""
     mllm, tok, n_img = build.build_mllm(cfg)
-    # LLaVA starts from CLIP's vision tower: here the toy CLIP trained just before (identical config).
     vt = mllm.model.vision_tower
-    (vt.vision_model if hasattr(vt, "vision_model") else vt).load_state_dict(clip.vision_model.state_dict())
+    if not cfg.mllm_path:  # LLaVA starts from CLIP's vision tower: the toy CLIP trained before (identical config)
+        (vt.vision_model if hasattr(vt, "vision_model") else vt).load_state_dict(clip.vision_model.state_dict())
     vt.requires_grad_(not freeze_vision)
     opt = torch.optim.AdamW([p for p in mllm.parameters() if p.requires_grad], lr=lr, weight_decay=0.01)
     sched, history = schedule(opt, steps, max(1, steps // 20)), []
@@ -527,12 +530,20 @@ def main(argv: list[str] | None = None) -> dict:
     mllm.add_argument("--mllm-refer-share", type=float, default=0.0,
                       help="fraction of each batch given to naming the shape a relational phrase picks out "
                            "(taken from the captions' share; 0: the two shipped tasks only)")
+    mllm.add_argument("--continue-mllm", action="store_true",
+                      help="with --only mllm: start every MLLM weight from --base's mllm/ and train --steps-mllm "
+                           "more (a warm restart: fresh warm-up and cosine; batches drawn anew), to train it "
+                           "longer in session-sized pieces")
     mllm.add_argument("--arch", action="append", default=[], metavar="FIELD=VALUE",
                       help="an MLLM field of the toy preset changed (vision_... or llm_..., repeatable), e.g. --arch "
                            "vision_patch=2 --arch llm_max_positions=512; a changed vision tower gets its own CLIP "
                            "first (--steps-clip steps), whose vision tower starts it as base/clip's starts the "
                            "shipped one; base/clip itself is kept")
     args = ap.parse_args(argv)
+    if args.continue_mllm and (args.only != "mllm" or args.arch or args.clip_shape_negatives
+                               or args.vision_feature_layer is not None):
+        raise UserError("--continue-mllm trains --base's MLLM on as it is: use it with --only mllm --base DIR, "
+                        "without --arch, --clip-shape-negatives or --vision-feature-layer")
     if args.arch and args.only != "mllm":
         raise UserError("--arch changes the MLLM stage alone: add --only mllm --base DIR")
     if not 0 <= args.mllm_refer_share <= 1 - EDIT_SHARE:
@@ -607,7 +618,15 @@ def mllm_only(args, cfg, g: torch.Generator, start: float, command: str) -> dict
         raise UserError(f"--out {out} is --base: write the new MLLM to another folder (the base stays as it is)")
     root = Path(cached_world(seed=args.seed, n=args.n, size=cfg.resolution))
     clip, m_clip = CLIPModel.from_pretrained(base / "clip").eval(), None
-    if args.clip_shape_negatives or any(getattr(cfg, f"vision_{f}") != getattr(cfg, f"clip_{f}") for f in TOWER):
+    base_metrics = json.loads((base / "metrics.json").read_text()) if (base / "metrics.json").is_file() else {}
+    arch, before = args.arch, {}
+    if args.continue_mllm:  # the base's MLLM, with the --arch it was trained with (recorded in its metrics)
+        was = base_metrics.get("mllm", {})
+        arch, m_clip = was.get("arch", []), was.get("tower_clip")
+        before = {"continued_from": str(base), "steps_before": was.get("steps", 0) + was.get("steps_before", 0)}
+        cfg = dataclasses.replace(mllm_config(cfg, arch), mllm_path=str(base / "mllm"))
+        g.manual_seed(args.seed + before["steps_before"])  # not the first piece's batches again
+    elif args.clip_shape_negatives or any(getattr(cfg, f"vision_{f}") != getattr(cfg, f"clip_{f}") for f in TOWER):
         # LLaVA's tower starts from a CLIP of its own architecture and training: train one (the editing side
         # keeps base/clip).
         tower_cfg = dataclasses.replace(cfg, **{f"clip_{f}": getattr(cfg, f"vision_{f}") for f in TOWER})
@@ -615,13 +634,12 @@ def mllm_only(args, cfg, g: torch.Generator, start: float, command: str) -> dict
                                   args.steps_clip, args.batch_clip, 1e-3, g, args.clip_shape_negatives)
         log(f"clip for the vision tower: {json.dumps(m_clip)}")
     mllm, tok, m_mllm = run_mllm(cfg, clip, args, root, g)
-    m_mllm.update(arch=args.arch, **({"tower_clip": m_clip} if m_clip else {}))
+    m_mllm.update(arch=arch, **before, **({"tower_clip": m_clip} if m_clip else {}))
     shutil.copytree(base, out, dirs_exist_ok=True, ignore=shutil.ignore_patterns("mllm", "metrics.json"))
     shutil.rmtree(out / "mllm", ignore_errors=True)
     export.save_bases(str(out), cfg, mllm=mllm, tokenizer=tok)
     m_mllm.update(wall_time_s=time.time() - start, threads=args.threads, command=command)
-    old = base / "metrics.json"
-    metrics = (json.loads(old.read_text()) if old.is_file() else {}) | {"mllm": m_mllm}
+    metrics = base_metrics | {"mllm": m_mllm}
     metrics["size_mb"] = folder_mb(out)
     fsio.write_text(str(out / "metrics.json"), json.dumps(metrics, indent=1) + "\n")
     if {"vae", "clip", "unet"} <= set(metrics):

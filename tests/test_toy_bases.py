@@ -214,6 +214,9 @@ def test_only_mllm_arch_gives_the_tower_its_own_clip_at_the_new_grid(run, monkey
     (["--only", "mllm", "--base", "nowhere", "--out", "x"], "no clip/config.json"),
     (["--base", "assets/toy/base", "--out", "x"], "--base is read only with --only mllm"),
     (["--mllm-refer-share", "0.5", "--out", "x"], "must be in [0, 0.4]"),
+    (["--continue-mllm", "--out", "x"], "use it with --only mllm"),
+    (["--only", "mllm", "--base", "assets/toy/base", "--continue-mllm", "--arch", "llm_layers=2", "--out", "x"],
+     "without --arch"),
     (["--arch", "vision_patch=2", "--out", "x"], "add --only mllm --base DIR"),
     (["--only", "mllm", "--base", "assets/toy/base", "--arch", "unet_channels=8,8,8", "--out", "x"],
      "only the MLLM's fields"),
@@ -225,6 +228,31 @@ def test_only_mllm_bad_flags_are_one_line_errors(args, says, tmp_path):
     res = subprocess.run([sys.executable, str(SCRIPT), *args], cwd=tmp_path, capture_output=True, text=True)
     assert res.returncode == 2 and res.stderr.strip().startswith("error:") and says in res.stderr
     assert "Traceback" not in res.stderr and not (tmp_path / "x").exists()
+
+
+def test_continue_mllm_trains_the_base_mllm_on_and_counts_its_steps(run, monkeypatch):
+    """--continue-mllm starts from --base's mllm/ itself: zero more steps give back its weights and its held-out
+    answers exactly; a piece of 2 steps changes them and records the steps before it, piece after piece."""
+    script, base, _ = run
+    monkeypatch.setenv("MINEDIT_CACHE", str(base.parent / "cache"))
+    args = ["--only", "mllm", "--n", "45", "--batch-mllm", "4", "--continue-mllm"]
+    same = script.main([*args, "--base", str(base), "--out", str(base.parent / "c0"), "--steps-mllm", "0"])
+    weights = lambda d: load_file(d / "mllm" / "model.safetensors")  # noqa: E731
+    old, new = weights(base), weights(base.parent / "c0")
+    assert old.keys() == new.keys() and all(torch.equal(old[k], new[k]) for k in old)
+    was = json.loads((base / "metrics.json").read_text())["mllm"]
+    assert json.dumps(same["mllm"]["eval_exact_match"]) == json.dumps(was["eval_exact_match"])  # NaN: no row
+    for k in ("eval_loss_caption", "eval_loss_instruction"):
+        assert same["mllm"][k] == pytest.approx(was[k], rel=1e-6), k
+    assert same["mllm"]["steps_before"] == 3
+    once = script.main([*args, "--base", str(base.parent / "c0"), "--out", str(base.parent / "c1"),
+                        "--steps-mllm", "2"])
+    again = script.main([*args, "--base", str(base.parent / "c1"), "--out", str(base.parent / "c2"),
+                         "--steps-mllm", "2"])
+    assert once["mllm"]["steps_before"] == 3 and again["mllm"]["steps_before"] == 5
+    assert again["mllm"]["continued_from"] == str(base.parent / "c1")
+    moved = weights(base.parent / "c1")
+    assert any(not torch.equal(old[k], moved[k]) for k in old)
 
 
 def test_only_mllm_refuses_to_overwrite_its_base(run):
