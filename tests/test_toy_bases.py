@@ -237,7 +237,9 @@ def test_continue_mllm_trains_the_base_mllm_on_and_counts_its_steps(run, monkeyp
     monkeypatch.setenv("MINEDIT_CACHE", str(base.parent / "cache"))
     args = ["--only", "mllm", "--n", "45", "--batch-mllm", "4", "--continue-mllm"]
     same = script.main([*args, "--base", str(base), "--out", str(base.parent / "c0"), "--steps-mllm", "0"])
-    weights = lambda d: load_file(d / "mllm" / "model.safetensors")  # noqa: E731
+
+    def weights(folder):
+        return load_file(folder / "mllm" / "model.safetensors")
     old, new = weights(base), weights(base.parent / "c0")
     assert old.keys() == new.keys() and all(torch.equal(old[k], new[k]) for k in old)
     was = json.loads((base / "metrics.json").read_text())["mllm"]
