@@ -17,9 +17,10 @@ channels zero, bias copied) as it widens SD 1.5.
 Training, as SD's (at toy size): the frozen VAE's latents (scaled by its scaling_factor) of the toy world's
 images, the frozen CLIP text tower's last hidden states of their captions (10 % replaced by the empty caption
 so the model supports classifier-free guidance), DDPM noise with the toy preset's schedule and v-prediction,
-MSE loss; AdamW, warm-up then cosine decay, gradient clipping at 1. The images and captions are the train split
-of the world the editing stage trains on (`cached_world(seed + 1000, n)`: source and target of every sample);
-the eval split's captions are never trained on.
+MSE loss (Min-SNR-γ weighted with `--snr-gamma`, a drawing-speed lever); AdamW, warm-up then cosine decay,
+gradient clipping at 1. The images and captions are the train split of the world the editing stage trains on
+(`cached_world(seed + 1000, n)`: source and target of every sample); the eval split's captions are never
+trained on.
 
 Quality is measured the toy way on held-out captions (scripts/prior_quality.py says how).
 """
@@ -34,13 +35,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python scripts/...` from a checkout
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling pretrain_toy_bases.py, however loaded
 
 from minedit import build, fsio  # noqa: E402
 from minedit.errors import UserError, run_cli  # noqa: E402
+from minedit.losses import diffusion_loss  # noqa: E402
 from minedit.presets import apply_overrides, preset  # noqa: E402
 from minedit.toy.world import cached_world  # noqa: E402
 from pretrain_toy_bases import load_images, log, read_jsonl, schedule, step  # noqa: E402
@@ -88,7 +89,9 @@ def train_t2i(cfg, vae, context, null_context, images, steps: int, batch: int, l
         noise = torch.randn(z0.shape, generator=g)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=g)
         pred = unet(scheduler.add_noise(z0, noise, t), t, encoder_hidden_states=ctx).sample
-        loss = F.mse_loss(pred, scheduler.get_velocity(z0, noise, t))
+        # plain MSE on v (SD's loss) unless cfg.snr_gamma > 0: then each sample weighted min(SNR, γ) / (SNR + 1)
+        loss = diffusion_loss(pred, scheduler.get_velocity(z0, noise, t), t, scheduler.alphas_cumprod,
+                              scheduler.config.prediction_type, cfg.snr_gamma)
         step(unet, opt, sched, loss)
         history.append(loss.item())
         if (s + 1) % 100 == 0:
@@ -123,8 +126,8 @@ def pretrain_unet(cfg, vae, text_encoder, tok, clip, out: Path, seed: int = 0, n
     del context
     k = max(1, len(history) // 10)
     quality = t2i_quality(unet, vae, text_encoder, tok, clip, cfg, root, evals, null_context, out)
-    return unet, {"steps": steps, "batch": batch, "lr": lr, "p_null": P_NULL, "world_n": n,
-                  "train_pairs": len(caps), "loss_first": float(np.mean(history[:k])),
+    return unet, {"steps": steps, "batch": batch, "lr": lr, "snr_gamma": cfg.snr_gamma, "p_null": P_NULL,
+                  "world_n": n, "train_pairs": len(caps), "loss_first": float(np.mean(history[:k])),
                   "loss_last": float(np.mean(history[-k:])), **quality, **({"curve": curve} if curve else {})}
 
 
@@ -177,6 +180,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps", type=int, default=None, help="training steps (default 3000)")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--snr-gamma", type=float, default=0.0,
+                    help="Min-SNR-γ loss weighting (γ = 5 in its paper; 0 = off, SD's plain MSE on v)")
     ap.add_argument("--eval-n", type=int, default=512, help="held-out captions to generate from")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--curve-every", type=int, default=0,
@@ -196,14 +201,18 @@ def main(argv: list[str] | None = None) -> dict:
                          "--arch unet_layers_per_block=2; the editing stages then pass the same --FIELD=VALUE")
     args = ap.parse_args(argv)
     cfg = unet_config(args.arch)
+    cfg.snr_gamma = args.snr_gamma
     if args.arch and not args.out:
         raise UserError("--arch without --out would replace the base's prior with one its preset does not match — "
                         "pass --out DIR")
     if args.resume_prior and args.arch:
         raise UserError("--continue keeps the saved UNet's architecture — drop --arch")
+    if args.snr_gamma < 0:
+        raise UserError(f"--snr-gamma {args.snr_gamma}: γ must be > 0 (5 in the Min-SNR paper), or 0 for plain MSE")
     if args.eval_only and not args.out:
         raise UserError("--eval-only writes its metrics and grid to a folder of their own — pass --out DIR")
     trains = [f for f, on in (("--steps", args.steps is not None), ("--continue", args.resume_prior),
+                              ("--snr-gamma", args.snr_gamma),
                               ("--arch", args.arch), ("--curve-every", args.curve_every)) if on]
     if args.eval_only and trains:
         raise UserError(f"--eval-only trains nothing, so {trains[0]} would be ignored — drop it")

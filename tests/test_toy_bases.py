@@ -337,6 +337,25 @@ def test_wider_text_to_image_prior_trains_and_the_editing_stage_loads_it(run, tm
         t2i.main(["--base", str(base), *wide])
 
 
+def test_min_snr_weighting_of_the_prior_changes_its_training_and_is_recorded(run, tmp_path, monkeypatch):
+    """pretrain_toy_unet.py --snr-gamma: the same seed and steps with the loss Min-SNR-weighted give other weights
+    than plain MSE, and the metrics say which loss trained the prior; a negative γ is a one-line error."""
+    monkeypatch.setenv("MINEDIT_CACHE", str(tmp_path / "cache"))
+    spec = importlib.util.spec_from_file_location("pretrain_toy_unet", SCRIPT.parent / "pretrain_toy_unet.py")
+    t2i = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(t2i)
+    _, base, _ = run
+    common = ["--base", str(base), "--n", "40", "--steps", "2", "--eval-n", "4"]
+    plain = t2i.main([*common, "--out", str(tmp_path / "plain")])
+    snr = t2i.main([*common, "--out", str(tmp_path / "snr"), "--snr-gamma", "5"])
+    assert (plain["snr_gamma"], snr["snr_gamma"]) == (0.0, 5.0)
+    saved = [load_file(tmp_path / d / "sd" / "unet" / "diffusion_pytorch_model.safetensors") for d in ("plain", "snr")]
+    assert any(not torch.equal(saved[0][k], saved[1][k]) for k in saved[0])
+    with pytest.raises(UserError, match="--snr-gamma -1.0: γ must be > 0"):
+        t2i.main([*common, "--out", str(tmp_path / "no"), "--snr-gamma", "-1"])
+    assert not (tmp_path / "no").exists()
+
+
 def test_shape_swapped_negatives_change_one_shape_word_each():
     script = load_script()
     shapes = torch.tensor([10, 11, 12])
