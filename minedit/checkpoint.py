@@ -13,7 +13,7 @@
 A checkpoint is written into a hidden temporary folder and renamed into place (`fsio.replace_dir`: a re-saved
 step's old folder is set aside as `.ckpt-X.old` until the new one is in), then `latest` is replaced
 (write + os.replace), so a process killed at any moment leaves a complete checkpoint that `find_checkpoint`
-finds. Nothing is ever unpickled: a checkpoint cannot make the code execute anything.
+finds; the next save tidies what such a kill left. Nothing is ever unpickled: a checkpoint cannot make the code execute anything.
 """
 from __future__ import annotations
 
@@ -104,10 +104,25 @@ def save_checkpoint(run_dir: str, step: int, config: Config, weights: dict, stat
     fsio.replace_dir(final, write, "--out", need, f"the previous checkpoint in {run_dir} is intact "
                      "(infer.py --ckpt and train.py --resume use it)")
     fsio.write_text(os.path.join(run_dir, "latest"), name + "\n")
+    _tidy(run_dir)
     old = sorted(d for d in os.listdir(run_dir) if d.startswith("ckpt-") and d != name)
     for d in old[:max(0, len(old) - (keep - 1))] if keep > 0 else []:
         shutil.rmtree(os.path.join(run_dir, d), ignore_errors=True)
     return final
+
+
+def _tidy(run_dir: str) -> None:
+    """What a kill in the middle of an earlier save left (fsio.replace_dir's hidden folders): a step set aside
+    as `.ckpt-X.old` goes back under its name when that is missing (it was complete; rotation then counts it),
+    else it is a spare copy and is removed; a half-written `.ckpt-X.tmp` is removed."""
+    for d in os.listdir(run_dir):
+        if not (d.startswith(".ckpt-") and d.endswith((".old", ".tmp"))):
+            continue
+        hidden, name = os.path.join(run_dir, d), os.path.join(run_dir, d[1:-4])
+        if d.endswith(".old") and not os.path.exists(name):
+            os.replace(hidden, name)
+        else:
+            shutil.rmtree(hidden, ignore_errors=True)
 
 
 def find_checkpoint(path: str) -> str:

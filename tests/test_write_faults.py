@@ -99,8 +99,13 @@ def test_resaving_a_step_never_loses_it(tmp_path, monkeypatch, fault):
     found = checkpoint.find_checkpoint(str(run))
     assert found.endswith("ckpt-0000010" if fault == "error" else ".ckpt-0000010.old"), found
     assert float(checkpoint.load_weights(found)["w"][0, 0]) == 1.0 and checkpoint.load_state(found)["step"] == 10
+    if fault == "kill":  # a run resumed from the set-aside copy saves later steps: the copy is not left behind
+        tiny_save(run, 20, 4.0)
+        assert sorted(os.listdir(run)) == ["ckpt-0000010", "ckpt-0000020", "latest"]
+        assert float(checkpoint.load_weights(str(run / "ckpt-0000010"))["w"][0, 0]) == 1.0
+        (run / ".ckpt-0000020.tmp").mkdir()  # a save killed while writing its files
     tiny_save(run, 10, 3.0)  # the next save of that step tidies up
-    assert sorted(os.listdir(run)) == ["ckpt-0000010", "latest"]
+    assert sorted(os.listdir(run)) == ["ckpt-0000010", *(["ckpt-0000020"] if fault == "kill" else []), "latest"]
     assert float(checkpoint.load_weights(checkpoint.find_checkpoint(str(run)))["w"][0, 0]) == 3.0
 
 
