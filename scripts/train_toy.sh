@@ -4,6 +4,8 @@
 #   bash scripts/train_toy.sh                 # everything, into runs/toy/ (hours on a 2-core CPU; see README)
 #   STEPS=3000 RECIPES="insightedit ip2p" bash scripts/train_toy.sh
 #   OMP_NUM_THREADS=1 RECIPES=ip2p bash scripts/train_toy.sh &   # recipes in parallel, one core each
+#   BASE=runs/p15k OUT=runs/toy-p15k RECIPES=insightedit bash scripts/train_toy.sh   # from other bases, e.g. a
+#       longer text-to-image prior written by scripts/pretrain_toy_unet.py --out runs/p15k
 #
 # The bases (VAE, CLIP, tiny LLaVA) are pretrained once into assets/toy/base/ (skipped when present); each recipe
 # then trains its stages with the same data, seed and step budget, and is evaluated on the held-out eval split
@@ -18,7 +20,7 @@ IMAGE=${IMAGE:-400}           # insightedit stage-3 steps
 RECIPES=${RECIPES:-"insightedit ip2p smartedit smartedit-plain mindedit"}
 EVAL_N=${EVAL_N:-3000}        # eval split = 10 % of this world: 300 held-out edits
 TOY_SAMPLES=${TOY_SAMPLES:-24000}  # training world size (drawn once per seed, cached): ~5 epochs at 4000 steps
-BASE=assets/toy/base
+BASE=${BASE:-assets/toy/base}  # the bases every recipe starts from
 mkdir -p "$OUT"
 
 [ -f $BASE/metrics.json ] || python3 scripts/pretrain_toy_bases.py --out $BASE
