@@ -13,7 +13,8 @@
 A checkpoint is written into a hidden temporary folder and renamed into place (`fsio.replace_dir`: a re-saved
 step's old folder is set aside as `.ckpt-X.old` until the new one is in), then `latest` is replaced
 (write + os.replace), so a process killed at any moment leaves a complete checkpoint that `find_checkpoint`
-finds; the next save tidies what such a kill left. Nothing is ever unpickled: a checkpoint cannot make the code execute anything.
+finds; the next save tidies what such a kill left. Nothing is ever unpickled: a checkpoint cannot make the code
+execute anything.
 """
 from __future__ import annotations
 
