@@ -105,25 +105,11 @@ def save_checkpoint(run_dir: str, step: int, config: Config, weights: dict, stat
     fsio.replace_dir(final, write, "--out", need, f"the previous checkpoint in {run_dir} is intact "
                      "(infer.py --ckpt and train.py --resume use it)")
     fsio.write_text(os.path.join(run_dir, "latest"), name + "\n")
-    _tidy(run_dir)
+    fsio.recover_replaced(run_dir, "ckpt-")  # what a save killed mid-way left; rotation then counts it
     old = sorted(d for d in os.listdir(run_dir) if d.startswith("ckpt-") and d != name)
     for d in old[:max(0, len(old) - (keep - 1))] if keep > 0 else []:
         shutil.rmtree(os.path.join(run_dir, d), ignore_errors=True)
     return final
-
-
-def _tidy(run_dir: str) -> None:
-    """What a kill in the middle of an earlier save left (fsio.replace_dir's hidden folders): a step set aside
-    as `.ckpt-X.old` goes back under its name when that is missing (it was complete; rotation then counts it),
-    else it is a spare copy and is removed; a half-written `.ckpt-X.tmp` is removed."""
-    for d in os.listdir(run_dir):
-        if not (d.startswith(".ckpt-") and d.endswith((".old", ".tmp"))):
-            continue
-        hidden, name = os.path.join(run_dir, d), os.path.join(run_dir, d[1:-4])
-        if d.endswith(".old") and not os.path.exists(name):
-            os.replace(hidden, name)
-        else:
-            shutil.rmtree(hidden, ignore_errors=True)
 
 
 def find_checkpoint(path: str) -> str:
@@ -138,9 +124,10 @@ def find_checkpoint(path: str) -> str:
     if os.path.isfile(latest):
         with open(latest) as f:
             name = f.read().strip()
-        for d in (name, f".{name}.old"):  # the second: killed while re-saving that step (fsio.replace_dir)
-            if os.path.isfile(os.path.join(path, d, "weights.safetensors")):
-                return os.path.join(path, d)
+        here = os.path.join(path, name)
+        for d in (here, fsio.beside(here, "old")):  # the second: killed while re-saving that step (replace_dir)
+            if os.path.isfile(os.path.join(d, "weights.safetensors")):
+                return d
     done = sorted(d for d in os.listdir(path)
                   if d.startswith("ckpt-") and os.path.isfile(os.path.join(path, d, "weights.safetensors")))
     if not done:

@@ -82,7 +82,7 @@ def replace_dir(path: str, save, where: str = "--out", need: int | None = None,
     renamed aside first and removed only once the new one is in place, so a kill at any moment leaves one of the
     two complete (the old one, if need be, as `.NAME.old` beside it); a failed write or rename puts the old one
     back and raises `write_error` (with `need` and `kept` as there)."""
-    tmp, old = (os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{k}") for k in ("tmp", "old"))
+    tmp, old = beside(path, "tmp"), beside(path, "old")
     try:
         _remove(tmp)
         save(tmp)
@@ -101,6 +101,25 @@ def replace_dir(path: str, save, where: str = "--out", need: int | None = None,
                 os.replace(old, path)
         raise write_error(e, path, where, need, kept) from None
     _remove(old)
+
+
+def beside(path: str, kind: str) -> str:
+    """replace_dir's hidden folder of `path`: `.NAME.tmp` (being written) or `.NAME.old` (set aside)."""
+    return os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{kind}")
+
+
+def recover_replaced(parent: str, prefix: str) -> None:
+    """Settle what a kill in the middle of replace_dir left in `parent` for folders named `prefix*`: one set
+    aside (`.NAME.old`, complete) goes back under its name when that is missing, else it is a spare copy and is
+    removed; a half-written `.NAME.tmp` is removed."""
+    for d in os.listdir(parent):
+        if not (d.startswith("." + prefix) and d.endswith((".old", ".tmp"))):
+            continue
+        hidden, path = os.path.join(parent, d), os.path.join(parent, d[1:-4])
+        if d.endswith(".old") and not os.path.exists(path):
+            os.replace(hidden, path)
+        else:
+            _remove(hidden)
 
 
 def write_text(path: str, text: str, where: str = "--out") -> None:

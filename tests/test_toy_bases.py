@@ -296,9 +296,7 @@ def test_wider_text_to_image_prior_trains_and_the_editing_stage_loads_it(run, tm
     field loads it (widened 4 -> 8 channels); a field outside the UNet is a one-line error before anything is
     written."""
     monkeypatch.setenv("MINEDIT_CACHE", str(tmp_path / "cache"))
-    spec = importlib.util.spec_from_file_location("pretrain_toy_unet", SCRIPT.parent / "pretrain_toy_unet.py")
-    t2i = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(t2i)
+    t2i = load_script(SCRIPT.parent / "pretrain_toy_unet.py")
     _, base, _ = run
     wide = ["--arch", "unet_channels=64,128,128"]
     metrics = t2i.main(["--base", str(base), "--out", str(tmp_path / "wide"), "--n", "40", "--steps", "2",
@@ -341,9 +339,7 @@ def test_min_snr_weighting_of_the_prior_changes_its_training_and_is_recorded(run
     """pretrain_toy_unet.py --snr-gamma: the same seed and steps with the loss Min-SNR-weighted give other weights
     than plain MSE, and the metrics say which loss trained the prior; a negative γ is a one-line error."""
     monkeypatch.setenv("MINEDIT_CACHE", str(tmp_path / "cache"))
-    spec = importlib.util.spec_from_file_location("pretrain_toy_unet", SCRIPT.parent / "pretrain_toy_unet.py")
-    t2i = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(t2i)
+    t2i = load_script(SCRIPT.parent / "pretrain_toy_unet.py")
     _, base, _ = run
     common = ["--base", str(base), "--n", "40", "--steps", "2", "--eval-n", "4"]
     plain = t2i.main([*common, "--out", str(tmp_path / "plain")])
