@@ -131,6 +131,11 @@ def pretrain_unet(cfg, vae, text_encoder, tok, clip, out: Path, seed: int = 0, n
                   "loss_last": float(np.mean(history[-k:])), **quality, **({"curve": curve} if curve else {})}
 
 
+# What this script writes about a prior beside its sd/unet; a copy of a base made for a new prior leaves them out,
+# so a killed run's folder never looks finished (or describes the base's prior as its own).
+PRIOR_RECORD = ("t2i.json", "t2i-grid.png", "t2i-eval.json")
+
+
 def unet_config(arch: list[str]):
     """The toy preset with --arch's UNet fields applied (a wider or deeper prior for a lever study); any other
     field is an error, since only the UNet is trained here."""
@@ -225,8 +230,10 @@ def main(argv: list[str] | None = None) -> dict:
     base, out = Path(args.base), Path(args.out or args.base)
     if args.eval_only:
         out.mkdir(parents=True, exist_ok=True)
-    elif out != base:
-        shutil.copytree(base, out, dirs_exist_ok=True)
+    elif out != base:  # the copy leaves out the base prior's record: out has a t2i.json only once it is trained
+        shutil.copytree(base, out, dirs_exist_ok=True, ignore=shutil.ignore_patterns(*PRIOR_RECORD))
+        for name in PRIOR_RECORD:
+            (out / name).unlink(missing_ok=True)
     vae = AutoencoderKL.from_pretrained(base / "sd", subfolder="vae").eval()
     cfg.vae_channels = tuple(vae.config.block_out_channels)  # the base's VAE fixes the latent size (factor 1 or 2)
     text_encoder = CLIPTextModel.from_pretrained(base / "sd", subfolder="text_encoder").eval()

@@ -352,6 +352,30 @@ def test_min_snr_weighting_of_the_prior_changes_its_training_and_is_recorded(run
     assert not (tmp_path / "no").exists()
 
 
+def test_a_prior_killed_mid_training_leaves_no_record_of_its_own(run, tmp_path, monkeypatch):
+    """pretrain_toy_unet.py --out copies the base before training; the base prior's record (t2i.json, its grid) is
+    not copied, and a stale one in --out is removed, so a run that dies mid-training leaves a folder that does not
+    look finished."""
+    monkeypatch.setenv("MINEDIT_CACHE", str(tmp_path / "cache"))
+    t2i = load_script(SCRIPT.parent / "pretrain_toy_unet.py")
+    _, base, _ = run
+    trained = tmp_path / "trained"
+    t2i.main(["--base", str(base), "--out", str(trained), "--n", "40", "--steps", "1", "--eval-n", "4"])
+    assert (trained / "t2i.json").is_file() and (trained / "t2i-grid.png").is_file()
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "t2i.json").write_text("{}")  # a stale record from an earlier run into the same folder
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(t2i, "pretrain_unet", killed)
+    with pytest.raises(KeyboardInterrupt):
+        t2i.main(["--base", str(trained), "--out", str(out), "--n", "40", "--steps", "1", "--continue"])
+    assert (out / "sd" / "unet").is_dir() and (out / "clip").is_dir()
+    assert not any((out / name).exists() for name in ("t2i.json", "t2i-grid.png", "t2i-eval.json"))
+
+
 def test_shape_swapped_negatives_change_one_shape_word_each():
     script = load_script()
     shapes = torch.tensor([10, 11, 12])
