@@ -156,6 +156,14 @@ def build_data(cfg, args, rt):
         if lack:  # those rows train as the papers' stage 2: no explicit alignment, no teacher forcing
             print(f"warning: {lack} of {len(ds.rows)} rows have no \"optimized_instruction\"; "
                   f"--qformer_explicit_weight and --qformer_teacher_forcing skip them", file=sys.stderr)
+    if cfg.t2i_share and kind == "edit":
+        lack = sum(not r.get("target_caption") for r in ds.rows)
+        if lack == len(ds.rows):
+            raise UserError("--t2i_share draws the target from its \"target_caption\", and no training row has one "
+                            "— add target captions to the manifest or drop --t2i_share")
+        if lack and rt.is_main:
+            print(f"warning: {lack} of {len(ds.rows)} rows have no \"target_caption\"; --t2i_share skips them",
+                  file=sys.stderr)
     if ds.bad and rt.is_main:
         print(f"warning: skipped {len(ds.bad)} bad manifest rows (first: line {ds.bad[0][0]}: {ds.bad[0][1]})",
               file=sys.stderr)

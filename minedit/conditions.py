@@ -14,6 +14,10 @@ Guidance dropout (InstructPix2Pix): one uniform u per sample picks which conditi
     p_t <= u < p_t + p_i       image only: the source latent -> 0
     p_t + p_i <= u < p_t+p_i+p_b  both
 v_txt is kept in every branch, as SmartEdit's inference keeps it.
+
+Prior preservation (--t2i_share; an ablation of ours, in none of the papers): a share of the rows is turned into
+the text-to-image prior's own task before the dropout — f_txt -> CLIP_text(target caption), the source latent,
+v_txt and f_img emptied — so the editing stage keeps drawing from text, which it otherwise forgets.
 """
 from __future__ import annotations
 
@@ -45,3 +49,15 @@ def drop_conditions(cond: Conditions, z_src: torch.Tensor, drop_text: torch.Tens
         f_img = torch.where(drop_text[:, None, None], cond.null_img, f_img)
     z_src = torch.where(drop_image[:, None, None, None], torch.zeros_like(z_src), z_src)
     return cond._replace(f_txt=f_txt, f_img=f_img), z_src
+
+
+def as_text_to_image(cond: Conditions, z_src: torch.Tensor, pick: torch.Tensor,
+                     f_caption: torch.Tensor) -> tuple[Conditions, torch.Tensor]:
+    """Rows `pick` (B bool) become text-to-image rows: f_txt -> f_caption (B×T×D_txt, CLIP_text of each row's target
+    caption), z_src and v_txt -> 0, f_img -> null_img (the image branch's "no instruction") -> (conditions, z_src)."""
+    rows = pick[:, None, None]
+    f_txt = torch.where(rows, f_caption.to(cond.f_txt.dtype), cond.f_txt)
+    v_txt = None if cond.v_txt is None else torch.where(rows[..., None], torch.zeros_like(cond.v_txt), cond.v_txt)
+    f_img = None if cond.f_img is None else torch.where(rows, cond.null_img, cond.f_img)
+    z_src = torch.where(rows[..., None], torch.zeros_like(z_src), z_src)
+    return cond._replace(f_txt=f_txt, v_txt=v_txt, f_img=f_img), z_src

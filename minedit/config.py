@@ -155,6 +155,9 @@ class Config:
     mask_loss_weight: float = setting(1.0, "loss weight inside the edit mask (1 = off; an ablation, not in the papers)")
     train_text_encoder: bool = setting(False, "ip2p / mindedit: train CLIP's text encoder with the UNet (an ablation; "
                                        "the papers keep it frozen)")
+    t2i_share: float = setting(0.0, "ablation, not in the papers: in stages 2-3 this share of the rows with a "
+                               "target_caption train the prior's own task instead — the target drawn from "
+                               "CLIP_text(target_caption), source latent zeroed (prior preservation); 0 = off")
     ema_decay: float = setting(0.0, "EMA of the trained weights, saved as the checkpoint's weights; 0 = off")
     num_workers: int = setting(2, "DataLoader worker processes")
     save_every: int = setting(1000, "steps between checkpoints")
@@ -269,6 +272,8 @@ class Config:
             bad("train_text_encoder", "only ip2p and mindedit give the UNet CLIP's text encoder to train")
         if self.mask_loss_weight <= 0:
             bad("mask_loss_weight", "must be > 0 (1 = every pixel weighs the same)")
+        if not 0 <= self.t2i_share < 1:
+            bad("t2i_share", "must be in [0, 1) (a share of the rows; 1 would train no edits)")
         if not 0 <= self.ema_decay < 1:
             bad("ema_decay", "must be in [0, 1) (0 = no EMA; 0.999 is typical)")
         if not 0 <= self.drop_text + self.drop_image + self.drop_both <= 1:

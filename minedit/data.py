@@ -277,11 +277,13 @@ class EditDataset(Dataset):
             m = torch.ones(1, r, r)
         else:
             m = torch.from_numpy(np.asarray(_resize_crop(mask, r, Image.NEAREST)) >= 128).float()[None]
-        optimized = row.get("optimized_instruction") or ""
+        optimized, caption = row.get("optimized_instruction") or "", row.get("target_caption") or ""
         if self._flip(index, epoch, [row["instruction"], optimized]):
             src, tgt, m = src.flip(-1), tgt.flip(-1), m.flip(-1)
+            caption = "" if _SIDEDNESS.search(caption) else caption  # a mirrored target no longer fits its "left"
         return {"source": src, "target": tgt, "mask": m, "instruction": row["instruction"],
-                "optimized_instruction": optimized, "category": row.get("category") or "", "index": index}
+                "optimized_instruction": optimized, "target_caption": caption, "category": row.get("category") or "",
+                "index": index}
 
 
 def collate(batch: list[dict]) -> dict:

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from . import build
-from .conditions import Conditions, drop_conditions, guidance_dropout
+from .conditions import Conditions, as_text_to_image, drop_conditions, guidance_dropout
 from .config import Config
 from .errors import UserError
 from .losses import diffusion_loss
@@ -254,6 +254,12 @@ class EditModel(nn.Module):
                                             device=self.device))
         cond, parts = self.path.edit_conditions(self, batch, source, target, tuple(z_src.shape[-2:]), stage)
         cfg = self.cfg
+        if cfg.t2i_share:  # prior preservation: some rows draw the target from its caption (conditions.py)
+            captions = batch.get("target_caption") or [""] * b
+            has = torch.tensor([bool(c) for c in captions], device=self.device)
+            pick = has & (rand("u_t2i", lambda: torch.rand(b, device=self.device)) < cfg.t2i_share)
+            if pick.any():
+                cond, z_src = as_text_to_image(cond, z_src, pick, self.encode_text(captions))
         drop_text, drop_image = guidance_dropout(u, cfg.drop_text, cfg.drop_image, cfg.drop_both)
         cond, z_src = drop_conditions(cond, z_src, drop_text, drop_image, self.null_text())
         parts["diff"] = self.denoising_loss(cond, z_src, z_tar, noise, t, batch.get("mask"))

@@ -76,6 +76,7 @@ class Draws(Dataset):
             item["vae_eps"] = torch.randn(self.latent_shape, generator=g)
             item["t"] = torch.randint(0, self.T, (), generator=g)
             item["u"] = torch.rand((), generator=g)
+            item["u_t2i"] = torch.rand((), generator=g)  # drawn last: the draws above stay what they were
         return item
 
 

@@ -115,6 +115,8 @@ def paths(tmp_path_factory):
     (world / "nofields.jsonl").write_text('{"image": "images/x.png"}\n{"caption": "a cat"}\n')
     (world / "nofiles.jsonl").write_text('{"image": "images/none.png", "caption": "a cat"}\n' * 3)
     (world / "mixed.jsonl").write_text("\n".join(caps[:8] + ["not json", '{"image": 3}', "[1, 2]"]) + "\n")
+    edits = [json.loads(line) for line in (world / "train.jsonl").read_text().splitlines()]
+    (world / "nocaption.jsonl").write_text("".join(json.dumps({**e, "target_caption": ""}) + "\n" for e in edits))
     (world / "latin1.jsonl").write_bytes(b'{"source": "a.png", "instruction": "caf\xe9"}\n')
     # one bad row in 30: under max_bad_fraction, so a run warns with its line number and goes on
     (world / "few_bad.jsonl").write_text("\n".join(caps[:15] + ['{"image": "images/gone.png", "caption": "x"}']
@@ -220,6 +222,10 @@ TRAIN = [
     ("forcing-steps-without-forcing", ["--recipe", "insightedit", "--qformer_teacher_forcing_steps=100",
                                        "--qformer_teacher_forcing=0", "--data", "{train}", "--out", "{d}/t"],
      ["qformer_teacher_forcing_steps=100", "--qformer_teacher_forcing > 0"]),
+    ("t2i-share-without-captions", ["--recipe", "ip2p", "--t2i_share=0.2", "--data", "{nocaption}", "--out",
+                                    "{d}/t"], ["--t2i_share", "no training row has one", "target captions"]),
+    ("t2i-share-one", ["--recipe", "ip2p", "--t2i_share=1", "--data", "{train}", "--out", "{d}/t"],
+     ["t2i_share=1.0", "[0, 1)"]),
     # fails while building the model, after the run folder was made: the folder goes again
     ("override-vs-loaded-unet", ["--recipe", "ip2p", "--data", "{train}", "--out", "{d}/t",
                                  f"--sd_path={ROOT / 'assets/toy/base/sd'}", "--unet_layers_per_block=2"],

@@ -79,6 +79,25 @@ def test_resize_keeps_alignment_and_left_right_texts_never_flip(pair):
     assert item["category"] == "understanding" and item["optimized_instruction"] == "" and item["index"] == 0
 
 
+def test_target_caption_comes_with_the_row_unless_a_flip_would_make_it_wrong(pair):
+    """The target caption (for --t2i_share) is passed through; a row mirrored by the flip keeps it only when it
+    names no side, so a "left" never describes the right of a flipped image — and the flip stream is unchanged."""
+    row = {"source": "s.png", "target": "t.png", "instruction": "paint it blue"}
+    rows = [{**row, "target_caption": "a blue patch on the left"}, {**row, "target_caption": "a blue patch"}]
+    manifest = _write_jsonl(pair / "edit.jsonl", rows * 8)
+    ds = EditDataset(str(manifest), 16, random_flip=True, seed=3)
+    plain = EditDataset(str(manifest), 16, random_flip=False)[0]
+    seen = set()
+    for i in range(len(ds)):
+        item = ds[i]
+        flipped = not torch.equal(item["source"], plain["source"])
+        wanted = rows[i % 2]["target_caption"] if not flipped or i % 2 else ""
+        assert item["target_caption"] == wanted
+        seen.add((i % 2, flipped))
+    assert (0, True) in seen and (0, False) in seen  # both cases of the sided caption were exercised
+    assert EditDataset(str(_write_jsonl(pair / "bare.jsonl", [row])), 16)[0]["target_caption"] == ""
+
+
 def test_bad_rows_are_reported_with_line_numbers(pair):
     good = {"source": "s.png", "target": "t.png", "instruction": "x"}
     manifest = _write_jsonl(pair / "m.jsonl", [

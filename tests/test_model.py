@@ -320,6 +320,60 @@ def test_teacher_forcing_feeds_bim_clip_text_of_the_explicit_instruction_for_the
         model.train()
 
 
+def test_t2i_share_trains_the_drawn_rows_on_the_prior_task_and_no_others(models):
+    """--t2i_share (prior preservation, an ablation): a drawn row with a target caption is the text-to-image task —
+    the loss equals the one built by hand from CLIP_text(caption) and a zero source latent; a row without a caption,
+    or one not drawn, is the edit as before; at 0 nothing changes."""
+    import dataclasses
+
+    from minedit.conditions import Conditions
+
+    model = models("ip2p")
+    model.set_stage(2)
+    model.eval()
+    cfg = model.cfg
+    g = torch.Generator().manual_seed(1)
+    side = cfg.resolution // cfg.latent_factor
+    batch = {**toy_batch(cfg, 2), "target_caption": ["a red circle on a blue background", ""],
+             "noise": torch.randn(2, 4, side, side, generator=g), "vae_eps": torch.randn(2, 4, side, side, generator=g),
+             "t": torch.tensor([300, 700]), "u": torch.tensor([0.9, 0.9])}  # u above every guidance dropout
+    default = cfg
+    try:
+        with torch.no_grad():
+            edit = model(batch, 2)[0]
+            z_src, z_tar = model.encode_latents(batch["source"], batch["target"], batch["vae_eps"])
+            f = model.encode_text(batch["instruction"])
+            f_cap = model.encode_text(batch["target_caption"][:1])
+            by_hand = lambda f_txt, z: model.denoising_loss(Conditions(f_txt), z, z_tar, batch["noise"],  # noqa
+                                                            batch["t"])
+            assert torch.allclose(edit, by_hand(f, z_src), atol=1e-6)
+            model.cfg = dataclasses.replace(default, t2i_share=0.5)
+            prior = torch.cat([torch.zeros_like(z_src[:1]), z_src[1:]])
+            for u_t2i, want in (([0.2, 0.2], by_hand(torch.cat([f_cap, f[1:]]), prior)), ([0.7, 0.2], edit)):
+                got = model({**batch, "u_t2i": torch.tensor(u_t2i)}, 2)[0]
+                assert torch.allclose(got, want, atol=1e-6), u_t2i
+            assert not torch.allclose(by_hand(torch.cat([f_cap, f[1:]]), prior), edit, atol=1e-4)
+    finally:
+        model.cfg = default
+        model.train()
+
+
+def test_as_text_to_image_empties_the_source_side_of_the_drawn_rows_only():
+    """The BIM residual and the image tokens of a drawn row are emptied (v_txt 0, f_img its null), the rest kept."""
+    from minedit.conditions import Conditions, as_text_to_image
+
+    g = torch.Generator().manual_seed(0)
+    r = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
+    cond = Conditions(r(3, 5, 8), r(3, 4, 6, 6), r(3, 2, 8), r(3, 2, 8))
+    z_src, f_cap, pick = r(3, 4, 6, 6), r(3, 5, 8), torch.tensor([True, False, True])
+    out, z = as_text_to_image(cond, z_src, pick, f_cap)
+    for i, drawn in enumerate(pick.tolist()):
+        assert torch.equal(out.f_txt[i], f_cap[i] if drawn else cond.f_txt[i])
+        assert torch.equal(out.v_txt[i], torch.zeros(4, 6, 6) if drawn else cond.v_txt[i])
+        assert torch.equal(out.f_img[i], cond.null_img[i] if drawn else cond.f_img[i])
+        assert torch.equal(z[i], torch.zeros(4, 6, 6) if drawn else z_src[i])
+
+
 def test_use_exact_text_feeds_bim_clip_text_of_each_instruction():
     """The --exact-text diagnostic (evaluate.py, grounding_probe.py): the conditions become BIM(CLIP_text(text)),
     built here from the parts — what --qformer_teacher_forcing trains the UNet on — and no longer the Q-Former's

@@ -222,8 +222,8 @@ def test_torchrun_two_processes_match_one_process(chain, world, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("levers", [[], ["--ema_decay=0.9", "--snr_gamma=5", "--mask_loss_weight=4",
                                          "--qformer_explicit_weight=1", "--qformer_teacher_forcing=1",
-                                         "--qformer_teacher_forcing_steps=4"]],
-                         ids=["plain", "ema-minsnr-mask-forcing"])
+                                         "--qformer_teacher_forcing_steps=4", "--t2i_share=0.5"]],
+                         ids=["plain", "ema-minsnr-mask-forcing-t2i"])
 def test_resume_is_bit_exact(chain, world, tmp_path, levers):
     root, procs = chain
     ok(procs["ie1"])
