@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pretrain_toy_bases import read_jsonl  # noqa: E402
-from prior_quality import generate, rgb  # noqa: E402
+from prior_quality import curve_probe  # noqa: E402
 
 from minedit import fsio  # noqa: E402
 from minedit.errors import UserError, run_cli  # noqa: E402
@@ -39,18 +39,11 @@ class AsTextToImage(torch.nn.Module):
         return self.model.unet(torch.cat([z, torch.zeros_like(z)], 1), t, encoder_hidden_states=encoder_hidden_states)
 
 
-@torch.no_grad()
-def draws(model, rows: list[dict], batch: int = 64) -> dict:
-    """Generate from the rows' captions with the editing UNet as text-to-image; colours and shapes right."""
-    from minedit.toy.looks import colours_right, shapes_right
-
-    captions = [r["caption"] for r in rows]
-    context = torch.cat([model.encode_text(captions[i:i + batch]) for i in range(0, len(captions), batch)])
-    images = generate(AsTextToImage(model), model.vae, context, model.null_text(), model.cfg)
-    pixels = rgb(images.float())
-    shapes = shapes_right(pixels, rows)
-    return {"captions": len(rows), "colours_right": colours_right(pixels, captions), "shapes_right": shapes["right"],
-            "by_shape": shapes["by_shape"]}
+def draws(model, rows: list[dict]) -> dict:
+    """Generate from the rows' captions with the editing UNet as text-to-image (the prior's own probe,
+    prior_quality.curve_probe); colours and shapes right."""
+    probe = curve_probe(model.vae, model.text_encoder, model.text_tokenizer, model.cfg, rows, model.null_text())
+    return {"captions": len(rows), **probe(AsTextToImage(model))}
 
 
 def load(ckpt: str, prior: str | None):

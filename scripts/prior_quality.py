@@ -88,12 +88,13 @@ def t2i_quality(unet, vae, text_encoder, tok, clip, cfg, root: Path, eval_rows, 
 
 
 def curve_probe(vae, text_encoder, tok, cfg, rows: list[dict], null_context):
-    """A cheap quality check for the learning curve: colours and shapes of generations from these rows' captions."""
+    """A cheap quality check for the learning curve (and for an editor sampled as text-to-image, editor_draws.py):
+    colours and shapes of generations from these rows' captions."""
     context = encode_captions(text_encoder, tok, cfg, [r["caption"] for r in rows])
 
     def probe(unet) -> dict:
         generated = rgb(generate(unet, vae, context, null_context, cfg))
         shapes = shapes_right(generated, rows)
         return {"colours_right": colours_right(generated, [r["caption"] for r in rows]),
-                "shapes_right": shapes["right"], "shapes_mean_iou": shapes["mean_iou"]}
+                "shapes_right": shapes["right"], "shapes_mean_iou": shapes["mean_iou"], "by_shape": shapes["by_shape"]}
     return probe

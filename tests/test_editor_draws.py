@@ -28,7 +28,9 @@ def test_a_fresh_editor_sampled_as_text_to_image_is_exactly_its_prior():
     function, so the probe measures the prior itself before any editing step."""
     from diffusers import UNet2DConditionModel
 
-    script = load_script()
+    script = load_script()  # puts scripts/ on sys.path
+    from prior_quality import generate
+
     cfg = preset("ip2p", "toy")
     cfg.sd_path, cfg.clip_path = str(BASE / "sd"), str(BASE / "clip")
     model = EditModel(cfg.validate()).eval()
@@ -36,12 +38,12 @@ def test_a_fresh_editor_sampled_as_text_to_image_is_exactly_its_prior():
     assert model.unet.config.in_channels == 8 and prior.config.in_channels == 4
     with torch.no_grad():
         context = model.encode_text(["a red circle on a blue background", "a small green star at the top"])
-        mine = script.generate(script.AsTextToImage(model), model.vae, context, model.null_text(), cfg, steps=5)
-        theirs = script.generate(prior, model.vae, context, model.null_text(), cfg, steps=5)
+        mine = generate(script.AsTextToImage(model), model.vae, context, model.null_text(), cfg, steps=5)
+        theirs = generate(prior, model.vae, context, model.null_text(), cfg, steps=5)
     assert torch.allclose(mine, theirs, atol=1e-5)
     model.unet.conv_in.weight.data[:, 4:] += 0.5  # what editing training does to the source channels
     with torch.no_grad():  # a zero source still contributes nothing: only the shared weights can change drawing
-        again = script.generate(script.AsTextToImage(model), model.vae, context, model.null_text(), cfg, steps=5)
+        again = generate(script.AsTextToImage(model), model.vae, context, model.null_text(), cfg, steps=5)
     assert torch.allclose(again, theirs, atol=1e-5)
 
 
