@@ -7,10 +7,11 @@
 #   BASE=runs/p15k OUT=runs/toy-p15k RECIPES=insightedit bash scripts/train_toy.sh   # from other bases, e.g. a
 #       longer text-to-image prior written by scripts/pretrain_toy_unet.py --out runs/p15k
 #
-# The bases (VAE, CLIP, tiny LLaVA) are pretrained once into assets/toy/base/ (skipped when present); each recipe
-# then trains its stages with the same data, seed and step budget, and is evaluated on the held-out eval split
-# of a toy world drawn from a seed never used in training (777), with the sampling settings of its checkpoint
-# (the toy preset's guidance was chosen on a validation world of seed 555, README "Toy world results").
+# The bases (VAE, CLIP, tiny LLaVA, the toy text-to-image UNet) are pretrained once into assets/toy/base/ (skipped
+# when present); each recipe then trains its stages with the same data, seed and step budget, and is evaluated on
+# the held-out eval split of a toy world drawn from a seed never used in training (777), with the sampling settings
+# of its checkpoint (the toy preset's guidance was chosen on a validation world of seed 555, README "Toy world
+# results").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/toy}
@@ -23,7 +24,14 @@ TOY_SAMPLES=${TOY_SAMPLES:-24000}  # training world size (drawn once per seed, c
 BASE=${BASE:-assets/toy/base}  # the bases every recipe starts from
 mkdir -p "$OUT"
 
-[ -f $BASE/metrics.json ] || python3 scripts/pretrain_toy_bases.py --out $BASE
+if [ ! -f $BASE/metrics.json ]; then  # a killed run: finish the remaining pieces by hand, or delete $BASE and rerun
+  python3 scripts/pretrain_toy_bases.py --out $BASE  # VAE, CLIP, tiny LLaVA (and a 3 000-step prior, replaced next)
+  # the shipped toy "Stable Diffusion": 15 000 Min-SNR-γ steps in three pieces (assets/toy/base/README.md)
+  python3 scripts/pretrain_toy_unet.py --base $BASE --steps 9000 --snr-gamma 5 --curve-every 1500
+  for piece in 2 3; do
+    python3 scripts/pretrain_toy_unet.py --base $BASE --continue --steps 3000 --snr-gamma 5 --curve-every 1500
+  done
+fi
 BASES="--mllm_path=$BASE/mllm --sd_path=$BASE/sd --clip_path=$BASE/clip"
 COMMON="--toy_samples=$TOY_SAMPLES --sample_every=500 --save_every=500 --log_every=50"
 EVAL="$OUT/eval-world/eval.jsonl"
