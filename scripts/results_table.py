@@ -10,7 +10,9 @@ figures show a lever's direction early, which is why the study reports them side
 The last column asks whether the editor finds *which* shape an instruction names: success on removals in toy
 scenes of two or three shapes, against (in brackets) the success of removing one of the scene's shapes picked at
 random. A one-shape removal needs only *that* something is removed; these need the instruction grounded in the
-image. The column before it splits replacements into recolours (same shape, new colour) and new shapes (a
+image. After the dot: how often the named shape is gone at all (its footprint right, evaluate.py's `acc_in` ≥ 0.9),
+whatever happened to the rest of the scene — above the success figure by the edits that remove it *and* more. The
+column before it splits replacements into recolours (same shape, new colour) and new shapes (a
 triangle turned into a star, with or without a new colour): a recolour repaints a footprint that is already there,
 a new shape has to be drawn. Both are read from the scored manifest (the results' `data`), "–" where that has no
 toy scene description.
@@ -53,18 +55,21 @@ def manifest(res: dict) -> list[dict]:
         return []
 
 
-def scored(res: dict, rows: list[dict], kind: str) -> list[tuple[bool, dict]]:
-    """(success, manifest row) of every scored sample of this kind."""
-    return [(s["success"], rows[s["index"]]) for s in res.get("samples", [])
+def scored(res: dict, rows: list[dict], kind: str) -> list[tuple[dict, dict]]:
+    """(scored sample, manifest row) of every scored sample of this kind."""
+    return [(s, rows[s["index"]]) for s in res.get("samples", [])
             if s.get("kind") == kind and s.get("index", len(rows)) < len(rows)]
 
 
 def grounding(res: dict, rows: list[dict]) -> str:
-    """Multi-shape removals: 'success (chance)' in %, or '–'."""
-    multi = [(ok, len(r["objects"])) for ok, r in scored(res, rows, "remove") if len(r.get("objects") or ()) >= 2]
+    """Multi-shape removals: 'success (chance) · named shape gone' in %, or '–'."""
+    multi = [(s, len(r["objects"])) for s, r in scored(res, rows, "remove") if len(r.get("objects") or ()) >= 2]
     if not multi:
         return "–"
-    return f"{pct(sum(ok for ok, _ in multi) / len(multi))} ({pct(sum(1 / n for _, n in multi) / len(multi))}) %"
+    right, chance = (sum(s["success"] for s, _ in multi), sum(1 / n for _, n in multi))
+    gone = [s["acc_in"] >= 0.9 for s, _ in multi if s.get("acc_in") is not None]
+    return (f"{pct(right / len(multi))} ({pct(chance / len(multi))}) %"
+            + (f" · {pct(sum(gone) / len(gone))} %" if gone else ""))
 
 
 def new_shape(row: dict) -> bool | None:
@@ -80,9 +85,9 @@ def new_shape(row: dict) -> bool | None:
 def replacements(res: dict, rows: list[dict]) -> str:
     """Replacement success split into recolours / new shapes, in %, or '–'."""
     split = {False: [], True: []}
-    for ok, r in scored(res, rows, "replace"):
+    for s, r in scored(res, rows, "replace"):
         if (drawn := new_shape(r)) is not None:
-            split[drawn].append(ok)
+            split[drawn].append(s["success"])
     if not split[False] and not split[True]:
         return "–"
     return " / ".join(pct(sum(v) / len(v) if v else None) for v in (split[False], split[True])) + " %"
@@ -93,7 +98,7 @@ def main(argv: list[str]) -> int:
         print(__doc__, file=sys.stderr)
         return 2
     lines = ["| run | success s / u / r | overall | remove / replace / add | in-mask PSNR | bg PSNR | CLIPScore | "
-             "replacements: recolour / new shape | removals among 2–3 shapes (chance) |",
+             "replacements: recolour / new shape | removals among 2–3 shapes (chance) · named one gone |",
              "|---|---|---|---|---|---|---|---|---|"]
     for arg in argv:
         label, _, path = arg.rpartition("=") if "=" in arg else (Path(arg).stem, "", arg)

@@ -294,8 +294,9 @@ def test_lever_study_script_runs_each_lever_and_prints_its_table(tmp_path):
 
 def test_results_table_scores_removals_among_several_shapes_against_chance_and_splits_replacements(tmp_path):
     """The grounding column: removals in scenes of 2-3 shapes only (a one-shape removal and a replacement are left
-    out), success against the chance of removing a random shape. The replacement column: recolours (same shape
-    where the old one was) apart from new shapes. "–" without the manifest's scene description."""
+    out), success against the chance of removing a random shape, then how often the named shape is gone whatever
+    else changed (acc_in). The replacement column: recolours (same shape where the old one was) apart from new
+    shapes. "–" without the manifest's scene description."""
     shapes = lambda n: [{"shape": "circle", "colour": "red", "x": 4 * i, "y": 9} for i in range(n)]  # noqa: E731
     recolour = [dict(shapes(2)[0], colour="blue"), shapes(2)[1]]
     reshape = [shapes(2)[0], dict(shapes(2)[1], shape="star")]
@@ -304,8 +305,8 @@ def test_results_table_scores_removals_among_several_shapes_against_chance_and_s
                 {"kind": "replace", "objects": shapes(2), "target_objects": recolour},
                 {"kind": "replace", "objects": shapes(2), "target_objects": reshape}]
     (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in manifest) + "\n\n")
-    samples = [{"index": i, "kind": r["kind"], "success": ok} for i, (r, ok) in
-               enumerate(zip(manifest, [False, True, False, True, True, False]))]
+    samples = [{"index": i, "kind": r["kind"], "success": ok, "acc_in": acc} for i, (r, ok, acc) in
+               enumerate(zip(manifest, [False, True, False, True, True, False], [0, 1, 0.95, 1, 1, 0]))]
     summary = {"overall": {"success_rate": 0.5}, "groups": {}}
     for name, data in (("toy", tmp_path / "m.jsonl"), ("real", tmp_path / "missing.jsonl")):
         (tmp_path / f"{name}.json").write_text(json.dumps({"data": str(data), "samples": samples,
@@ -314,7 +315,8 @@ def test_results_table_scores_removals_among_several_shapes_against_chance_and_s
                           tmp_path / "real.json"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     toy, real = out.stdout.splitlines()[2:]
-    assert toy.endswith("| 100 / 0 % | 50 (42) % |")  # removals: 1 of 2; chance (1/2 + 1/3) / 2
+    # removals: 1 of 2 right; chance (1/2 + 1/3) / 2; the named shape gone in both (the failed one removed it and more)
+    assert toy.endswith("| 100 / 0 % | 50 (42) % · 100 % |")
     assert real.endswith("| – | – |")
 
 
