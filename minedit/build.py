@@ -244,7 +244,7 @@ def build_unet(cfg: Config, dtype=torch.float32, meta: bool = False):
     if path := _pretrained(cfg.sd_path, meta):
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", dtype=dtype, low_cpu_mem_usage=False)
         _check_loaded_unet(cfg, unet.config)
-        return expand_unet_in_channels(unet, 8)
+        return expand_unet_in_channels(unet, 8, cfg.unet_source_init)
     with _device_ctx(meta):
         unet = UNet2DConditionModel(**unet_kwargs(cfg))
     return unet if dtype == torch.float32 else unet.to(dtype)

@@ -152,6 +152,9 @@ class Config:
     drop_image: float = setting(0.05, "guidance dropout of the source image, per sample")
     drop_both: float = setting(0.05, "guidance dropout of both, per sample")
     snr_gamma: float = setting(0.0, "Min-SNR-γ loss weighting (γ = 5 in its paper); 0 = off, the papers' plain MSE")
+    unet_source_init: str = setting("zero", "how the widened conv_in's source-latent channels start when the UNet "
+                                     "comes from a 4-channel sd_path: zero (InstructPix2Pix) | half (an "
+                                     "ablation: both halves half the kernel, W·(z_t+z_src)/2)")
     mask_loss_weight: float = setting(1.0, "loss weight inside the edit mask (1 = off; an ablation, not in the papers)")
     train_text_encoder: bool = setting(False, "ip2p / mindedit: train CLIP's text encoder with the UNet (an ablation; "
                                        "the papers keep it frozen)")
@@ -270,6 +273,9 @@ class Config:
             bad("qformer_teacher_forcing_steps", "must be >= 0, and > 0 only with --qformer_teacher_forcing > 0")
         if self.train_text_encoder and self.recipe not in ("ip2p", "mindedit"):
             bad("train_text_encoder", "only ip2p and mindedit give the UNet CLIP's text encoder to train")
+        if self.unet_source_init not in ("zero", "half") or (self.unet_source_init == "half" and not self.sd_path):
+            bad("unet_source_init", "must be zero or half, and half only with an sd_path (a UNet built from the "
+                "config has 8 input channels from the start: nothing is widened)")
         if self.mask_loss_weight <= 0:
             bad("mask_loss_weight", "must be > 0 (1 = every pixel weighs the same)")
         if not 0 <= self.t2i_share < 1:

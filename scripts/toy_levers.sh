@@ -19,7 +19,7 @@ ALIGN=${ALIGN:-300}
 BASE=${BASE:-assets/toy/base}            # its sd/unet is the text-to-image toy UNet
 RANDOM_SD=${RANDOM_SD:-$OUT/random-sd}   # the same bases with a random UNet (made below): the "no prior" lever
 T2I_F1=${T2I_F1:-$OUT/t2i-f1}            # the factor-1 bases with a text-to-image UNet (made below): lever vae1-t2i
-LEVERS=${LEVERS:-"base random-unet ema minsnr mask5 lr1e-3 fresh textenc xattn16 vae1"}  # also batchN, vpred, explicit, forced, papers
+LEVERS=${LEVERS:-"base random-unet ema minsnr mask5 lr1e-3 fresh textenc xattn16 vae1"}  # also srchalf, batchN, vpred, explicit, forced, papers
 TOY_SAMPLES=${TOY_SAMPLES:-24000}        # training world (as scripts/train_toy.sh)
 VAL_N=${VAL_N:-3000}                     # validation world: its eval split (10 %) is scored
 mkdir -p "$OUT/results"
@@ -31,6 +31,7 @@ lever_flags() {  # the overrides that make each lever; everything else is the to
     ema)         echo "--ema_decay=0.995" ;;                   # sample with the EMA of the weights
     minsnr)      echo "--snr_gamma=5" ;;                       # Min-SNR-γ loss weighting
     mask5)       echo "--mask_loss_weight=5" ;;                # 5× loss weight inside the edit mask (ablation)
+    srchalf)     echo "--unet_source_init=half" ;;             # conv_in's source channels start at W/2, not 0 (ablation)
     lr1e-3)      echo "--lr=1e-3" ;;
     batch[0-9]*) echo "--batch_size=${1#batch}" ;;             # the budget split: batch N for STEPS × 32 / N steps
     vpred)       # MIND-Edit's stage 2 on the vision head's v_insight instead of CLIP_image(I_tar) (teacher forcing)
@@ -60,7 +61,7 @@ lever_flags() {  # the overrides that make each lever; everything else is the to
                  [ "$RECIPE" = insightedit ] || [ "$RECIPE" = smartedit ] ||
                    { echo "error: forced needs RECIPE=insightedit or smartedit" >&2; exit 2; }
                  echo "--qformer_explicit_weight=1 --qformer_teacher_forcing=1" ;;  # = base for insightedit; 0.5 did not ground
-    *) echo "error: unknown lever $1 — choose from base random-unet ema minsnr mask5 lr1e-3 fresh textenc xattn16 vae1 vae1-t2i batchN vpred explicit forced papers" >&2
+    *) echo "error: unknown lever $1 — choose from base random-unet ema minsnr mask5 srchalf lr1e-3 fresh textenc xattn16 vae1 vae1-t2i batchN vpred explicit forced papers" >&2
        exit 2 ;;
   esac
 }

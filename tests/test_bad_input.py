@@ -226,6 +226,10 @@ TRAIN = [
                                     "{d}/t"], ["--t2i_share", "no training row has one", "target captions"]),
     ("t2i-share-one", ["--recipe", "ip2p", "--t2i_share=1", "--data", "{train}", "--out", "{d}/t"],
      ["t2i_share=1.0", "[0, 1)"]),
+    ("source-init-unknown", ["--recipe", "ip2p", "--unet_source_init=copy", "--data", "{train}", "--out", "{d}/t"],
+     ["unet_source_init='copy'", "zero or half"]),
+    ("source-init-without-sd", ["--recipe", "ip2p", "--unet_source_init=half", "--sd_path=", "--data", "{train}",
+                                "--out", "{d}/t"], ["unet_source_init='half'", "with an sd_path"]),
     # fails while building the model, after the run folder was made: the folder goes again
     ("override-vs-loaded-unet", ["--recipe", "ip2p", "--data", "{train}", "--out", "{d}/t",
                                  f"--sd_path={ROOT / 'assets/toy/base/sd'}", "--unet_layers_per_block=2"],

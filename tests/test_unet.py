@@ -59,3 +59,28 @@ def test_save_pretrained_round_trip_keeps_eight_channels(tmp_path):
     reloaded = UNet2DConditionModel.from_pretrained(tmp_path).eval()
     assert reloaded.config.in_channels == 8 and reloaded.conv_in.in_channels == 8
     assert torch.equal(reloaded(x, t, text).sample, expected)
+
+
+@torch.no_grad()
+def test_half_source_init_sees_the_prior_input_where_source_equals_target():
+    # The ablation start: W·(z_t + z_src)/2 + b, so a source equal to the noisy latent gives the prior's output,
+    # and the source now matters from step 0 (a zero source halves the input instead).
+    latents, t, text = inputs()
+    unet = tiny_unet()
+    reference = unet(latents, t, text).sample
+    old_weight = unet.conv_in.weight.clone()
+    expand_unet_in_channels(unet, 8, source_init="half")
+    w = unet.conv_in.weight
+    assert torch.equal(w[:, :4], old_weight / 2) and torch.equal(w[:, 4:], old_weight / 2)
+    out = unet(torch.cat([latents, latents], dim=1), t, text).sample
+    torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(unet(torch.cat([latents, torch.zeros_like(latents)], dim=1), t, text).sample,
+                              reference, atol=1e-3)
+
+
+def test_unknown_source_init_is_refused():
+    import pytest
+
+    for init, channels in (("copy", 8), ("half", 12)):
+        with pytest.raises(ValueError, match="source_init"):
+            expand_unet_in_channels(tiny_unet(), channels, source_init=init)

@@ -6,6 +6,11 @@ the first 4 input channels, the new ones start at zero, and the bias is copied (
 training example leaves the new conv's bias at its random init). With a zero source latent the widened UNet
 therefore computes exactly what the original did. The config is updated so ``save_pretrained`` /
 ``from_pretrained`` round-trip the 8-channel model.
+
+``source_init="half"`` is an ablation, not the papers' start: both halves get half the old kernel, so
+conv_in([z_t, z_src]) = W·(z_t + z_src)/2 + b. Where the target equals the source (the background, t → 0) that
+is exactly the prior's conv_in(z_t), and at high noise the UNet sees a half-noised source: a start biased towards
+copying the source instead of ignoring it.
 """
 
 import torch
@@ -13,13 +18,21 @@ from diffusers import UNet2DConditionModel
 from torch import nn
 
 
-def expand_unet_in_channels(unet: UNet2DConditionModel, in_channels: int = 8) -> UNet2DConditionModel:
-    """Widen ``unet.conv_in`` in place to ``in_channels`` inputs (zero-initialised extras) and return the UNet."""
+SOURCE_INITS = ("zero", "half")
+
+
+def expand_unet_in_channels(unet: UNet2DConditionModel, in_channels: int = 8,
+                            source_init: str = "zero") -> UNet2DConditionModel:
+    """Widen ``unet.conv_in`` in place to ``in_channels`` inputs and return the UNet; the extra channels start at
+    zero, or with ``source_init="half"`` (exactly doubled width only) both halves start at half the old kernel."""
     old = unet.conv_in
     if old.in_channels == in_channels:
         return unet
     if in_channels < old.in_channels:
         raise ValueError(f"cannot shrink conv_in from {old.in_channels} to {in_channels} input channels")
+    if source_init not in SOURCE_INITS or (source_init == "half" and in_channels != 2 * old.in_channels):
+        raise ValueError(f"source_init must be one of {SOURCE_INITS} ('half' only when doubling the channels), "
+                         f"not {source_init!r}")
     new = nn.Conv2d(
         in_channels,
         old.out_channels,
@@ -37,6 +50,9 @@ def expand_unet_in_channels(unet: UNet2DConditionModel, in_channels: int = 8) ->
         # weight: (out, in, kh, kw); the extra input channels contribute nothing until trained.
         new.weight.zero_()
         new.weight[:, : old.in_channels].copy_(old.weight)
+        if source_init == "half":  # W·(z_t + z_src)/2: the prior's input wherever z_src = z_t
+            new.weight.mul_(0.5)
+            new.weight[:, old.in_channels:].copy_(new.weight[:, : old.in_channels])
         if old.bias is not None:
             new.bias.copy_(old.bias)
     new.weight.requires_grad_(old.weight.requires_grad)
