@@ -1,4 +1,4 @@
-"""How well a toy MLLM rewrites instructions, measured on held-out scenes (used by pretrain_toy_bases.py).
+"""How well a toy MLLM rewrites instructions, measured on held-out scenes (used by pretrain_toy_mllm.py).
 
   * exact match of the greedy rewrite to the row's explicit `optimized_instruction`, per category and kind, and
     on remove/replace alone (an add's rewrite is under-determined: the phrase fixes a region, not the place);
@@ -17,7 +17,7 @@ import torch
 
 from minedit import build
 from minedit.toy.phrases import CATEGORIES, KINDS, SHAPES, tokenize_words
-from pretrain_toy_bases import collate_mllm, prompt_ids
+from pretrain_toy_mllm import collate_mllm, prompt_ids
 
 
 def mllm_quality(mllm, tok, n_img, cfg, eval_sets) -> dict:

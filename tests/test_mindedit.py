@@ -152,7 +152,7 @@ def test_text_loss_equals_hf_loss_and_embed_loss_is_cosine(model):
     row = x.input_ids[1][x.attention_mask[1].bool()].tolist()
     answer = tok(TOPT[1], add_special_tokens=False).input_ids + [tok.eos_token_id]
     assert row[-len(answer):] == answer
-    spec = importlib.util.spec_from_file_location("pretrain_toy_bases", ROOT / "scripts" / "pretrain_toy_bases.py")
+    spec = importlib.util.spec_from_file_location("pretrain_toy_mllm", ROOT / "scripts" / "pretrain_toy_mllm.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     assert row[:-len(answer)] == script.prompt_ids(tok, model.n_image_tokens, INSTR[1])

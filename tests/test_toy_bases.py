@@ -26,6 +26,12 @@ def load_script(path: Path = SCRIPT):
     return module
 
 
+def load_mllm_script():
+    """scripts/pretrain_toy_mllm.py, the MLLM stage (it imports its sibling pretrain_toy_bases.py)."""
+    load_script()  # puts scripts/ on sys.path
+    return load_script(SCRIPT.parent / "pretrain_toy_mllm.py")
+
+
 def load_quality():
     """scripts/mllm_quality.py, the MLLM's scoring (it imports its sibling pretrain_toy_bases.py)."""
     load_script()  # puts scripts/ on sys.path
@@ -115,21 +121,20 @@ def test_clip_folder_loads_as_clipmodel_and_vision_with_projection(run):
 def test_prompt_matches_editmodel_mllm_inputs(run, model):
     from minedit.comprehend import mllm_inputs
 
-    script, _, _ = run
     text = "remove the shape with three corners"
     ids, _, _ = mllm_inputs(model, torch.zeros(1, 3, 32, 32), [text])
-    ours = script.prompt_ids(model.tokenizer, model.n_image_tokens, text)
+    ours = load_mllm_script().prompt_ids(model.tokenizer, model.n_image_tokens, text)
     assert ids[0, :-model.cfg.num_mm_tokens].tolist() == ours
     assert ours.count(4) == 64  # <image> id 4, expanded to the 64 patch tokens
 
 
 def test_greedy_decoding_equals_argmax_loop(run):
-    script, out, _ = run
+    _, out, _ = run
     from transformers import LlavaForConditionalGeneration
     mllm = LlavaForConditionalGeneration.from_pretrained(out / "mllm").eval()
     tok = AutoTokenizer.from_pretrained(out / "mllm")
-    prompts = [script.prompt_ids(tok, 64, t) for t in ("remove the red circle", "describe the picture.",
-                                                       "add a blue star")]
+    prompt_ids = load_mllm_script().prompt_ids
+    prompts = [prompt_ids(tok, 64, t) for t in ("remove the red circle", "describe the picture.", "add a blue star")]
     pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     got = load_quality().greedy_answers(mllm, tok, prompts, pixels, max_new=5)
     for p, px, answer in zip(prompts, pixels, got):  # reference: full forward, argmax, no cache
@@ -279,16 +284,16 @@ def test_referring_task_names_the_shape_each_phrase_picks_out(run):
     and a scene whose shapes no relation tells apart gives none."""
     from minedit.toy.tokenizer import toy_tokenizer
 
-    script = run[0]
+    mllm = load_mllm_script()
     tok = toy_tokenizer(256, chat=True)
     objs = [{"shape": "square", "colour": "red", "size": "small", "x": 5, "y": 16},
             {"shape": "circle", "colour": "blue", "size": "small", "x": 26, "y": 16}]
-    ex = script.refer_examples(tok, 4, [{"source": "a.png", "objects": objs}], {"a.png": 0}, 4.8)
+    ex = mllm.refer_examples(tok, 4, [{"source": "a.png", "objects": objs}], {"a.png": 0}, 4.8)
     qa = {tok.decode(p[-8:]): tok.decode(a, skip_special_tokens=True) for _, p, a in ex}
     left = [a for q, a in qa.items() if "leftmost shape" in q]
     right = [a for q, a in qa.items() if "rightmost shape" in q]
     assert left == ["the red square"] and right == ["the blue circle"]
-    assert script.refer_examples(tok, 4, [{"source": "b.png", "objects": objs[:1]}], {"b.png": 0}, 4.8) == []
+    assert mllm.refer_examples(tok, 4, [{"source": "b.png", "objects": objs[:1]}], {"b.png": 0}, 4.8) == []
 
 
 def test_wider_text_to_image_prior_trains_and_the_editing_stage_loads_it(run, tmp_path, monkeypatch):
