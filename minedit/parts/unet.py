@@ -10,7 +10,8 @@ therefore computes exactly what the original did. The config is updated so ``sav
 ``source_init="half"`` is an ablation, not the papers' start: both halves get half the old kernel, so
 conv_in([z_t, z_src]) = W·(z_t + z_src)/2 + b. Where the target equals the source (the background, t → 0) that
 is exactly the prior's conv_in(z_t), and at high noise the UNet sees a half-noised source: a start biased towards
-copying the source instead of ignoring it.
+copying the source instead of ignoring it. (Guidance's image-dropped branch, a zero source, then starts at half
+the prior's input; training on those rows teaches that branch its own use of the kernel.)
 """
 
 import torch
@@ -47,7 +48,7 @@ def expand_unet_in_channels(unet: UNet2DConditionModel, in_channels: int = 8,
         dtype=old.weight.dtype,
     )
     with torch.no_grad():
-        # weight: (out, in, kh, kw); the extra input channels contribute nothing until trained.
+        # weight: (out, in, kh, kw); with "zero" the extra input channels contribute nothing until trained.
         new.weight.zero_()
         new.weight[:, : old.in_channels].copy_(old.weight)
         if source_init == "half":  # W·(z_t + z_src)/2: the prior's input wherever z_src = z_t
