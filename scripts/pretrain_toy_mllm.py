@@ -50,16 +50,20 @@ def prompt_ids(tok, n_image_tokens: int, text: str) -> list[int]:
     return tok(build.chat_prompt(tok, text, n_image_tokens), add_special_tokens=False).input_ids
 
 
+def answer_ids(tok, text: str) -> list[int]:
+    """The assistant answer the loss is taken on: the text's ids and eos, no special tokens before them."""
+    return tok(text, add_special_tokens=False).input_ids + [tok.eos_token_id]
+
+
 def mllm_examples(tok, n_img, rows, image_index, caption_rows):
     """(image index, prompt ids, answer ids + eos) for the two tasks."""
-    eos = tok.eos_token_id
-    answer = lambda t: tok(t, add_special_tokens=False).input_ids + [eos]  # noqa: E731
     cap_prompt = prompt_ids(tok, n_img, CAPTION_PROMPT)
-    caps = [(image_index[r["image"]], cap_prompt, answer(r["caption"])) for r in caption_rows]
+    caps = [(image_index[r["image"]], cap_prompt, answer_ids(tok, r["caption"])) for r in caption_rows]
     edits = []
     for r in rows:
         texts = {r["instruction"], r.get("simple_instruction") or r["instruction"]}
-        edits += [(image_index[r["source"]], prompt_ids(tok, n_img, t), answer(r["optimized_instruction"]))
+        edits += [(image_index[r["source"]], prompt_ids(tok, n_img, t),
+                   answer_ids(tok, r["optimized_instruction"]))
                   for t in sorted(texts)]
     return caps, edits
 
@@ -74,7 +78,7 @@ def refer_examples(tok, n_img, rows, image_index, margin: float):
     understanding instruction needs (README of the bases, "Comprehension study")."""
     from minedit.toy.refer import explicit, understanding
 
-    eos, out, seen = tok.eos_token_id, [], set()
+    out, seen = [], set()
     for r in rows:
         if r["source"] in seen or not r.get("objects"):
             continue
@@ -84,7 +88,7 @@ def refer_examples(tok, n_img, rows, image_index, margin: float):
             name = explicit(objs, t, margin)
             for u in understanding(objs, t, margin) if name else []:
                 out.append((image_index[r["source"]], prompt_ids(tok, n_img, REFER_PROMPT.format(u=u)),
-                            tok(name, add_special_tokens=False).input_ids + [eos]))
+                            answer_ids(tok, name)))
     return out
 
 
@@ -156,8 +160,7 @@ def mllm_data(cfg, roots: list[Path], eval_root: Path):
     eval_images = load_images(eval_root, [r["source"] for r in eval_rows])
     eval_caps, _ = mllm_examples(tok, n_img, [], {r["source"]: i for i, r in enumerate(eval_rows)},
                                  [{"image": r["source"], "caption": r["caption"]} for r in eval_rows])
-    eval_edits = [(i, prompt_ids(tok, n_img, r["instruction"]),
-                   tok(r["optimized_instruction"], add_special_tokens=False).input_ids + [tok.eos_token_id])
+    eval_edits = [(i, prompt_ids(tok, n_img, r["instruction"]), answer_ids(tok, r["optimized_instruction"]))
                   for i, r in enumerate(eval_rows)]
     longest = max(len(p) + len(a) for _, p, a in caps + edits + refers + eval_caps + eval_edits)
     if longest > cfg.llm_max_positions:

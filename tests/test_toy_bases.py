@@ -33,7 +33,7 @@ def load_mllm_script():
 
 
 def load_quality():
-    """scripts/mllm_quality.py, the MLLM's scoring (it imports its sibling pretrain_toy_bases.py)."""
+    """scripts/mllm_quality.py, the MLLM's scoring (it imports its sibling pretrain_toy_mllm.py)."""
     load_script()  # puts scripts/ on sys.path
     return load_script(SCRIPT.parent / "mllm_quality.py")
 
