@@ -130,7 +130,7 @@ def main(argv=None) -> int:
     if by_kind:  # remove / add / replace: which kind of edit fails says which part is short (README, toy results)
         print(format_table(by_kind, "kind"))
     out = {"ckpt": a.ckpt, "data": a.data, "seed": a.seed, "count": len(results), "summary": summary,
-           "summary_by_kind": by_kind,
+           "summary_by_kind": by_kind, "success_rule": metrics.SUCCESS_RULE,
            "latency_s": latency, "settings": made_with,
            "viescore_missing": missing, "samples": results, "clip": clip_path or None}
     fsio.write_text(a.out, json.dumps(out, indent=1, default=float))

@@ -34,6 +34,8 @@ import torch.nn.functional as F
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 LPIPS_AVAILABLE = importlib.util.find_spec("lpips") is not None
+# The toy world's success rule (module docstring); evaluate.py writes it into every results file beside the rates.
+SUCCESS_RULE = {"tol": 0.15, "min_fraction": 0.9, "min_psnr_bg": 25.0}
 
 
 def _pair(a, b) -> tuple[np.ndarray, np.ndarray]:
@@ -103,8 +105,9 @@ def _none_if_nan(x: float) -> float | None:
     return None if math.isnan(x) else x
 
 
-def edit_scores(pred, target, source, mask=None, *, tol: float = 0.15, min_fraction: float = 0.9,
-                min_psnr_bg: float = 25.0, lpips: bool = False) -> dict:
+def edit_scores(pred, target, source, mask=None, *, tol: float = SUCCESS_RULE["tol"],
+                min_fraction: float = SUCCESS_RULE["min_fraction"], min_psnr_bg: float = SUCCESS_RULE["min_psnr_bg"],
+                lpips: bool = False) -> dict:
     """Per-sample scores of an edit ``pred`` against the exact ``target`` (see the module docstring for success).
 
     Keys: ``psnr_bg``, ``ssim_bg`` (outside the mask, or whole image without one), ``psnr_in``, ``mae_in`` (inside
