@@ -33,7 +33,7 @@ from minedit.config import HELP, PRESETS, RECIPES, Config
 from minedit.confighelp import field_help
 from minedit.errors import UserError, run_cli
 from minedit.presets import apply_overrides, preset
-from minedit.stages import random_for_good
+from minedit.stages import newly_trained, random_for_good
 
 # Config fields that also have a conventional dashed flag.
 FLAG_FIELDS = ("max_steps", "save_every", "sample_every", "precision", "batch_size", "grad_accum", "lr", "seed")
@@ -176,6 +176,7 @@ def build_model(cfg, args):
     """The recipe's model, built from the config, with the previous stage's weights under --init (a resumed run
     loads its own checkpoint later, in `resume`)."""
     from minedit.model import EditModel
+    from minedit.parts.decoupled_attention import restart_image_branch
 
     torch.manual_seed(cfg.seed)  # the same random init (toy bases, new modules) on every rank
     model = EditModel(cfg)
@@ -183,6 +184,8 @@ def build_model(cfg, args):
         source = ckpt.find_checkpoint(args.init)
         ckpt.check_compatible(ckpt.load_config(source), cfg)
         model.load_checkpoint_state(ckpt.load_weights(source))
+        if "unet.ip" in newly_trained(cfg, cfg.stage):  # InsightEdit stage 3: the branch copies the trained UNet
+            restart_image_branch(model.unet)
     return model
 
 

@@ -34,6 +34,12 @@ def trainable_parts(cfg: Config, stage: int) -> set:
     return parts
 
 
+def newly_trained(cfg: Config, stage: int) -> set:
+    """The parts `stage` trains that no earlier stage of the recipe trained (they start their training here)."""
+    earlier = set().union(*(trainable_parts(cfg, s) for s in cfg.stages if s < stage))
+    return trainable_parts(cfg, stage) - earlier
+
+
 def built_from_config(cfg: Config) -> set:
     """The base models built at random from the config because no path names pretrained weights for them."""
     return {base for base, path in (("mllm", cfg.mllm_path), ("unet", cfg.sd_path), ("vae", cfg.sd_path),

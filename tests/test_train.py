@@ -17,6 +17,7 @@ from minedit import checkpoint as ckpt
 from minedit import data as data_module
 from minedit import training
 from minedit.errors import run_cli
+from minedit.model import EditModel
 from minedit.toy.world import generate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,6 +121,28 @@ def test_stage_chain_hands_off_with_init(chain):
         keys = [k for k in w3 if k in w2 and (k.startswith("iaa.mapper") if trained == "iaa.mapper"
                                               else ".processor." in k)]
         assert keys and any(not torch.equal(w2[k], w3[k]) for k in keys), trained
+
+
+@pytest.mark.slow
+def test_stage3_image_branch_starts_from_stage2_unet(chain):
+    """IP-Adapter's start, at the hand-off: the branch stage 3 trains first copies the layer it extends as stage 2
+    left it, not as the model was built before stage 2 trained the UNet (to_k/to_v moved in between)."""
+    root, procs = chain
+    ok(procs["ie2"])
+    args, overrides = train.parse_args(["--stage", "3", "--init", str(root / "ie2"), "--out", str(root / "unused")])
+    cfg = train.resolve_config(args, overrides)
+    model = train.build_model(cfg, args)
+    w2 = final_weights(root / "ie2")
+    torch.manual_seed(cfg.seed)
+    built = EditModel(cfg).unet  # the UNet as the model is built, before stage 2's weights are loaded
+    layers = [(name, m) for name, m in model.unet.named_modules() if name.endswith("attn2")]
+    assert layers
+    moved = 0
+    for name, attn in layers:
+        k2, v2 = w2[f"unet.{name}.to_k.weight"], w2[f"unet.{name}.to_v.weight"]
+        assert torch.equal(attn.processor.to_k_ip.weight, k2) and torch.equal(attn.processor.to_v_ip.weight, v2)
+        moved += not torch.equal(k2, built.get_submodule(name).to_k.weight)
+    assert moved  # stage 2 did move them, so a copy taken at build time would have failed above
 
 
 @pytest.mark.slow

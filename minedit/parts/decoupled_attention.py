@@ -192,16 +192,29 @@ def install_decoupled_attention(
                 device=to_k.weight.device,
                 dtype=dtype or to_k.weight.dtype,
             )
-            with torch.no_grad():
-                proc.to_k_ip.weight.copy_(to_k.weight)
-                proc.to_v_ip.weight.copy_(to_v.weight)
             decoupled.append(proc)
         else:
             proc = SelfAttnProcessor()
         processors[f"{name}.processor"] = proc
     # set_attn_processor empties the dict it receives; give it a copy.
     unet.set_attn_processor(dict(processors))
+    restart_image_branch(unet)
     return decoupled
+
+
+def restart_image_branch(unet: UNet2DConditionModel) -> None:
+    """Set every ``to_k_ip``/``to_v_ip`` to a copy of its layer's current ``to_k``/``to_v`` (IP-Adapter's start).
+
+    The processors are installed when the model is built, from the UNet as built; a stage that trains the UNet
+    before the image branch exists (InsightEdit's stage 2) moves ``to_k``/``to_v`` on. The stage that first trains
+    the branch calls this after loading the previous stage, so the branch starts from the UNet it extends, not
+    from the one the first stage began with.
+    """
+    with torch.no_grad():
+        for name, module in unet.named_modules():
+            if isinstance(module, Attention) and isinstance(module.processor, DecoupledAttnProcessor):
+                module.processor.to_k_ip.weight.copy_(module.to_k.weight)
+                module.processor.to_v_ip.weight.copy_(module.to_v.weight)
 
 
 def decoupled_processors(unet: UNet2DConditionModel) -> dict[str, DecoupledAttnProcessor]:
