@@ -211,7 +211,7 @@ def restart_image_branch(unet: UNet2DConditionModel) -> None:
     from the one the first stage began with.
     """
     with torch.no_grad():
-        for name, module in unet.named_modules():
+        for module in unet.modules():
             if isinstance(module, Attention) and isinstance(module.processor, DecoupledAttnProcessor):
                 module.processor.to_k_ip.weight.copy_(module.to_k.weight)
                 module.processor.to_v_ip.weight.copy_(module.to_v.weight)
