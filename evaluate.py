@@ -11,8 +11,9 @@
 Per sample, per category and overall (minedit/eval/metrics.py defines each precisely):
     psnr_bg, ssim_bg   background fidelity vs the target (outside the mask; the whole image without one)
     psnr_in            inside the mask vs the target
-    success            edit success where targets are exact (≥ 90 % of in-mask pixels within 0.15 of the
-                       target, L∞ over RGB in [0, 1], and background PSNR ≥ 25 dB)
+    success            edit success where targets are exact (≥ 90 % of in-mask pixels off the target's
+                       outlines within 0.15 of the target, L∞ over RGB in [0, 1], background PSNR ≥ 25 dB, and
+                       in the toy world each shape the target draws recognised as that shape: `shape_right`)
     lpips_bg           when the `lpips` package and its weights are installed
     clip_i, clip_score CLIP image–image (edit vs target) and 100·cos(edit, instruction), with a CLIPModel
                        (--clip, default the checkpoint's clip_path; skipped when it has none)
@@ -178,31 +179,47 @@ def make_edits(a, rows, pred_dir: str, preds: list[str], todo: list[int], cfg, s
 
 
 def score_edits(a, rows, preds) -> tuple[list[dict], list[tuple]]:
-    """Each edit against its row's target -> (per-sample scores, (source, target, edit, instruction) images).
-    A toy-world add leaves size and place partly free: it is scored against the valid answer nearest the edit."""
-    from minedit.data import load_image, load_mask
-    from minedit.eval import metrics
-    from minedit.toy import draw as toydraw
+    """Each edit against its row's target -> (per-sample scores, (source, target, edit, instruction) images)."""
+    from minedit.data import load_image
 
     results, images = [], []
     for i, (row, pred_path) in enumerate(zip(rows, preds)):
-        source, target, pred = (load_image(p) for p in (row["source"], row["target"], pred_path))
-        size = target.size
-        edited = as_array(pred.resize(size))
-        mask = load_mask(row["mask"], size) if row.get("mask") else None
-        choices = 1
-        if row.get("add_region"):
-            nearest = toydraw.nearest_target(row, edited.astype(np.float32), a.instruction_field)
-            if nearest:
-                target, mask, choices = nearest
-        mask = np.asarray(mask) > 127 if mask is not None else None
-        s = metrics.edit_scores(edited, as_array(target), as_array(source.resize(size)), mask,
-                                lpips=metrics.LPIPS_AVAILABLE)
+        source, pred = load_image(row["source"]), load_image(pred_path)
+        s, target = score_row(row, source, pred, a.instruction_field)
         s.update(index=i, category=row.get("category") or "", kind=row.get("kind") or "",
-                 instruction=row[a.instruction_field], pred=pred_path, valid_targets=choices)
+                 instruction=row[a.instruction_field], pred=pred_path)
         results.append(s)
         images.append((source, target, pred, row[a.instruction_field]))
     return results, images
+
+
+def score_row(row: dict, source, pred, field: str = "instruction"):
+    """One edit (PIL images) against its manifest row -> (scores, the target it was scored against). A toy-world
+    add leaves size and place partly free: it is scored against the valid answer nearest the edit; a toy row's
+    drawn shapes must be recognised (`shape_right`, None for a removal or a row without a scene description)."""
+    from minedit.data import load_image, load_mask
+    from minedit.eval import metrics
+    from minedit.toy import draw as toydraw, looks
+
+    target = load_image(row["target"])
+    size = target.size
+    edited = as_array(pred.resize(size))
+    mask = load_mask(row["mask"], size) if row.get("mask") else None
+    choices, target_objects = 1, row.get("target_objects")
+    if row.get("add_region"):
+        nearest = toydraw.nearest_target(row, edited.astype(np.float32), field)
+        if nearest:
+            target, mask, choices, target_objects = nearest
+    mask = np.asarray(mask) > 127 if mask is not None else None
+    s = metrics.edit_scores(edited, as_array(target), as_array(source.resize(size)), mask,
+                            lpips=metrics.LPIPS_AVAILABLE)
+    shape_right = None
+    if mask is not None and row.get("objects") is not None and target_objects is not None:
+        shape_right = looks.drawn_shape_right(edited * 255, row["objects"], target_objects, mask)
+    if metrics.SUCCESS_RULE["drawn_shape"] and shape_right is False:
+        s["success"] = False
+    s.update(shape_right=shape_right, valid_targets=choices)
+    return s, target
 
 
 STAMP_ADDED = {"exact_text": False}  # stamp fields added later: their value in the stamps written before them

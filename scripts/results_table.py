@@ -10,9 +10,9 @@ figures show a lever's direction early, which is why the study reports them side
 The last column asks whether the editor finds *which* shape an instruction names: success on removals in toy
 scenes of two or three shapes, against (in brackets) the success of removing one of the scene's shapes picked at
 random. A one-shape removal needs only *that* something is removed; these need the instruction grounded in the
-image. After the dot: how often the named shape is gone at all (its footprint right: evaluate.py's `acc_in` ≥
-MIN_FRACTION), whatever happened to the rest of the scene — above the success figure by the edits that remove it
-*and* more. The column before it splits replacements into recolours (same shape, new colour) and new shapes (a
+image. After the dot: how often the named shape is gone at all (its footprint right: evaluate.py's `acc_core`,
+or `acc_in` in files written before it, ≥ MIN_FRACTION), whatever happened to the rest of the scene — above the
+success figure by the edits that remove it *and* more. The column before it splits replacements into recolours (same shape, new colour) and new shapes (a
 triangle turned into a star, with or without a new colour): a recolour repaints a footprint that is already there,
 a new shape has to be drawn. Both are read from the scored manifest (the results' `data`), "–" where that has no
 toy scene description.
@@ -25,7 +25,7 @@ from pathlib import Path
 
 CATEGORIES = ("simple", "understanding", "reasoning")
 KINDS = ("remove", "replace", "add")
-# The in-mask half of an edit's success: its share of edit-region pixels right (acc_in) must reach this. It is
+# The in-mask half of an edit's success: its share of edit-region pixels right (acc_core) must reach this. It is
 # minedit.eval.metrics.edit_scores' min_fraction, repeated so that this script stays free of the torch import.
 MIN_FRACTION = 0.9
 
@@ -70,7 +70,8 @@ def grounding(res: dict, rows: list[dict]) -> str:
     if not multi:
         return "–"
     right, chance = (sum(s["success"] for s, _ in multi), sum(1 / n for _, n in multi))
-    gone = [s["acc_in"] >= MIN_FRACTION for s, _ in multi if s.get("acc_in") is not None]
+    acc = [s.get("acc_core", s.get("acc_in")) for s, _ in multi]
+    gone = [a >= MIN_FRACTION for a in acc if a is not None]
     return (f"{pct(right / len(multi))} ({pct(chance / len(multi))}) %"
             + (f" · {pct(sum(gone) / len(gone))} %" if gone else ""))
 

@@ -24,13 +24,11 @@ import subprocess
 import sys
 import tempfile
 
-import numpy as np
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from evaluate import score_row  # noqa: E402
 from minedit.checkpoint import find_checkpoint  # noqa: E402
-from minedit.eval.metrics import edit_scores  # noqa: E402
 from minedit.imagegrid import side_by_side  # noqa: E402
 
 
@@ -97,12 +95,11 @@ def main(argv=None) -> int:
     from PIL import Image
     with tempfile.TemporaryDirectory() as tmp:
         for n, i in enumerate(candidates(results, rows, a.prefer.split(","))[:a.tries]):
-            r = rows[i]
-            src, tgt, mask = (os.path.join(a.world, r[k]) for k in ("source", "target", "mask"))
+            r = {**rows[i], **{k: os.path.join(a.world, rows[i][k]) for k in ("source", "target", "mask")}}
+            src, tgt = r["source"], r["target"]
             pred = os.path.join(tmp, f"{i}.png")
             infer_one(ckpt, src, r["instruction"], pred)
-            rgb = [np.asarray(Image.open(f).convert("RGB"), dtype=np.float32) / 255 for f in (pred, tgt, src)]
-            score = edit_scores(*rgb, np.asarray(Image.open(mask).convert("L")) > 127)  # as evaluate.py scores
+            score, _ = score_row(r, Image.open(src), Image.open(pred))  # as evaluate.py scores
             print(f"candidate {n}: row {i} {r['kind']}/{r['category']} \"{r['instruction']}\": "
                   f"{'right' if score['success'] else 'wrong'} with infer.py's default seed")
             if score["success"]:

@@ -95,10 +95,51 @@ def test_edit_success():
     assert edit_scores(near, tgt, src, mask, min_psnr_bg=19.0)["success"]
 
     partly = tgt.copy()
-    partly[8:10, 10:22] = src[8:10, 10:22]  # 2 of 12 rows wrong: 83 % < 90 %
-    assert edit_scores(partly, tgt, src, mask)["acc_in"] == pytest.approx(10 / 12)
-    assert not edit_scores(partly, tgt, src, mask)["success"]
+    partly[8:11, 10:22] = src[8:11, 10:22]  # 3 of 12 rows wrong; off the outline 2 of the 10 inner rows
+    r = edit_scores(partly, tgt, src, mask)
+    assert r["acc_in"] == pytest.approx(9 / 12) and r["acc_core"] == pytest.approx(8 / 10) and not r["success"]
     assert edit_scores(partly, tgt, src, mask, min_fraction=0.8)["success"]
+    assert not edit_scores(partly, tgt, src, mask, min_fraction=0.8, count_outline=True)["success"]
+
+
+def test_outline_is_both_sides_of_every_colour_boundary():
+    """Against a loop over 4-neighbour pairs; a flat square on a flat ground gives two one-pixel rings."""
+    rng = np.random.default_rng(0)
+    img = rng.choice([0.0, 0.5, 1.0], size=(9, 11, 3))
+    want = np.zeros((9, 11), bool)
+    for y in range(9):
+        for x in range(11):
+            for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+                if 0 <= ny < 9 and 0 <= nx < 11 and np.abs(img[y, x] - img[ny, nx]).max() > 0.15:
+                    want[y, x] = True
+    assert np.array_equal(metrics.outline(img), want)
+    flat = np.zeros((12, 12, 3))
+    flat[3:8, 3:8] = 1.0
+    ring = np.zeros((12, 12), bool)
+    ring[2:9, 2:9] = True
+    ring[4:7, 4:7] = False  # inside ring (the square's border) and outside ring (the ground next to it)
+    ring[2, 2] = ring[2, 8] = ring[8, 2] = ring[8, 8] = False  # the outer corners touch the square diagonally only
+    assert np.array_equal(metrics.outline(flat), ring)
+
+
+def test_soft_boundaries_pass_and_a_wrong_inside_does_not():
+    """The rule leaves the target's outline out: a right square whose border pixels are blends of the two colours
+    (what a decoded edit draws) succeeds, the strict rule (count_outline) fails it, and a square whose inside is
+    the wrong colour fails both."""
+    src = np.full((32, 32, 3), 0.5)
+    tgt = src.copy()
+    tgt[10:20, 10:20] = (0.1, 0.1, 0.9)
+    mask = np.zeros((32, 32), bool)
+    mask[8:22, 8:22] = True  # the square dilated, as the toy world's masks are
+    soft = tgt.copy()
+    edge = metrics.outline(tgt)
+    soft[edge] = 0.5 * (0.5 + np.array((0.1, 0.1, 0.9)))  # halfway between ground and square on both sides
+    r = edit_scores(soft, tgt, src, mask)
+    assert r["success"] and r["acc_core"] == 1.0 and r["acc_in"] < 0.9
+    assert not edit_scores(soft, tgt, src, mask, count_outline=True)["success"]
+    wrong = soft.copy()
+    wrong[11:19, 11:19] = (0.9, 0.1, 0.1)
+    assert not edit_scores(wrong, tgt, src, mask)["success"]
 
 
 def test_edit_scores_without_mask():

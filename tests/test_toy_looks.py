@@ -5,8 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from minedit.toy.draw import render
-from minedit.toy.looks import best_shape, colours_right, shapes_right
+from minedit.toy.draw import footprint, render
+from minedit.toy.looks import best_shape, colours_right, drawn_shape_right, shapes_right, template_ious
+from minedit.toy.phrases import RADIUS, SHAPES
 from minedit.toy.world import generate
 
 
@@ -63,3 +64,39 @@ def test_a_stray_copy_does_not_hide_the_drawn_shape():
     assert shapes_right(img[None], [row])["right"] == 1.0
     img = np.asarray(render("white", [star, {**star, "shape": "circle", "x": 22, "y": 22, "size": "large"}], 32))
     assert shapes_right(img[None], [row])["right"] == 0.0
+
+
+def test_drawn_shape_right_judges_the_shape_an_edit_adds():
+    """The exact target passes; the same edit with a square drawn for the circle, a large circle for a small one,
+    a blob (a filled disc where a star goes) or nothing fails; a removal draws nothing and gives None."""
+    square = {"shape": "square", "size": "small", "x": 8, "y": 8, "colour": "red"}
+    circle = {"shape": "circle", "size": "small", "x": 22, "y": 22, "colour": "green"}
+    mask = np.zeros((32, 32), bool)
+    mask[15:30, 15:30] = True
+
+    def edit(*objects):
+        return np.asarray(render("white", [square, *objects], 32)).astype(np.float64)
+
+    assert drawn_shape_right(edit(circle), [square], [square, circle], mask) is True
+    assert drawn_shape_right(edit({**circle, "shape": "square"}), [square], [square, circle], mask) is False
+    assert drawn_shape_right(edit({**circle, "size": "large"}), [square], [square, circle], mask) is False
+    assert drawn_shape_right(edit(), [square], [square, circle], mask) is False
+    star = {**circle, "shape": "star", "size": "large"}
+    assert drawn_shape_right(edit(star), [square], [square, star], mask) is True
+    assert drawn_shape_right(edit({**star, "shape": "circle"}), [square], [square, star], mask) is False
+    # a recolour is judged too: the shape where the old one was, in its new colour
+    blue = {**square, "colour": "blue"}
+    whole = np.ones((32, 32), bool)
+    assert drawn_shape_right(np.asarray(render("white", [blue], 32)), [square], [blue], whole) is True
+    assert drawn_shape_right(np.asarray(render("white", [square], 32)), [square], [blue], whole) is False
+    assert drawn_shape_right(edit(), [square, circle], [square], mask) is None
+
+
+def test_every_exact_shape_wins_its_template_by_a_quarter():
+    """The margin drawn_shape_right asks (0.1) is far below what an exact render gets: its own template matches
+    exactly and every other (shape, size) at most 0.75 (a small circle against a small square)."""
+    for shape in SHAPES:
+        for size_word in RADIUS:
+            fp = footprint({"shape": shape, "size": size_word, "x": 15, "y": 16}, 32)
+            ious = template_ious(fp)
+            assert ious.pop((shape, size_word)) == 1.0 and max(ious.values()) <= 0.75

@@ -210,6 +210,7 @@ def test_add_region_holds_the_drawn_target_and_only_valid_ones(toyset):
         target, mask = (np.asarray(Image.open(out / r[k])) for k in ("target", "mask"))
         got = toydraw.nearest_target(r, target.astype(np.float32) / 255)
         assert np.array_equal(np.asarray(got[0]), target) and np.array_equal(np.asarray(got[1]), mask)
+        assert got[3] == r["target_objects"]  # and its objects, which the drawn-shape check reads
     # Some adds leave real freedom (else the scoring rule would change nothing).
     assert max(len(toydraw.valid_targets(r, 32)) for r in adds) > 10
     # The explicit rewrite names size and region ("add a small red star at the top left"): its valid targets keep

@@ -106,11 +106,11 @@ def valid_targets(row: dict, size: int, field: str = "instruction") -> list[dict
 
 
 def nearest_target(row: dict, pred: np.ndarray, field: str = "instruction"
-                   ) -> tuple[Image.Image, Image.Image, int] | None:
-    """For an add row: the valid target of its text `field` (and its mask) closest to `pred` (H x W x 3 in
-    [0, 1]) in squared error, and how many valid targets there were. "Add a star at the top" has many right
-    answers; an edit that draws the star anywhere the instruction allows is scored against that answer, not the
-    one place the generator happened to draw. None when there is one valid target (see `valid_targets`)."""
+                   ) -> tuple[Image.Image, Image.Image, int, list[dict]] | None:
+    """For an add row: the valid target of its text `field` closest to `pred` (H x W x 3 in [0, 1]) in squared
+    error -> (its image, its mask, how many valid targets there were, its objects). "Add a star at the top" has
+    many right answers; an edit that draws the star anywhere the instruction allows is scored against that answer,
+    not the one place the generator happened to draw. None when there is one valid target (see `valid_targets`)."""
     size = pred.shape[0]
     options = valid_targets(row, size, field)
     if not options:
@@ -123,6 +123,6 @@ def nearest_target(row: dict, pred: np.ndarray, field: str = "instruction"
         err = ((pred - np.where(fp[..., None], np.float32(COLOURS[o["colour"]]) / 255, base)) ** 2).sum()
         if err < best_err:
             best, best_err = o, err
-    target = render(row["background"], row["objects"] + [best], size)
+    objects = row["objects"] + [best]
     mask = Image.fromarray(dilate(footprint(best, size)).astype(np.uint8) * 255, "L")
-    return target, mask, len(options)
+    return render(row["background"], objects, size), mask, len(options), objects

@@ -1,5 +1,6 @@
 """What a generated toy image shows: the colours and the shapes its caption names (the text-to-image prior's
-quality, measured the toy way; `scripts/pretrain_toy_unet.py` reports both).
+quality, measured the toy way; `scripts/pretrain_toy_unet.py` reports both), and whether an edit draws the shape
+its target adds (part of edit success, `drawn_shape_right`).
 
 Images are numpy arrays N×H×W×3 with values in 0..255. The toy world draws exact palette colours with no
 anti-aliasing (`draw.py`), so a real image passes both checks exactly and a generated one passes as far as it
@@ -60,20 +61,58 @@ def largest_region(mask: np.ndarray) -> np.ndarray:
     return best
 
 
-def best_shape(mask: np.ndarray, reach: int = 2) -> tuple[str, float]:
-    """(shape, IoU) of the toy shape, of either size, centred within `reach` px of the mask's centroid, that best
-    matches a binary H×W mask: a template classifier for one coloured region (chance 1 in 5)."""
+def template_ious(mask: np.ndarray, reach: int = 2) -> dict[tuple[str, str], float]:
+    """(shape, size) -> the best IoU of that toy shape's footprint, centred within `reach` px of the mask's
+    centroid, with a binary H×W mask (one coloured region)."""
     ys, xs = np.nonzero(mask)
-    cx, cy, best = int(round(xs.mean())), int(round(ys.mean())), ("", 0.0)
+    cx, cy, out = int(round(xs.mean())), int(round(ys.mean())), {}
     for shape in SHAPES:
         for size_word in RADIUS:
+            best = 0.0
             for dx in range(-reach, reach + 1):
                 for dy in range(-reach, reach + 1):
                     fp = footprint({"shape": shape, "size": size_word, "x": cx + dx, "y": cy + dy}, mask.shape[0])
-                    iou = float((fp & mask).sum() / (fp | mask).sum())
-                    if iou > best[1]:
-                        best = (shape, iou)
-    return best
+                    best = max(best, float((fp & mask).sum() / (fp | mask).sum()))
+            out[shape, size_word] = best
+    return out
+
+
+def best_template(mask: np.ndarray, reach: int = 2) -> tuple[str, str, float]:
+    """(shape, size, IoU) of the toy template that best matches a binary H×W mask: a template classifier for one
+    coloured region (chance 1 in 5 for the shape)."""
+    (shape, size_word), iou = max(template_ious(mask, reach).items(), key=lambda kv: kv[1])
+    return shape, size_word, iou
+
+
+def best_shape(mask: np.ndarray, reach: int = 2) -> tuple[str, float]:
+    """(shape, IoU) of `best_template`, whatever its size."""
+    shape, _, iou = best_template(mask, reach)
+    return shape, iou
+
+
+def drawn_shape_right(image: np.ndarray, objects: list[dict], target_objects: list[dict], mask: np.ndarray,
+                      margin: float = 0.1, min_pixels: int = 6) -> bool | None:
+    """Does an edit draw each object its target has and its source lacks (an added shape, a replacement, a
+    recolour) recognisably as that object? The largest region of its colour inside the edit `mask` must match the
+    object's template (shape and size) better, by `margin` in IoU, than any other toy template. None when the
+    target draws nothing new (a removal). `image` H×W×3 in 0..255, `mask` H×W bool.
+
+    The pixel half of edit success leaves the target's outlines out (minedit.eval.metrics), and two toy shapes of
+    one size differ mostly there (a small circle and square share 75 % of their pixels): this check keeps a square
+    drawn for a circle, or a blob for a star, a failure. An exact render wins by at least 0.25; a blob that is
+    nearest to the named shape by chance wins by a few hundredths (README, "Scoring, audited again")."""
+    drawn = [o for o in target_objects if o not in objects]
+    if not drawn:
+        return None
+    for o in drawn:
+        region = largest_region(near_colour(image, COLOURS[o["colour"]]) & mask)
+        if region.sum() < min_pixels:
+            return False
+        ious = template_ious(region)
+        named = ious.pop((o["shape"], o["size"]))
+        if named < max(ious.values()) + margin:
+            return False
+    return True
 
 
 def shapes_right(images: np.ndarray, rows: list[dict], min_pixels: int = 6) -> dict:
