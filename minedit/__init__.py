@@ -58,5 +58,6 @@ The toy world (toy/, DESIGN §10; `python -m minedit.toy` writes one):
     refer.py        referring expressions that pick out exactly one shape
     draw.py         drawing, placing shapes, the right answers to an add
     tokenizer.py    the word-level tokenizer over its vocabulary (the toy MLLM's and CLIP text's)
-    looks.py        what a generated scene shows: the named colours and shapes (the toy prior's quality)
+    looks.py        what a generated scene shows: the named colours and shapes (the toy prior's quality; an
+                    edit's drawn shape, part of edit success)
 """
