@@ -193,7 +193,7 @@ def score_edits(a, rows, preds) -> tuple[list[dict], list[tuple]]:
     return results, images
 
 
-def score_row(row: dict, source, pred, field: str = "instruction"):
+def score_row(row: dict, source, pred, field: str = "instruction") -> tuple[dict, object]:
     """One edit (PIL images) against its manifest row -> (scores, the target it was scored against). A toy-world
     add leaves size and place partly free: it is scored against the valid answer nearest the edit; a toy row's
     drawn shapes must be recognised (`shape_right`, None for a removal or a row without a scene description)."""

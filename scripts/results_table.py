@@ -12,9 +12,9 @@ scenes of two or three shapes, against (in brackets) the success of removing one
 random. A one-shape removal needs only *that* something is removed; these need the instruction grounded in the
 image. After the dot: how often the named shape is gone at all (its footprint right: evaluate.py's `acc_core`,
 or `acc_in` in files written before it, ≥ MIN_FRACTION), whatever happened to the rest of the scene — above the
-success figure by the edits that remove it *and* more. The column before it splits replacements into recolours (same shape, new colour) and new shapes (a
-triangle turned into a star, with or without a new colour): a recolour repaints a footprint that is already there,
-a new shape has to be drawn. Both are read from the scored manifest (the results' `data`), "–" where that has no
+success figure by the edits that remove it *and* more. The column before it splits replacements into recolours
+(same shape, new colour) and new shapes (a triangle turned into a star, with or without a new colour): a recolour
+repaints a footprint that is already there, a new shape has to be drawn. Both are read from the scored manifest (the results' `data`), "–" where that has no
 toy scene description.
 """
 from __future__ import annotations

@@ -18,7 +18,7 @@ edit region. As SmartEdit §5.1 and InsightEdit measure it, PSNR / SSIM / LPIPS 
   is where source and target differ by more than ``tol`` (L∞) and "background" is the whole image; an empty edit
   region satisfies (1). The outline (``outline``) is the pixels where the target changes colour, one on each side
   of the boundary: the toy world renders without anti-aliasing, and a decoded edit's boundary pixels are soft, so a
-  shape drawn in the right colour, place and form still missed on them — 10–20 % of a small shape's mask. Whether
+  shape drawn in the right colour, place and form used to fail on them — 10–20 % of a small shape's mask. Whether
   the form is right there is then the toy check of ``minedit.toy.looks.drawn_shape_right`` (evaluate.py applies
   it), because at 32 × 32 the difference between two shapes lies mostly on their outlines. ``acc_in`` counts every
   edit-region pixel and ``acc_core`` those off the outline (``count_outline=True`` is the rule before 2026-12-07).
