@@ -14,8 +14,8 @@ image. After the dot: how often the named shape is gone at all (its footprint ri
 or `acc_in` in files written before it, ≥ MIN_FRACTION), whatever happened to the rest of the scene — above the
 success figure by the edits that remove it *and* more. The column before it splits replacements into recolours
 (same shape, new colour) and new shapes (a triangle turned into a star, with or without a new colour): a recolour
-repaints a footprint that is already there, a new shape has to be drawn. Both are read from the scored manifest (the results' `data`), "–" where that has no
-toy scene description.
+repaints a footprint that is already there, a new shape has to be drawn. Both are read from the scored manifest
+(the results' `data`), "–" where that has no toy scene description.
 """
 from __future__ import annotations
 
