@@ -241,16 +241,19 @@ def test_torchrun_two_processes_match_one_process(chain, world, tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # 4. Exact resume: 6 steps straight = 3 steps (--stop-after) then --resume for 3, bit for bit
 # (also with the optional training levers: the EMA's shadow and trained values both come back, and a
-# teacher-forcing schedule that switches off after step 4 — inside the resumed half — switches off there too)
+# teacher-forcing schedule that switches off after step 4 — inside the resumed half — switches off there too;
+# and for SmartEdit, whose BIM and LLM LoRA train in stage 2)
+LEVERS = ["--ema_decay=0.9", "--snr_gamma=5", "--mask_loss_weight=4", "--qformer_explicit_weight=1",
+          "--qformer_teacher_forcing=1", "--qformer_teacher_forcing_steps=4", "--t2i_share=0.5"]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("levers", [[], ["--ema_decay=0.9", "--snr_gamma=5", "--mask_loss_weight=4",
-                                         "--qformer_explicit_weight=1", "--qformer_teacher_forcing=1",
-                                         "--qformer_teacher_forcing_steps=4", "--t2i_share=0.5"]],
-                         ids=["plain", "ema-minsnr-mask-forcing-t2i"])
-def test_resume_is_bit_exact(chain, world, tmp_path, levers):
+@pytest.mark.parametrize("init, levers", [("ie1", []), ("ie1", LEVERS), ("se1", [])],
+                         ids=["plain", "ema-minsnr-mask-forcing-t2i", "smartedit"])
+def test_resume_is_bit_exact(chain, world, tmp_path, init, levers):
     root, procs = chain
-    ok(procs["ie1"])
-    args = ["--stage", "2", "--init", str(root / "ie1"), "--data", str(world / "train.jsonl"), "--max-steps", "6",
+    ok(procs[init])
+    args = ["--stage", "2", "--init", str(root / init), "--data", str(world / "train.jsonl"), "--max-steps", "6",
             "--save-every", "3", "--lora_dropout=0.1", *QUICK, *levers]  # dropout: the global RNG matters too
     ok(run(*args, "--out", str(tmp_path / "straight")))
     half = ok(run(*args, "--out", str(tmp_path / "split"), "--stop-after", "3"))
