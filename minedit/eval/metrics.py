@@ -16,12 +16,10 @@ edit region. As SmartEdit §5.1 and InsightEdit measure it, PSNR / SSIM / LPIPS 
   the edit-region pixels *off the target's outlines* are within ``tol`` = 0.15 of the target in L∞ over RGB, and
   (2) the background PSNR against the target is at least ``min_psnr_bg`` = 25 dB. Without a mask the edit region
   is where source and target differ by more than ``tol`` (L∞) and "background" is the whole image; an empty edit
-  region satisfies (1). The outline (``outline``) is the pixels where the target changes colour, one on each side
-  of the boundary: the toy world renders without anti-aliasing, and a decoded edit's boundary pixels are soft, so a
-  shape drawn in the right colour, place and form used to fail on them — 10–20 % of a small shape's mask. Whether
-  the form is right there is then the toy check of ``minedit.toy.looks.drawn_shape_right`` (evaluate.py applies
-  it), because at 32 × 32 the difference between two shapes lies mostly on their outlines. ``acc_in`` counts every
-  edit-region pixel and ``acc_core`` those off the outline (``count_outline=True`` is the rule before 2026-12-07).
+  region satisfies (1). The ``outline`` (one pixel either side of each colour boundary) is left out because toy
+  renders have hard edges and decoded edits soft ones; the form it decides is judged instead by the toy check
+  ``minedit.toy.looks.drawn_shape_right``, which evaluate.py applies. ``acc_in`` counts every edit-region pixel,
+  ``acc_core`` those off the outline (``count_outline=True`` is the rule before 2026-12-07).
 * CLIP-I = cos(E_img(edit), E_img(target)); CLIPScore = 100·max(cos(E_img(edit), E_txt(instruction)), 0).
   Hessel et al. scale by w = 2.5; we use 100, the scale of the ~20–23 CLIP Scores in SmartEdit / InsightEdit tables.
   Images are resized (shortest side, bicubic with antialiasing) and centre-cropped to the model's
@@ -40,9 +38,8 @@ import torch.nn.functional as F
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 LPIPS_AVAILABLE = importlib.util.find_spec("lpips") is not None
-# The toy world's success rule (module docstring); evaluate.py writes it into every results file beside the rates.
-# count_outline False: the target's outline pixels are left out of (1); drawn_shape True: evaluate.py also asks a
-# toy edit's drawn shape to be recognised (minedit.toy.looks.drawn_shape_right). Both were off before 2026-12-07.
+# The toy world's success rule (module docstring); evaluate.py writes it into every results file beside the rates
+# and applies drawn_shape. count_outline and drawn_shape were True / False before 2026-12-07.
 SUCCESS_RULE = {"tol": 0.15, "min_fraction": 0.9, "min_psnr_bg": 25.0, "count_outline": False, "drawn_shape": True}
 
 

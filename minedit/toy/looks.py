@@ -77,16 +77,10 @@ def template_ious(mask: np.ndarray, reach: int = 2) -> dict[tuple[str, str], flo
     return out
 
 
-def best_template(mask: np.ndarray, reach: int = 2) -> tuple[str, str, float]:
-    """(shape, size, IoU) of the toy template that best matches a binary H×W mask: a template classifier for one
-    coloured region (chance 1 in 5 for the shape)."""
-    (shape, size_word), iou = max(template_ious(mask, reach).items(), key=lambda kv: kv[1])
-    return shape, size_word, iou
-
-
 def best_shape(mask: np.ndarray, reach: int = 2) -> tuple[str, float]:
-    """(shape, IoU) of `best_template`, whatever its size."""
-    shape, _, iou = best_template(mask, reach)
+    """(shape, IoU) of the toy template, of either size, that best matches a binary H×W mask (`template_ious`): a
+    template classifier for one coloured region (chance 1 in 5)."""
+    (shape, _), iou = max(template_ious(mask, reach).items(), key=lambda kv: kv[1])
     return shape, iou
 
 
