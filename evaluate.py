@@ -13,7 +13,8 @@ Per sample, per category and overall (minedit/eval/metrics.py defines each preci
     psnr_in            inside the mask vs the target
     success            edit success where targets are exact (≥ 90 % of in-mask pixels off the target's
                        outlines within 0.15 of the target, L∞ over RGB in [0, 1], background PSNR ≥ 25 dB, and
-                       in the toy world each shape the target draws recognised as that shape: `shape_right`)
+                       in the toy world each shape the target draws recognised as that shape, `shape_right`,
+                       and each shape it keeps left as it was, `others_kept`)
     lpips_bg           when the `lpips` package and its weights are installed
     clip_i, clip_score CLIP image–image (edit vs target) and 100·cos(edit, instruction), with a CLIPModel
                        (--clip, default the checkpoint's clip_path; skipped when it has none)
@@ -196,7 +197,8 @@ def score_edits(a, rows, preds) -> tuple[list[dict], list[tuple]]:
 def score_row(row: dict, source, pred, field: str = "instruction") -> tuple[dict, object]:
     """One edit (PIL images) against its manifest row -> (scores, the target it was scored against). A toy-world
     add leaves size and place partly free: it is scored against the valid answer nearest the edit; a toy row's
-    drawn shapes must be recognised (`shape_right`, None for a removal or a row without a scene description)."""
+    drawn shapes must be recognised (`shape_right`, None for a removal or a row without a scene description) and its
+    untouched shapes kept (`others_kept`, None where the target keeps none)."""
     from minedit.data import load_image, load_mask
     from minedit.eval import metrics
     from minedit.toy import draw as toydraw, looks
@@ -213,12 +215,14 @@ def score_row(row: dict, source, pred, field: str = "instruction") -> tuple[dict
     mask = np.asarray(mask) > 127 if mask is not None else None
     s = metrics.edit_scores(edited, as_array(target), as_array(source.resize(size)), mask,
                             lpips=metrics.LPIPS_AVAILABLE)
-    shape_right = None
+    shape_right = kept = None
     if mask is not None and row.get("objects") is not None and target_objects is not None:
         shape_right = looks.drawn_shape_right(edited * 255, row["objects"], target_objects, mask)
-    if metrics.SUCCESS_RULE["drawn_shape"] and shape_right is False:
+        kept = looks.others_kept(edited * 255, as_array(target) * 255, row["objects"], target_objects, mask)
+    rule = metrics.SUCCESS_RULE
+    if (rule["drawn_shape"] and shape_right is False) or (rule["others_kept"] and kept is False):
         s["success"] = False
-    s.update(shape_right=shape_right, valid_targets=choices)
+    s.update(shape_right=shape_right, others_kept=kept, valid_targets=choices)
     return s, target
 
 

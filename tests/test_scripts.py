@@ -77,11 +77,11 @@ def test_evaluate_writes_table_json_and_sheet(ckpt, world, tmp_path):
     assert res["count"] == 3 and len(res["samples"]) == 3
     assert {"psnr_bg", "ssim_bg", "psnr_in", "success"} <= set(res["samples"][0])
     rule = res["success_rule"]  # the file says what "success" meant: each sample's verdict follows from it
-    assert rule["count_outline"] is False and rule["drawn_shape"] is True
+    assert rule["count_outline"] is False and rule["drawn_shape"] is True and rule["others_kept"] is True
     for s in res["samples"]:
         inside = s["acc_core"] is None or s["acc_core"] >= rule["min_fraction"]
-        shape = s["shape_right"] is not False
-        assert s["success"] == (inside and shape and s["psnr_bg"] is not None and s["psnr_bg"] >= rule["min_psnr_bg"])
+        shapes = s["shape_right"] is not False and s["others_kept"] is not False
+        assert s["success"] == (inside and shapes and s["psnr_bg"] is not None and s["psnr_bg"] >= rule["min_psnr_bg"])
     assert os.path.isfile(tmp_path / "res.png")
     grid = Image.open(tmp_path / "res-grid.png")  # one row per category present in the 3 rows scored
     assert grid.height == len({s["category"] for s in res["samples"]}) * (64 + 2 * 12 + 6)

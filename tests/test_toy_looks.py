@@ -5,8 +5,10 @@ import json
 import numpy as np
 import pytest
 
+from minedit.eval.metrics import edit_scores
 from minedit.toy.draw import footprint, render
-from minedit.toy.looks import best_shape, colours_right, drawn_shape_right, shapes_right, template_ious
+from minedit.toy.looks import (best_shape, colours_right, drawn_shape_right, others_kept, shapes_right,
+                              template_ious)
 from minedit.toy.phrases import RADIUS, SHAPES
 from minedit.toy.world import generate
 
@@ -100,3 +102,30 @@ def test_every_exact_shape_wins_its_template_by_a_quarter():
             fp = footprint({"shape": shape, "size": size_word, "x": 15, "y": 16}, 32)
             ious = template_ious(fp)
             assert ious.pop((shape, size_word)) == 1.0 and max(ious.values()) <= 0.75
+
+
+def test_others_kept_fails_an_edit_that_repaints_a_shape_it_was_not_asked_to_touch():
+    """Recolour the circle: the exact target keeps the square (True); the same edit that also turns the square
+    orange, or smears it to the background, fails; a soft edge on the square's outline passes; a scene with
+    nothing left to keep gives None."""
+    square = {"shape": "square", "size": "large", "x": 8, "y": 8, "colour": "red"}
+    circle = {"shape": "circle", "size": "small", "x": 22, "y": 22, "colour": "green"}
+    blue = {**circle, "colour": "blue"}
+    mask = footprint(circle, 32)
+    target = np.asarray(render("white", [square, blue], 32)).astype(np.float64)
+    assert others_kept(target, target, [square, circle], [square, blue], mask) is True
+    orange = np.asarray(render("white", [{**square, "colour": "orange"}, blue], 32)).astype(np.float64)
+    assert others_kept(orange, target, [square, circle], [square, blue], mask) is False
+    gone = np.asarray(render("white", [blue], 32)).astype(np.float64)
+    assert others_kept(gone, target, [square, circle], [square, blue], mask) is False
+    soft = target.copy()
+    rim = footprint(square, 32) & ~np.pad(footprint(square, 32), 1)[2:, 1:-1]  # the square's bottom row
+    soft[rim] = 0.5 * soft[rim] + 0.5 * 255
+    assert others_kept(soft, target, [square, circle], [square, blue], mask) is True
+    # why the check exists: a small shape repainted is too few pixels for the 25 dB background bar to notice
+    small = {**square, "size": "small", "colour": "orange"}  # turned yellow, as the audited edits did
+    target = np.asarray(render("white", [small, blue], 32)).astype(np.float64)
+    yellow = np.asarray(render("white", [{**small, "colour": "yellow"}, blue], 32)).astype(np.float64)
+    assert edit_scores(yellow / 255, target / 255, target / 255, mask)["psnr_bg"] >= 25
+    assert others_kept(yellow, target, [small, circle], [small, blue], mask) is False
+    assert others_kept(target, target, [circle], [blue], mask) is None

@@ -18,8 +18,9 @@ edit region. As SmartEdit §5.1 and InsightEdit measure it, PSNR / SSIM / LPIPS 
   is where source and target differ by more than ``tol`` (L∞) and "background" is the whole image; an empty edit
   region satisfies (1). The ``outline`` (one pixel either side of each colour boundary) is left out because toy
   renders have hard edges and decoded edits soft ones; the form it decides is judged instead by the toy check
-  ``minedit.toy.looks.drawn_shape_right``, which evaluate.py applies. ``acc_in`` counts every edit-region pixel,
-  ``acc_core`` those off the outline (``count_outline=True`` is the rule before 2026-12-07).
+  ``minedit.toy.looks.drawn_shape_right``, and ``looks.others_kept`` holds each untouched shape to the same
+  numbers (evaluate.py applies both). ``acc_in`` counts every edit-region pixel, ``acc_core`` those off the
+  outline (``count_outline=True`` is the rule before 2026-12-07).
 * CLIP-I = cos(E_img(edit), E_img(target)); CLIPScore = 100·max(cos(E_img(edit), E_txt(instruction)), 0).
   Hessel et al. scale by w = 2.5; we use 100, the scale of the ~20–23 CLIP Scores in SmartEdit / InsightEdit tables.
   Images are resized (shortest side, bicubic with antialiasing) and centre-cropped to the model's
@@ -39,8 +40,10 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 LPIPS_AVAILABLE = importlib.util.find_spec("lpips") is not None
 # The toy world's success rule (module docstring); evaluate.py writes it into every results file beside the rates
-# and applies drawn_shape. count_outline and drawn_shape were True / False before 2026-12-07.
-SUCCESS_RULE = {"tol": 0.15, "min_fraction": 0.9, "min_psnr_bg": 25.0, "count_outline": False, "drawn_shape": True}
+# and applies drawn_shape and others_kept. count_outline / drawn_shape / others_kept were True / False / False in the
+# first rule, and others_kept False in the second (both changed on 2026-12-07: README, "Scoring, audited again").
+SUCCESS_RULE = {"tol": 0.15, "min_fraction": 0.9, "min_psnr_bg": 25.0, "count_outline": False, "drawn_shape": True,
+                "others_kept": True}
 
 
 def _pair(a, b) -> tuple[np.ndarray, np.ndarray]:

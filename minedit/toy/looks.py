@@ -1,6 +1,7 @@
 """What a generated toy image shows: the colours and the shapes its caption names (the text-to-image prior's
-quality, measured the toy way; `scripts/pretrain_toy_unet.py` reports both), and whether an edit draws the shape
-its target adds (part of edit success, `drawn_shape_right`).
+quality, measured the toy way; `scripts/pretrain_toy_unet.py` reports both), whether an edit draws the shape
+its target adds (`drawn_shape_right`) and whether it leaves the other shapes as they were (`others_kept`); the
+last two are part of edit success.
 
 Images are numpy arrays N×H×W×3 with values in 0..255. The toy world draws exact palette colours with no
 anti-aliasing (`draw.py`), so a real image passes both checks exactly and a generated one passes as far as it
@@ -9,6 +10,8 @@ draws the scene the caption describes.
 from __future__ import annotations
 
 import numpy as np
+
+from minedit.eval.metrics import SUCCESS_RULE, outline
 
 from .draw import footprint
 from .phrases import BACKGROUNDS, COLOURS, RADIUS, SHAPES, tokenize_words
@@ -105,6 +108,29 @@ def drawn_shape_right(image: np.ndarray, objects: list[dict], target_objects: li
         ious = template_ious(region)
         named = ious.pop((o["shape"], o["size"]))
         if named < max(ious.values()) + margin:
+            return False
+    return True
+
+
+def others_kept(image: np.ndarray, target: np.ndarray, objects: list[dict], target_objects: list[dict],
+                mask: np.ndarray, min_pixels: int = 3) -> bool | None:
+    """Does an edit leave every shape it was not asked to touch as it was? Each object the source and the target
+    share must keep ≥ min_fraction of its pixels outside the edit `mask` and off the target's outlines within tol
+    of the target (the success rule's own numbers, metrics.SUCCESS_RULE). None when no shape is shared.
+    `image`, `target` H×W×3 in 0..255, `mask` H×W bool.
+
+    The 25 dB background bar cannot see this: a small neighbour is a few dozen of the ~1 000 pixels, so an edit
+    that repaints it (an orange triangle turned yellow beside the recoloured shape) still clears the bar."""
+    kept = [o for o in objects if o in target_objects]
+    if not kept:
+        return None
+    tol, need = SUCCESS_RULE["tol"], SUCCESS_RULE["min_fraction"]
+    image, target = image.astype(np.float64) / 255, target.astype(np.float64) / 255
+    close = np.abs(image - target).max(-1) <= tol
+    off_rim = ~mask & ~outline(target, tol)
+    for o in kept:
+        region = footprint(o, mask.shape[0]) & off_rim
+        if region.sum() >= min_pixels and close[region].mean() < need:
             return False
     return True
 
