@@ -218,7 +218,7 @@ def score_row(row: dict, source, pred, field: str = "instruction") -> tuple[dict
     shape_right = kept = None
     if mask is not None and row.get("objects") is not None and target_objects is not None:
         shape_right = looks.drawn_shape_right(edited * 255, row["objects"], target_objects, mask)
-        kept = looks.others_kept(edited * 255, as_array(target) * 255, row["objects"], target_objects, mask)
+        kept = metrics.regions_kept(edited, as_array(target), looks.kept_regions(row["objects"], target_objects, mask))
     rule = metrics.SUCCESS_RULE
     if (rule["drawn_shape"] and shape_right is False) or (rule["others_kept"] and kept is False):
         s["success"] = False

@@ -1,13 +1,14 @@
 """minedit/toy/looks.py: the colour and shape checks of a generated toy image pass every real scene exactly,
-fail a scene drawn with the wrong shapes object by object, and fail an empty background."""
+fail a scene drawn with the wrong shapes object by object, and fail an empty background; an edit that repaints a
+shape it was not asked to touch fails where the background bar alone would pass it."""
 import json
 
 import numpy as np
 import pytest
 
-from minedit.eval.metrics import edit_scores
+from minedit.eval.metrics import edit_scores, regions_kept
 from minedit.toy.draw import footprint, render
-from minedit.toy.looks import (best_shape, colours_right, drawn_shape_right, others_kept, shapes_right,
+from minedit.toy.looks import (best_shape, colours_right, drawn_shape_right, kept_regions, shapes_right,
                               template_ious)
 from minedit.toy.phrases import RADIUS, SHAPES
 from minedit.toy.world import generate
@@ -102,6 +103,10 @@ def test_every_exact_shape_wins_its_template_by_a_quarter():
             fp = footprint({"shape": shape, "size": size_word, "x": 15, "y": 16}, 32)
             ious = template_ious(fp)
             assert ious.pop((shape, size_word)) == 1.0 and max(ious.values()) <= 0.75
+
+
+def others_kept(image, target, objects, target_objects, mask):  # what evaluate.score_row asks, on 0..255 renders
+    return regions_kept(image / 255, target / 255, kept_regions(objects, target_objects, mask))
 
 
 def test_others_kept_fails_an_edit_that_repaints_a_shape_it_was_not_asked_to_touch():

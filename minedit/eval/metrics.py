@@ -18,8 +18,8 @@ edit region. As SmartEdit §5.1 and InsightEdit measure it, PSNR / SSIM / LPIPS 
   is where source and target differ by more than ``tol`` (L∞) and "background" is the whole image; an empty edit
   region satisfies (1). The ``outline`` (one pixel either side of each colour boundary) is left out because toy
   renders have hard edges and decoded edits soft ones; the form it decides is judged instead by the toy check
-  ``minedit.toy.looks.drawn_shape_right``, and ``looks.others_kept`` holds each untouched shape to the same
-  numbers (evaluate.py applies both). ``acc_in`` counts every edit-region pixel, ``acc_core`` those off the
+  ``minedit.toy.looks.drawn_shape_right``, and ``regions_kept`` holds each shape the edit was not asked to
+  touch to the same numbers (evaluate.py applies both). ``acc_in`` counts every edit-region pixel, ``acc_core`` those off the
   outline (``count_outline=True`` is the rule before 2026-12-07).
 * CLIP-I = cos(E_img(edit), E_img(target)); CLIPScore = 100·max(cos(E_img(edit), E_txt(instruction)), 0).
   Hessel et al. scale by w = 2.5; we use 100, the scale of the ~20–23 CLIP Scores in SmartEdit / InsightEdit tables.
@@ -126,6 +126,19 @@ def outline(image, tol: float = SUCCESS_RULE["tol"]) -> np.ndarray:
     out[:, :-1] |= along
     out[:, 1:] |= along
     return out
+
+
+def regions_kept(pred, target, regions: Sequence[np.ndarray], *, tol: float = SUCCESS_RULE["tol"],
+                 min_fraction: float = SUCCESS_RULE["min_fraction"], min_pixels: int = 3) -> bool | None:
+    """Does an edit leave each of `regions` (H×W bool: shapes it was not asked to touch) as the target has it? Each
+    region's pixels off the target's ``outline`` must be ≥ ``min_fraction`` within ``tol`` — the numbers success
+    asks inside the mask. Regions under ``min_pixels`` do not count; None without regions."""
+    if not regions:
+        return None
+    pred, target = _pair(pred, target)
+    close, rim = np.abs(pred - target).max(-1) <= tol, outline(target, tol)  # H×W each
+    counted = [r & ~rim for r in regions]
+    return all(close[r].mean() >= min_fraction for r in counted if r.sum() >= min_pixels)
 
 
 def edit_scores(pred, target, source, mask=None, *, tol: float = SUCCESS_RULE["tol"],

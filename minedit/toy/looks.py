@@ -1,7 +1,7 @@
 """What a generated toy image shows: the colours and the shapes its caption names (the text-to-image prior's
 quality, measured the toy way; `scripts/pretrain_toy_unet.py` reports both), whether an edit draws the shape
-its target adds (`drawn_shape_right`) and whether it leaves the other shapes as they were (`others_kept`); the
-last two are part of edit success.
+its target adds (`drawn_shape_right`, part of edit success) and where it should leave the other shapes as they
+were (`kept_regions`).
 
 Images are numpy arrays N×H×W×3 with values in 0..255. The toy world draws exact palette colours with no
 anti-aliasing (`draw.py`), so a real image passes both checks exactly and a generated one passes as far as it
@@ -10,8 +10,6 @@ draws the scene the caption describes.
 from __future__ import annotations
 
 import numpy as np
-
-from minedit.eval.metrics import SUCCESS_RULE, outline
 
 from .draw import footprint
 from .phrases import BACKGROUNDS, COLOURS, RADIUS, SHAPES, tokenize_words
@@ -112,27 +110,13 @@ def drawn_shape_right(image: np.ndarray, objects: list[dict], target_objects: li
     return True
 
 
-def others_kept(image: np.ndarray, target: np.ndarray, objects: list[dict], target_objects: list[dict],
-                mask: np.ndarray, min_pixels: int = 3) -> bool | None:
-    """Does an edit leave every shape it was not asked to touch as it was? Each object the source and the target
-    share must keep ≥ min_fraction of its pixels outside the edit `mask` and off the target's outlines within tol
-    of the target (the success rule's own numbers, metrics.SUCCESS_RULE). None when no shape is shared.
-    `image`, `target` H×W×3 in 0..255, `mask` H×W bool.
+def kept_regions(objects: list[dict], target_objects: list[dict], mask: np.ndarray) -> list[np.ndarray]:
+    """H×W bool regions of the shapes an edit was not asked to touch (in the source and the target alike), each
+    outside the edit `mask`: where the edit should leave the scene as it was (`metrics.regions_kept` judges them).
 
-    The 25 dB background bar cannot see this: a small neighbour is a few dozen of the ~1 000 pixels, so an edit
-    that repaints it (an orange triangle turned yellow beside the recoloured shape) still clears the bar."""
-    kept = [o for o in objects if o in target_objects]
-    if not kept:
-        return None
-    tol, need = SUCCESS_RULE["tol"], SUCCESS_RULE["min_fraction"]
-    image, target = image.astype(np.float64) / 255, target.astype(np.float64) / 255
-    close = np.abs(image - target).max(-1) <= tol
-    off_rim = ~mask & ~outline(target, tol)
-    for o in kept:
-        region = footprint(o, mask.shape[0]) & off_rim
-        if region.sum() >= min_pixels and close[region].mean() < need:
-            return False
-    return True
+    The 25 dB background bar cannot see a repainted neighbour: a small shape is a few dozen of the ~1 000 pixels,
+    so an orange triangle turned yellow beside the recoloured shape still clears the bar."""
+    return [footprint(o, mask.shape[0]) & ~mask for o in objects if o in target_objects]
 
 
 def shapes_right(images: np.ndarray, rows: list[dict], min_pixels: int = 6) -> dict:
