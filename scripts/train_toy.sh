@@ -15,8 +15,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/toy}
-STEPS=${STEPS:-8000}          # stage-2 steps (the editing stage) per recipe; the shipped InsightEdit's (the README's
-                              # recipe table from these bases used STEPS=4000: half the steps, 17 points less)
+STEPS=${STEPS:-8000}          # stage-2 steps (the editing stage) per recipe: the README's recipe table; the shipped
+                              # InsightEdit used STEPS=16000 (8 points more), the older table STEPS=4000 (17 less)
 ALIGN=${ALIGN:-300}           # stage-1 steps
 IMAGE=${IMAGE:-400}           # insightedit stage-3 steps
 RECIPES=${RECIPES:-"insightedit ip2p smartedit smartedit-plain mindedit"}
