@@ -213,12 +213,12 @@ def score_row(row: dict, source, pred, field: str = "instruction") -> tuple[dict
         if nearest:
             target, mask, choices, target_objects = nearest
     mask = np.asarray(mask) > 127 if mask is not None else None
-    s = metrics.edit_scores(edited, as_array(target), as_array(source.resize(size)), mask,
-                            lpips=metrics.LPIPS_AVAILABLE)
+    wanted = as_array(target)
+    s = metrics.edit_scores(edited, wanted, as_array(source.resize(size)), mask, lpips=metrics.LPIPS_AVAILABLE)
     shape_right = kept = None
     if mask is not None and row.get("objects") is not None and target_objects is not None:
         shape_right = looks.drawn_shape_right(edited * 255, row["objects"], target_objects, mask)
-        kept = metrics.regions_kept(edited, as_array(target), looks.kept_regions(row["objects"], target_objects, mask))
+        kept = metrics.regions_kept(edited, wanted, looks.kept_regions(row["objects"], target_objects, mask))
     rule = metrics.SUCCESS_RULE
     if (rule["drawn_shape"] and shape_right is False) or (rule["others_kept"] and kept is False):
         s["success"] = False

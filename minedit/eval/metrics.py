@@ -19,8 +19,8 @@ edit region. As SmartEdit §5.1 and InsightEdit measure it, PSNR / SSIM / LPIPS 
   region satisfies (1). The ``outline`` (one pixel either side of each colour boundary) is left out because toy
   renders have hard edges and decoded edits soft ones; the form it decides is judged instead by the toy check
   ``minedit.toy.looks.drawn_shape_right``, and ``regions_kept`` holds each shape the edit was not asked to
-  touch to the same numbers (evaluate.py applies both). ``acc_in`` counts every edit-region pixel, ``acc_core`` those off the
-  outline (``count_outline=True`` is the rule before 2026-12-07).
+  touch to the same numbers (evaluate.py applies both). ``acc_in`` counts every edit-region pixel, ``acc_core``
+  those off the outline (``count_outline=True`` is the rule before 2026-12-07).
 * CLIP-I = cos(E_img(edit), E_img(target)); CLIPScore = 100·max(cos(E_img(edit), E_txt(instruction)), 0).
   Hessel et al. scale by w = 2.5; we use 100, the scale of the ~20–23 CLIP Scores in SmartEdit / InsightEdit tables.
   Images are resized (shortest side, bicubic with antialiasing) and centre-cropped to the model's
