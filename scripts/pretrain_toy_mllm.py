@@ -141,9 +141,11 @@ def train_mllm(cfg, clip, images, caps, edits, eval_sets, steps, batch, lr, g, f
     return mllm, tok, n_img, metrics
 
 
-def mllm_data(cfg, roots: list[Path], eval_root: Path):
+def mllm_data(cfg, roots: list[Path], eval_root: Path, with_refers: bool = False):
     """The MLLM's training set from the train splits of `roots` (images concatenated, indices offset) and its
-    eval sets from eval_root's eval split -> (images, caps, edits, refers, (eval rows, images, caps, edits))."""
+    eval sets from eval_root's eval split -> (images, caps, edits, refers, (eval rows, images, caps, edits)).
+    The referring examples are built only when asked for: they are ~4 per scene and tokenising them dominated
+    the stage's start-up (tens of minutes over 5x the rows) when the lever was off."""
     tok = toy_tokenizer(cfg.llm_max_positions, chat=True)
     n_img = (cfg.vision_image_size // cfg.vision_patch) ** 2
     images, caps, edits, refers = [], [], [], []
@@ -155,7 +157,8 @@ def mllm_data(cfg, roots: list[Path], eval_root: Path):
         c, e = mllm_examples(tok, n_img, rows, index, caption_rows)
         images.append(load_images(root, paths))
         caps, edits = caps + c, edits + e
-        refers += refer_examples(tok, n_img, rows, index, MARGIN * cfg.resolution)
+        if with_refers:
+            refers += refer_examples(tok, n_img, rows, index, MARGIN * cfg.resolution)
     eval_rows = read_jsonl(eval_root / "eval.jsonl")
     eval_images = load_images(eval_root, [r["source"] for r in eval_rows])
     eval_caps, _ = mllm_examples(tok, n_img, [], {r["source"]: i for i, r in enumerate(eval_rows)},
@@ -178,7 +181,7 @@ def run_mllm(cfg, clip, args, root: Path, g: torch.Generator):
         roots.append(Path(cached_world(seed=args.seed + 1000, n=args.mllm_world_n, size=cfg.resolution)))
     if args.vision_feature_layer is not None:
         cfg = dataclasses.replace(cfg, vision_feature_layer=args.vision_feature_layer)
-    images, caps, edits, refers, eval_sets = mllm_data(cfg, roots, root)
+    images, caps, edits, refers, eval_sets = mllm_data(cfg, roots, root, with_refers=args.mllm_refer_share > 0)
     log(f"mllm: {len(edits)} (image, instruction), {len(caps)} (image, caption) and {len(refers)} (image, "
         "referring phrase) training examples")
     mllm, tok, _, metrics = train_mllm(cfg, clip, images, caps, edits, eval_sets, args.steps_mllm,
