@@ -2,7 +2,8 @@
 
     python evaluate.py --ckpt runs/toy-s3 --data toyworld/eval.jsonl --out results.json
     python evaluate.py --data toyworld/eval.jsonl         # no --ckpt: the shipped toy checkpoint, as infer.py
-    python evaluate.py --ckpt runs/s3 --data advancededit_eval.jsonl --limit 500 --seed 0 --clip openai/clip-vit-large-patch14
+    python evaluate.py --ckpt runs/s3 --data advancededit_eval.jsonl --limit 500 --seed 0 \
+        --clip openai/clip-vit-large-patch14
     python evaluate.py --ckpt runs/s3 --data eval.jsonl --pred-dir edits/      # score edits made earlier
     python evaluate.py --ckpt runs/s3 --data eval.jsonl --instruction-field optimized_instruction --exact-text
                                                # diagnostic: the UNet given a perfect MLLM and Q-Former

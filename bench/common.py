@@ -97,7 +97,8 @@ def machine(device: torch.device) -> str:
     if device.type == "cuda":
         what = torch.cuda.get_device_name(device)
     else:
-        what = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
+        what = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+                f"torch threads {torch.get_num_threads()}")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return f"{what}; torch {torch.__version__}; load avg {load:.2f}; {time.strftime('%Y-%m-%d %H:%M')}"
 

@@ -9,8 +9,8 @@ Per recipe × stage, on the toy preset's architecture with random weights (nothi
   noise, timesteps, VAE noise and guidance-dropout coins fixed in the batch), taken as train.py takes them
   (autocast forward, scaled backward, unscale, clip, finite check, scaler step/update), with the frozen parts
   stored in the precision's dtype as set_stage stores them; the fp16 run also checkpoints the LLM and UNet
-  (grad_checkpointing, where set_stage applies it), as the full-size stage 2 trains. Pass: every loss finite and the loss on that batch
-  lower after the steps than before. Also reported: steps the scaler skipped, the final scale.
+  (grad_checkpointing, where set_stage applies it), as the full-size stage 2 trains. Pass: every loss finite and
+  the loss on that batch lower after the steps than before. Also reported: steps the scaler skipped, the final scale.
 * attention: the attention ops the forward + backward dispatched to (a dispatch mode records every aten op), and
   whether the step still runs when SDPA may use fused kernels only (torch.nn.attention.sdpa_kernel with flash,
   memory-efficient and cuDNN attention on CUDA; flash on the CPU, which has no other fused kernel). Pass: no

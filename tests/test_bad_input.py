@@ -1,8 +1,9 @@
 """The fault / bad-input battery: every command (train.py, infer.py, evaluate.py, the toy-world generator) fails
 well. The real scripts run in subprocesses; each bad input must give exit code 2, one `error: <what> — <fix>` line
-naming the problem, no traceback, and leave what was already written untouched. Inputs that must simply work (EXIF-rotated JPEG, 1×1, masks of another size or not binary,
-over-long or non-UTF-8 instructions) run once each; training faults (non-finite loss, SIGTERM, a rank killed under
-torchrun) run the toy trainer. Image modes (grayscale, RGBA, palette, 16-bit, CMYK) are checked in test_data.py.
+naming the problem, no traceback, and leave what was already written untouched. Inputs that must simply work
+(EXIF-rotated JPEG, 1×1, masks of another size or not binary, over-long or non-UTF-8 instructions) run once each;
+training faults (non-finite loss, SIGTERM, a rank killed under torchrun) run the toy trainer. Image modes
+(grayscale, RGBA, palette, 16-bit, CMYK) are checked in test_data.py.
 
 Non-UTF-8 bytes in --instruction: replaced by U+FFFD with a `warning:` (the rest of the text still means something).
 """
@@ -99,7 +100,8 @@ def paths(tmp_path_factory):
     broken("ck_not_json", config_text="{recipe: insightedit")
     broken("ck_wrong_type", config_text=json.dumps({**conf, "lr": "fast"}))
     broken("ck_list", config_text=json.dumps([conf]))
-    key = next(k for k, v in state.items() if v.ndim == 2 and not k.startswith("mm_tokens."))  # one tensor of another shape: the error names it
+    # one tensor of another shape: the error names it
+    key = next(k for k, v in state.items() if v.ndim == 2 and not k.startswith("mm_tokens."))
     from safetensors.torch import save_file
     save_file({**state, key: torch.zeros(3, 5)}, str(d / "shapes.safetensors"))
     broken("ck_shapes", (d / "shapes.safetensors").read_bytes())

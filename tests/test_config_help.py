@@ -101,7 +101,8 @@ def test_tuple_fields_read_their_items_as_scalar_flags_of_that_type_are_read():
 @pytest.mark.slow
 def test_old_config_flag_fails_in_one_line_naming_the_new_one():
     p = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--config", "full", "--dry-run"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                       cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert p.stderr.strip().splitlines() == ["error: --config is now called --preset (same values) — write --preset"]
 

@@ -64,8 +64,9 @@ class AttentionRecorder:
 
     After the block: `timesteps` (one per recorded step), `text` [S × B×T×h×w], `image` [S × B×N×h×w] (empty
     without image tokens), `ip_scale` (λ seen), `text_ids` (B×T token ids of the text condition, when a
-    `text_encoder` was given and ran). Steps count UNet calls from the block's start. `keep_layers=True` also keeps each layer's raw P (B×heads×L×T) in `layers`
-    [S × {name: (P_text, P_image or None)}] — for tests; it costs memory on a full-size UNet."""
+    `text_encoder` was given and ran). Steps count UNet calls from the block's start. `keep_layers=True` also
+    keeps each layer's raw P (B×heads×L×T) in `layers` [S × {name: (P_text, P_image or None)}] — for tests; it
+    costs memory on a full-size UNet."""
 
     def __init__(self, unet, steps, edits: int = 1, keep_layers: bool = False, text_encoder=None):
         self.unet, self.steps, self.edits, self.keep_layers = unet, set(steps), edits, keep_layers

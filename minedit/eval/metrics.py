@@ -224,7 +224,8 @@ def aggregate(rows: list[dict], by: str = "category", inf_cap: float = 100.0) ->
 
 
 def _as_chw(image) -> torch.Tensor:
-    """One image (H×W×3 or 3×H×W, numpy or torch, [0, 1]) -> float32 3×H×W; the channel axis is the one of size 3."""
+    """One image (H×W×3 or 3×H×W, numpy or torch, [0, 1]) -> float32 3×H×W; the channel axis is the one of
+    size 3."""
     x = torch.as_tensor(np.asarray(image) if not torch.is_tensor(image) else image).float()
     if x.ndim != 3 or 3 not in (x.shape[0], x.shape[-1]):
         raise ValueError(f"expected an H×W×3 or 3×H×W image, got shape {tuple(x.shape)}")
