@@ -23,6 +23,7 @@ RECIPES=${RECIPES:-"insightedit ip2p smartedit smartedit-plain mindedit"}
 EVAL_N=${EVAL_N:-3000}        # eval split = 10 % of this world: 300 held-out edits
 TOY_SAMPLES=${TOY_SAMPLES:-24000}  # training world size (drawn once per seed, cached): ~11 epochs at 8000 steps
 BASE=${BASE:-assets/toy/base}  # the bases every recipe starts from
+MLLM=${MLLM:-$BASE/mllm}       # the tiny LLaVA the MLLM recipes start from (another one: MLLM=DIR/mllm)
 mkdir -p "$OUT"
 
 if [ ! -f $BASE/metrics.json ]; then  # a killed run: finish the remaining pieces by hand, or delete $BASE and rerun
@@ -33,7 +34,7 @@ if [ ! -f $BASE/metrics.json ]; then  # a killed run: finish the remaining piece
     python3 scripts/pretrain_toy_unet.py --base $BASE --continue --steps 3000 --snr-gamma 5 --curve-every 1500
   done
 fi
-BASES="--mllm_path=$BASE/mllm --sd_path=$BASE/sd --clip_path=$BASE/clip"
+BASES="--mllm_path=$MLLM --sd_path=$BASE/sd --clip_path=$BASE/clip"
 COMMON="--toy_samples=$TOY_SAMPLES --sample_every=500 --save_every=500 --log_every=50"
 EVAL="$OUT/eval-world/eval.jsonl"
 
