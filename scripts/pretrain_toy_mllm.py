@@ -186,7 +186,7 @@ def run_mllm(cfg, clip, args, root: Path, g: torch.Generator):
         "referring phrase) training examples")
     mllm, tok, _, metrics = train_mllm(cfg, clip, images, caps, edits, eval_sets, args.steps_mllm,
                                        args.batch_mllm, args.lr_mllm, g, args.freeze_vision,
-                                       refers if args.mllm_refer_share else (), args.mllm_refer_share)
+                                       refers, args.mllm_refer_share)
     log(f"mllm: {json.dumps(metrics['eval_exact_match'])}")
     return mllm, tok, metrics | {"world_n_extra": args.mllm_world_n}
 
