@@ -68,6 +68,11 @@ def imports(root: Path, path: Path, tree: ast.Module | None = None) -> list[tupl
     return found
 
 
+def long_lines(text: str) -> list[tuple[int, int]]:
+    """(line number, length) of each line of `text` over MAX_LINE_CHARS: one rule for the package and the rest."""
+    return [(i, len(line)) for i, line in enumerate(text.splitlines(), 1) if len(line) > MAX_LINE_CHARS]
+
+
 def violations(root: Path) -> list[str]:
     """Every broken rule in the package at `root` (a minedit/ folder), one line each."""
     bad = []
@@ -93,8 +98,7 @@ def violations(root: Path) -> list[str]:
             if (me.startswith("minedit.eval") or is_model_code) and target in TRAINING_CODE:
                 bad.append(f"{where}: {'evaluation' if me.startswith('minedit.eval') else 'model code'} "
                            "never imports training code")
-        bad += [f"{rel}:{i} has {len(line)} characters, more than {MAX_LINE_CHARS}"
-                for i, line in enumerate(text.splitlines(), 1) if len(line) > MAX_LINE_CHARS]
+        bad += [f"{rel}:{i} has {n} characters, more than {MAX_LINE_CHARS}" for i, n in long_lines(text)]
         lines = len(text.splitlines())
         if lines > MAX_LINES:
             bad.append(f"{rel}: {lines} lines, more than {MAX_LINES}")
@@ -164,8 +168,7 @@ def test_scripts_tests_and_benchmarks_keep_the_line_limit():
     """The package's line limit (violations) holds for the Python outside it too."""
     files = [p for folder in ("scripts", "tests", "bench") for p in (ROOT / folder).glob("*.py")]
     files += [ROOT / f"{name}.py" for name in SCRIPTS]
-    long = [f"{p.relative_to(ROOT)}:{i}" for p in files
-            for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if len(line) > MAX_LINE_CHARS]
+    long = [f"{p.relative_to(ROOT)}:{i}" for p in files for i, _ in long_lines(p.read_text(encoding="utf-8"))]
     assert len(files) > 20 and long == [], long
 
 
