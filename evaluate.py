@@ -132,7 +132,8 @@ def main(argv=None) -> int:
     by_kind = metrics.aggregate(results, by="kind") if any(r["kind"] for r in results) else None
     if by_kind:  # remove / add / replace: which kind of edit fails says which part is short (README, toy results)
         print(format_table(by_kind, "kind"))
-    out = {"ckpt": a.ckpt, "data": a.data, "seed": a.seed, "count": len(results), "summary": summary,
+    out = {"ckpt": a.ckpt, "data": a.data, "instruction_field": a.instruction_field, "seed": a.seed,
+           "count": len(results), "summary": summary,
            "summary_by_kind": by_kind, "success_rule": metrics.SUCCESS_RULE,
            "latency_s": latency, "settings": made_with,
            "viescore_missing": missing, "samples": results, "clip": clip_path or None}
