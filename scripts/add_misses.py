@@ -26,7 +26,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from minedit.errors import UserError, run_cli  # noqa: E402
 from minedit.toy import draw as toydraw  # noqa: E402
-from minedit.toy.looks import largest_region, template_ious  # noqa: E402
+from minedit.toy.looks import centroid, largest_region, template_ious  # noqa: E402
 from minedit.toy.phrases import COLOURS  # noqa: E402
 
 TOL = 0.15  # the success rule's per-pixel tolerance (metrics.SUCCESS_RULE["tol"])
@@ -39,11 +39,6 @@ def drawn_pixels(src: np.ndarray, pred: np.ndarray, colour: str) -> np.ndarray:
     """H×W mask of the pixels the edit changed to (within TOL of) the new shape's colour; images H×W×3 in [0, 1]."""
     near = np.abs(pred - np.float32(COLOURS[colour]) / 255).max(-1) <= TOL
     return near & (np.abs(pred - src).max(-1) > TOL)
-
-
-def centroid(mask: np.ndarray) -> np.ndarray:
-    ys, xs = np.nonzero(mask)
-    return np.array([xs.mean(), ys.mean()])
 
 
 def in_place(row: dict, drawn: np.ndarray, field: str, size: int) -> bool:

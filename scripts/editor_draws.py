@@ -41,7 +41,7 @@ class AsTextToImage(torch.nn.Module):
 
 def draws(model, rows: list[dict]) -> dict:
     """Generate from the rows' captions with the editing UNet as text-to-image (the prior's own probe,
-    prior_quality.curve_probe); colours and shapes right."""
+    prior_quality.curve_probe); colours, shapes and places right."""
     probe = curve_probe(model.vae, model.text_encoder, model.text_tokenizer, model.cfg, rows, model.null_text())
     return {"captions": len(rows), **probe(AsTextToImage(model))}
 

@@ -43,7 +43,7 @@ from minedit import build, fsio  # noqa: E402
 from minedit.errors import UserError, run_cli  # noqa: E402
 from minedit.losses import diffusion_loss  # noqa: E402
 from minedit.presets import apply_overrides, preset  # noqa: E402
-from minedit.toy.world import cached_world  # noqa: E402
+from minedit.toy.world import cached_world, caption  # noqa: E402
 from pretrain_toy_bases import load_images, log, read_jsonl, schedule, step  # noqa: E402
 from prior_quality import curve_probe, encode_captions, t2i_quality  # noqa: E402
 
@@ -109,14 +109,28 @@ def held_out(cfg, seed: int, n: int, eval_n: int):
     return root, read_jsonl(root / "captions.jsonl"), read_jsonl(root / "eval.jsonl")[:eval_n]
 
 
+def recaption(root: Path, caps: list[dict], place_share: float, seed: int) -> list[dict]:
+    """The train pairs captioned again from their scenes (the train split's source and target objects), naming
+    each object's place with probability place_share instead of the world's PLACE_SHARE: a lever for a prior that
+    must learn where "at the top left" is, which the world's captions name for about one object in three."""
+    scenes = {}
+    for r in read_jsonl(root / "train.jsonl"):
+        scenes[r["source"]] = r["background"], r["objects"]
+        scenes[r["target"]] = r["background"], r["target_objects"]
+    rng, size = np.random.default_rng(seed), int(json.loads((root / "meta.json").read_text())["size"])
+    return [dict(c, caption=caption(rng, *scenes[c["image"]], size, place_share)) for c in caps]
+
+
 def pretrain_unet(cfg, vae, text_encoder, tok, clip, out: Path, seed: int = 0, n: int = 24000, steps: int = 3000,
                   batch: int = 32, lr: float = 1e-3, eval_n: int = 512, curve_every: int = 0, curve_n: int = 128,
-                  start=None):
+                  start=None, place_share: float | None = None):
     """Train the 4-channel text-to-image UNet on the editing world's (image, caption) pairs; returns it and its
     metrics (loss ends, held-out quality, the learning curve if curve_every), writing the grid of generations to
     out/t2i-grid.png."""
     g = torch.Generator().manual_seed(seed)
     root, caps, evals = held_out(cfg, seed, n, eval_n)
+    if place_share is not None:
+        caps = recaption(root, caps, place_share, seed)
     log(f"toy world {root}: {len(caps)} train (image, caption) pairs, {len(evals)} held-out captions")
     context = encode_captions(text_encoder, tok, cfg, [c["caption"] for c in caps])
     null_context = encode_captions(text_encoder, tok, cfg, [""])
@@ -127,8 +141,9 @@ def pretrain_unet(cfg, vae, text_encoder, tok, clip, out: Path, seed: int = 0, n
     k = max(1, len(history) // 10)
     quality = t2i_quality(unet, vae, text_encoder, tok, clip, cfg, root, evals, null_context, out)
     return unet, {"steps": steps, "batch": batch, "lr": lr, "snr_gamma": cfg.snr_gamma, "p_null": P_NULL,
-                  "world_n": n, "train_pairs": len(caps), "loss_first": float(np.mean(history[:k])),
-                  "loss_last": float(np.mean(history[-k:])), **quality, **({"curve": curve} if curve else {})}
+                  "world_n": n, "train_pairs": len(caps), "place_share": place_share,
+                  "loss_first": float(np.mean(history[:k])), "loss_last": float(np.mean(history[-k:])),
+                  **quality, **({"curve": curve} if curve else {})}
 
 
 # What this script writes about a prior beside its sd/unet; a copy of a base made for a new prior leaves them out,
@@ -198,6 +213,10 @@ def main(argv: list[str] | None = None) -> dict:
                     help="train --base's own sd/unet further instead of a fresh one (a warm restart: a new warm-up "
                          "and cosine over --steps; the saved architecture is kept, so no --arch) — a long prior in "
                          "time-boxed pieces")
+    ap.add_argument("--place-captions", type=float, default=None, metavar="SHARE",
+                    help="caption the train pairs again from their scenes, naming each object's place with this "
+                         "probability (the world's captions: 0.3) — a lever for where the prior draws; held-out "
+                         "captions stay the world's")
     ap.add_argument("--eval-only", action="store_true",
                     help="score --base's sd/unet as it is (no training): the metrics go to OUT/t2i-eval.json and "
                          "the grid to OUT/t2i-grid.png; needs --out, so a base's own grid is not replaced")
@@ -214,10 +233,12 @@ def main(argv: list[str] | None = None) -> dict:
         raise UserError("--continue keeps the saved UNet's architecture — drop --arch")
     if args.snr_gamma < 0:
         raise UserError(f"--snr-gamma {args.snr_gamma}: γ must be > 0 (5 in the Min-SNR paper), or 0 for plain MSE")
+    if args.place_captions is not None and not 0 <= args.place_captions <= 1:
+        raise UserError(f"--place-captions {args.place_captions}: a share of the objects, from 0 to 1")
     if args.eval_only and not args.out:
         raise UserError("--eval-only writes its metrics and grid to a folder of their own — pass --out DIR")
     trains = [f for f, on in (("--steps", args.steps is not None), ("--continue", args.resume_prior),
-                              ("--snr-gamma", args.snr_gamma),
+                              ("--snr-gamma", args.snr_gamma), ("--place-captions", args.place_captions is not None),
                               ("--arch", args.arch), ("--curve-every", args.curve_every)) if on]
     if args.eval_only and trains:
         raise UserError(f"--eval-only trains nothing, so {trains[0]} would be ignored — drop it")
@@ -244,7 +265,8 @@ def main(argv: list[str] | None = None) -> dict:
     start_unet = load_prior(base) if args.resume_prior else None
     steps = 3000 if args.steps is None else args.steps
     unet, metrics = pretrain_unet(cfg, vae, text_encoder, tok, clip, out, args.seed, args.n, steps, args.batch,
-                                  args.lr, args.eval_n, args.curve_every, args.curve_n, start_unet)
+                                  args.lr, args.eval_n, args.curve_every, args.curve_n, start_unet,
+                                  args.place_captions)
     fsio.replace_dir(str(out / "sd" / "unet"), unet.save_pretrained)  # a kill never leaves sd/ without a UNet
     metrics.update(wall_time_s=time.time() - start, threads=args.threads, arch=args.arch)
     if args.resume_prior:  # steps in all, through every piece

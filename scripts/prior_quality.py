@@ -21,7 +21,7 @@ import torch
 from minedit import build
 from minedit.imagegrid import draw_grid
 from minedit.sampler import to_pil
-from minedit.toy.looks import colours_right, shapes_right
+from minedit.toy.looks import colours_right, places_right, shapes_right
 from pretrain_toy_bases import clip_retrieval, load_images
 
 
@@ -71,8 +71,8 @@ def grid(images: torch.Tensor, captions: list[str], path: Path, cols: int = 8, s
 
 
 def t2i_quality(unet, vae, text_encoder, tok, clip, cfg, root: Path, eval_rows, null_context, out: Path):
-    """Generate from held-out captions; CLIP retrieval, named colours and shapes, for generations and the real
-    images (the rows' sources in the world folder `root`)."""
+    """Generate from held-out captions; CLIP retrieval, named colours, shapes and places, for generations and the
+    real images (the rows' sources in the world folder `root`)."""
     eval_captions = [r["caption"] for r in eval_rows]
     eval_images = load_images(root, [r["source"] for r in eval_rows])
     context = encode_captions(text_encoder, tok, cfg, eval_captions)
@@ -83,18 +83,20 @@ def t2i_quality(unet, vae, text_encoder, tok, clip, cfg, root: Path, eval_rows, 
         pixels = rgb(images)
         metrics.update({f"clip_top1_in_32_{name}": clip_retrieval(clip, tok, cfg, images, eval_captions),
                         f"colours_right_{name}": colours_right(pixels, eval_captions),
-                        f"shapes_{name}": shapes_right(pixels, eval_rows)})
+                        f"shapes_{name}": shapes_right(pixels, eval_rows),
+                        f"places_{name}": places_right(pixels, eval_rows)})
     return metrics
 
 
 def curve_probe(vae, text_encoder, tok, cfg, rows: list[dict], null_context):
     """A cheap quality check for the learning curve (and for an editor sampled as text-to-image, editor_draws.py):
-    colours and shapes of generations from these rows' captions."""
+    colours, shapes and places of generations from these rows' captions."""
     context = encode_captions(text_encoder, tok, cfg, [r["caption"] for r in rows])
 
     def probe(unet) -> dict:
         generated = rgb(generate(unet, vae, context, null_context, cfg))
         shapes = shapes_right(generated, rows)
         return {"colours_right": colours_right(generated, [r["caption"] for r in rows]),
-                "shapes_right": shapes["right"], "shapes_mean_iou": shapes["mean_iou"], "by_shape": shapes["by_shape"]}
+                "shapes_right": shapes["right"], "shapes_mean_iou": shapes["mean_iou"], "by_shape": shapes["by_shape"],
+                "places_right": places_right(generated, rows)["right"]}
     return probe

@@ -357,6 +357,39 @@ def test_min_snr_weighting_of_the_prior_changes_its_training_and_is_recorded(run
     assert not (tmp_path / "no").exists()
 
 
+def test_place_captions_name_every_place_or_none_and_change_the_prior(run, tmp_path, monkeypatch):
+    """pretrain_toy_unet.py --place-captions: the train pairs are captioned again from their own scenes — at 1
+    every object's place named, at 0 none, each caption naming exactly its image's objects — the prior trained on
+    them differs from the world's captions' and records the share; a share outside [0, 1] is a one-line error."""
+    from minedit.toy.draw import where
+
+    monkeypatch.setenv("MINEDIT_CACHE", str(tmp_path / "cache"))
+    t2i = load_script(SCRIPT.parent / "pretrain_toy_unet.py")
+    cfg = t2i.unet_config([])
+    root, caps, _ = t2i.held_out(cfg, 0, 40, 4)
+    scenes = {}
+    for r in t2i.read_jsonl(root / "train.jsonl"):
+        scenes[r["source"]], scenes[r["target"]] = r["objects"], r["target_objects"]
+    for share in (1.0, 0.0):
+        again = t2i.recaption(root, caps, share, seed=0)
+        assert [c["image"] for c in again] == [c["image"] for c in caps]
+        for c in again:
+            for o in scenes[c["image"]]:
+                assert f"{o['colour']} {o['shape']}" in c["caption"]
+                assert (f"{o['colour']} {o['shape']} {where(o, 32)}" in c["caption"]) is (share == 1.0), c
+    _, base, _ = run
+    common = ["--base", str(base), "--n", "40", "--steps", "2", "--eval-n", "4"]
+    world = t2i.main([*common, "--out", str(tmp_path / "world")])
+    placed = t2i.main([*common, "--out", str(tmp_path / "placed"), "--place-captions", "1"])
+    assert (world["place_share"], placed["place_share"]) == (None, 1.0)
+    assert "places_generated" in placed and placed["places_real"]["right"] == (placed["places_real"]["objects"] > 0)
+    saved = [load_file(tmp_path / d / "sd" / "unet" / "diffusion_pytorch_model.safetensors")
+             for d in ("world", "placed")]
+    assert any(not torch.equal(saved[0][k], saved[1][k]) for k in saved[0])
+    with pytest.raises(UserError, match="--place-captions 2.0: a share"):
+        t2i.main([*common, "--out", str(tmp_path / "no"), "--place-captions", "2"])
+
+
 def test_a_prior_killed_mid_training_leaves_no_record_of_its_own(run, tmp_path, monkeypatch):
     """pretrain_toy_unet.py --out copies the base before training; the base prior's record (t2i.json, its grid) is
     not copied, and a stale one in --out is removed, so a run that dies mid-training leaves a folder that does not

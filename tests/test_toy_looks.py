@@ -1,15 +1,16 @@
-"""minedit/toy/looks.py: the colour and shape checks of a generated toy image pass every real scene exactly,
-fail a scene drawn with the wrong shapes object by object, and fail an empty background; an edit that repaints a
-shape it was not asked to touch fails where the background bar alone would pass it."""
+"""minedit/toy/looks.py: the colour, shape and place checks of a generated toy image pass every real scene
+exactly, fail a scene drawn with the wrong shapes (or places) object by object, and fail an empty background; an
+edit that repaints a shape it was not asked to touch fails where the background bar alone would pass it.
+"""
 import json
 
 import numpy as np
 import pytest
 
 from minedit.eval.metrics import edit_scores, regions_kept
-from minedit.toy.draw import footprint, render
-from minedit.toy.looks import (best_shape, colours_right, drawn_shape_right, kept_regions, shapes_right,
-                              template_ious)
+from minedit.toy.draw import footprint, render, where
+from minedit.toy.looks import (best_shape, colours_right, drawn_shape_right, kept_regions, places_right,
+                              shapes_right, template_ious)
 from minedit.toy.phrases import RADIUS, SHAPES
 from minedit.toy.world import generate
 
@@ -134,3 +135,26 @@ def test_others_kept_fails_an_edit_that_repaints_a_shape_it_was_not_asked_to_tou
     assert edit_scores(yellow / 255, target / 255, target / 255, mask)["psnr_bg"] >= 25
     assert others_kept(yellow, target, [small, circle], [small, blue], mask) is False
     assert others_kept(target, target, [circle], [blue], mask) is None
+
+
+def test_places_right_passes_every_real_scene_and_fails_each_moved_shape(rows):
+    """Real scenes (every shape size and triangle offset, shapes near the thirds' borders too) are right exactly;
+    each object whose place its caption names, moved into another third, is wrong; one moved within its third is
+    still right."""
+    assert places_right(draw(rows), rows)["right"] == 1.0 and places_right(draw(rows), rows)["objects"] >= 10
+
+    def moved(o, step):  # the object shifted by `step` px along x, or None when that leaves the image
+        x = o["x"] + step
+        return dict(o, x=x) if 0 <= x < 32 else None
+
+    for step, same in ((-13, False), (13, False), (-2, True), (2, True)):
+        picked, images = [], []
+        for r in rows:
+            named = [o for o in r["objects"] if f"{o['colour']} {o['shape']} {where(o, 32)}" in r["caption"]]
+            objs = [moved(o, step) if o in named else o for o in r["objects"]]
+            if named and None not in objs and all((where(m, 32) == where(o, 32)) == same
+                                                   for m, o in zip(objs, r["objects"]) if o in named):
+                picked.append(r)
+                images.append(np.asarray(render(r["background"], objs, 32)))
+        result = places_right(np.stack(images), picked)
+        assert result["objects"] >= 3 and result["right"] == (1.0 if same else 0.0), (step, result)

@@ -1,5 +1,5 @@
-"""What a generated toy image shows: the colours and the shapes its caption names (the text-to-image prior's
-quality, measured the toy way; `scripts/pretrain_toy_unet.py` reports both), whether an edit draws the shape
+"""What a generated toy image shows: the colours, shapes and places its caption names (the text-to-image prior's
+quality, measured the toy way; `scripts/pretrain_toy_unet.py` reports them), whether an edit draws the shape
 its target adds (`drawn_shape_right`, part of edit success) and where it should leave the other shapes as they
 were (`kept_regions`).
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .draw import footprint
+from .draw import footprint, where
 from .phrases import BACKGROUNDS, COLOURS, RADIUS, SHAPES, tokenize_words
 
 
@@ -141,3 +141,32 @@ def shapes_right(images: np.ndarray, rows: list[dict], min_pixels: int = 6) -> d
     return {"objects": len(hits), "right": float(np.mean(hits)) if hits else 0.0,
             "mean_iou": float(np.mean(ious)) if ious else 0.0,
             "by_shape": {k: float(np.mean(v)) for k, v in sorted(per_shape.items())}}
+
+
+def centroid(mask: np.ndarray) -> np.ndarray:
+    """(x, y) mean of a non-empty binary H×W mask's pixels."""
+    ys, xs = np.nonzero(mask)
+    return np.array([xs.mean(), ys.mean()])
+
+
+def places_right(images: np.ndarray, rows: list[dict], min_pixels: int = 6) -> dict:
+    """For each object of a toy scene row whose colour is its own in the scene (as in `shapes_right`) and whose
+    place the row's caption names ("a small red star at the top left": draw.where, on ~30 % of the objects): is the
+    largest region of that colour where the caption says? Its centre is read off the region's centroid, shifted by
+    the named template's own centroid-to-centre offset (a triangle's pixels sit off its centre), so a real image is
+    right exactly. A colour that is missing counts wrong. Returns the number of objects and the fraction right
+    (chance about 1 in 9: the middle, four sides, four corners)."""
+    hits = []
+    for img, row in zip(images, rows):
+        size, colours = img.shape[0], [o["colour"] for o in row["objects"]]
+        for o in row["objects"]:
+            own = colours.count(o["colour"]) == 1 and o["colour"] != row["background"]
+            if not own or f"{o['colour']} {o['shape']} {where(o, size)}" not in row["caption"]:
+                continue
+            region = largest_region(near_colour(img, COLOURS[o["colour"]]))
+            if region.sum() < min_pixels:
+                hits.append(False)
+                continue
+            cx, cy = centroid(region) + np.array([o["x"], o["y"]]) - centroid(footprint(o, size))
+            hits.append(where({"x": cx, "y": cy}, size) == where(o, size))
+    return {"objects": len(hits), "right": float(np.mean(hits)) if hits else 0.0}

@@ -50,6 +50,7 @@ from .refer import explicit, new_desc, pick, reasoning, understanding
 
 VERSION = 2  # bump when the generator's output changes: cached worlds are keyed by it
 MARGIN = 0.15  # positions are compared at this fraction of the image side (refer.py's `margin`)
+PLACE_SHARE = 0.3  # the share of a caption's objects whose place it names ("a red star at the top left")
 
 
 def _articles(text: str) -> str:
@@ -63,12 +64,13 @@ def _side_box(side: str | None, size: int) -> tuple[int, int, int, int]:
             "top": (0, big, 0, lo), "bottom": (0, big, hi, big)}[side]
 
 
-def caption(rng, background: str, objects: list[dict], size: int) -> str:
-    """'a red circle and a small blue square on a white background'-style description of a scene."""
+def caption(rng, background: str, objects: list[dict], size: int, place_share: float = PLACE_SHARE) -> str:
+    """'a red circle and a small blue square on a white background'-style description of a scene, naming the
+    place of each object with probability place_share."""
     if not objects:
         return _articles(pick(rng, EMPTY_CAPTIONS).format(b=background))
     parts = [f"a {o['size'] + ' ' if rng.random() < 0.5 else ''}{o['colour']} {o['shape']}"
-             + (" " + _where(o, size) if rng.random() < 0.3 else "") for o in objects]
+             + (" " + _where(o, size) if rng.random() < place_share else "") for o in objects]
     listed = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
     return _articles(pick(rng, CAPTIONS).format(l=listed, b=background))
 
