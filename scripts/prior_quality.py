@@ -95,8 +95,8 @@ def curve_probe(vae, text_encoder, tok, cfg, rows: list[dict], null_context):
 
     def probe(unet) -> dict:
         generated = rgb(generate(unet, vae, context, null_context, cfg))
-        shapes = shapes_right(generated, rows)
+        shapes, places = shapes_right(generated, rows), places_right(generated, rows)
         return {"colours_right": colours_right(generated, [r["caption"] for r in rows]),
                 "shapes_right": shapes["right"], "shapes_mean_iou": shapes["mean_iou"], "by_shape": shapes["by_shape"],
-                "places_right": places_right(generated, rows)["right"]}
+                "places_right": places["right"], "places_objects": places["objects"]}
     return probe
