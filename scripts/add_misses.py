@@ -57,8 +57,12 @@ def form_and_size(drawn: np.ndarray) -> tuple[str, str]:
 
 def reasons(sample: dict, row: dict, root: Path, field: str) -> list[str]:
     """What a failed add got wrong (REASONS; several can hold)."""
-    src = np.asarray(Image.open(root / row["source"]).convert("RGB"), np.float32) / 255
-    pred = Image.open(sample["pred"]).convert("RGB").resize(src.shape[1::-1], Image.BICUBIC)
+    try:
+        src = np.asarray(Image.open(root / row["source"]).convert("RGB"), np.float32) / 255
+        pred = Image.open(sample["pred"]).convert("RGB").resize(src.shape[1::-1], Image.BICUBIC)
+    except OSError as e:
+        raise UserError(f"cannot read an image of row {sample['index']} ({e}): keep the edits folder evaluate.py "
+                        "wrote beside the results") from None
     pred = np.asarray(pred, np.float32) / 255
     new = row["target_objects"][-1]
     drawn = largest_region(drawn_pixels(src, pred, new["colour"]))
@@ -75,7 +79,10 @@ def reasons(sample: dict, row: dict, root: Path, field: str) -> list[str]:
 def tally(results: dict, rows: list[dict], root: Path, field: str) -> dict:
     """{category: Counter(adds, succeeded, each reason)} over the add edits of a results file."""
     out = collections.defaultdict(collections.Counter)
-    for s in results["samples"]:
+    for s in results.get("samples", []):
+        if not 0 <= s.get("index", -1) < len(rows):
+            raise UserError(f"a sample's index {s.get('index')} is not a row of the manifest: give the eval.jsonl "
+                            "the results were scored on")
         row = rows[s["index"]]
         if row.get("kind") != "add":
             continue

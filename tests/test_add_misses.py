@@ -77,7 +77,19 @@ def test_a_right_add_is_counted_as_succeeded_and_explained_by_nothing(world, tmp
     assert sum(v for k, v in counts.items() if k not in ("adds", "succeeded")) == 0
 
 
-def test_a_results_file_that_is_not_one_is_an_error_line(world, tmp_path):
-    (tmp_path / "bad.json").write_text("{not json")
+@pytest.mark.parametrize("results,says", [("{not json", "cannot read"),
+                                          ('{"samples": [{"index": 99999}]}', "not a row of the manifest"),
+                                          ('{"samples": []}', "holds no add edit")])
+def test_a_results_file_that_is_not_one_is_an_error_line(world, tmp_path, results, says):
+    (tmp_path / "bad.json").write_text(results)
     r = run("scripts/add_misses.py", tmp_path / "bad.json", world / "eval.jsonl")
-    assert r.returncode == 2 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and says in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_missing_edit_image_is_an_error_line(world, tmp_path):
+    rows = [json.loads(line) for line in open(world / "eval.jsonl")]
+    i = next(i for i, r in enumerate(rows) if r["kind"] == "add")
+    sample = {"index": i, "category": rows[i]["category"], "success": False, "pred": str(tmp_path / "gone.png")}
+    (tmp_path / "r.json").write_text(json.dumps({"samples": [sample]}))
+    r = run("scripts/add_misses.py", tmp_path / "r.json", world / "eval.jsonl")
+    assert r.returncode == 2 and "gone.png" in r.stderr and "Traceback" not in r.stderr
