@@ -31,6 +31,7 @@ import json
 import shutil
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -62,19 +63,41 @@ def latent_moments(vae, images: torch.Tensor, batch: int = 512) -> tuple[torch.T
     return torch.cat(means), torch.cat(stds)
 
 
-def build_t2i_unet(cfg):
-    """The toy preset's UNet with 4 input channels: a text-to-image UNet like SD's."""
+def build_t2i_unet(cfg, coords: bool = False):
+    """The toy preset's UNet with 4 input channels: a text-to-image UNet like SD's (with coords, 4 + 2 wrapped
+    in WithCoords)."""
     from diffusers import UNet2DConditionModel
 
-    return UNet2DConditionModel(**{**build.unet_kwargs(cfg), "in_channels": 4})
+    unet = UNet2DConditionModel(**{**build.unet_kwargs(cfg), "in_channels": 6 if coords else 4})
+    return WithCoords(unet) if coords else unet
+
+
+class WithCoords(torch.nn.Module):
+    """--coords, an experiment: a UNet with 2 more input channels that always hold the pixel's x and y in [-1, 1]
+    (CoordConv's idea), so that where a feature is can be read by every layer, not only inferred from the
+    zero-padded borders; it looks like a 4-channel UNet to the training loop and to sampling. Not SD's UNet:
+    the editing stages cannot start from it (build.build_unet widens a 4-channel conv_in)."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet, self.config = unet, types.SimpleNamespace(in_channels=unet.config.in_channels - 2)
+
+    def forward(self, z, t, encoder_hidden_states):
+        b, _, h, w = z.shape                                                    # z: B×4×h×w
+        ys, xs = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
+        coords = torch.stack([xs, ys]).to(z).expand(b, 2, h, w)
+        return self.unet(torch.cat([z, coords], 1), t, encoder_hidden_states=encoder_hidden_states)  # B×6×h×w in
+
+    def save_pretrained(self, path):
+        self.unet.save_pretrained(path)
 
 
 def train_t2i(cfg, vae, context, null_context, images, steps: int, batch: int, lr: float, g: torch.Generator,
-              probe=None, probe_every: int = 0, start=None):
+              probe=None, probe_every: int = 0, start=None, coords: bool = False):
     """v-prediction diffusion loss on (latent, caption context) pairs, from `start` (a UNet) or a fresh one;
     returns the UNet, its loss history and the learning curve: probe(unet) every probe_every steps (sampling
     draws from its own generator, so the training stream is the same with or without it)."""
-    unet = start if start is not None else build_t2i_unet(cfg)
+    unet = start if start is not None else build_t2i_unet(cfg, coords)
     scheduler = build.build_noise_scheduler(cfg)
     mean, std = latent_moments(vae, images)
     scale = vae.config.scaling_factor
@@ -123,7 +146,7 @@ def recaption(root: Path, caps: list[dict], place_share: float, seed: int) -> li
 
 def pretrain_unet(cfg, vae, text_encoder, tok, clip, out: Path, seed: int = 0, n: int = 24000, steps: int = 3000,
                   batch: int = 32, lr: float = 1e-3, eval_n: int = 512, curve_every: int = 0, curve_n: int = 128,
-                  start=None, place_share: float | None = None):
+                  start=None, place_share: float | None = None, coords: bool = False):
     """Train the 4-channel text-to-image UNet on the editing world's (image, caption) pairs; returns it and its
     metrics (loss ends, held-out quality, the learning curve if curve_every), writing the grid of generations to
     out/t2i-grid.png."""
@@ -136,12 +159,12 @@ def pretrain_unet(cfg, vae, text_encoder, tok, clip, out: Path, seed: int = 0, n
     null_context = encode_captions(text_encoder, tok, cfg, [""])
     probe = curve_probe(vae, text_encoder, tok, cfg, evals[:curve_n], null_context) if curve_every else None
     unet, history, curve = train_t2i(cfg, vae, context, null_context, load_images(root, [c["image"] for c in caps]),
-                                     steps, batch, lr, g, probe, curve_every, start)
+                                     steps, batch, lr, g, probe, curve_every, start, coords)
     del context
     k = max(1, len(history) // 10)
     quality = t2i_quality(unet, vae, text_encoder, tok, clip, cfg, root, evals, null_context, out)
     return unet, {"steps": steps, "batch": batch, "lr": lr, "snr_gamma": cfg.snr_gamma, "p_null": P_NULL,
-                  "world_n": n, "train_pairs": len(caps), "place_share": place_share,
+                  "world_n": n, "train_pairs": len(caps), "place_share": place_share, "coords": coords,
                   "loss_first": float(np.mean(history[:k])), "loss_last": float(np.mean(history[-k:])),
                   **quality, **({"curve": curve} if curve else {})}
 
@@ -217,6 +240,9 @@ def main(argv: list[str] | None = None) -> dict:
                     help="caption the train pairs again from their scenes, naming each object's place with this "
                          "probability (the world's captions: 0.3) — a lever for where the prior draws; held-out "
                          "captions stay the world's")
+    ap.add_argument("--coords", action="store_true",
+                    help="experiment: a fresh UNet that also reads each pixel's x and y (WithCoords) — does it "
+                         "learn where a caption places a shape? Needs --out; no editing stage can start from it")
     ap.add_argument("--eval-only", action="store_true",
                     help="score --base's sd/unet as it is (no training): the metrics go to OUT/t2i-eval.json and "
                          "the grid to OUT/t2i-grid.png; needs --out, so a base's own grid is not replaced")
@@ -229,6 +255,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.arch and not args.out:
         raise UserError("--arch without --out would replace the base's prior with one its preset does not match — "
                         "pass --out DIR")
+    if args.coords and (not args.out or args.resume_prior):
+        raise UserError("--coords trains a fresh UNet that is not SD's (6 input channels): pass --out DIR and no "
+                        "--continue")
     if args.resume_prior and args.arch:
         raise UserError("--continue keeps the saved UNet's architecture — drop --arch")
     if args.snr_gamma < 0:
@@ -239,7 +268,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise UserError("--eval-only writes its metrics and grid to a folder of their own — pass --out DIR")
     trains = [f for f, on in (("--steps", args.steps is not None), ("--continue", args.resume_prior),
                               ("--snr-gamma", args.snr_gamma), ("--place-captions", args.place_captions is not None),
-                              ("--arch", args.arch), ("--curve-every", args.curve_every)) if on]
+                              ("--arch", args.arch), ("--curve-every", args.curve_every), ("--coords", args.coords))
+              if on]
     if args.eval_only and trains:
         raise UserError(f"--eval-only trains nothing, so {trains[0]} would be ignored — drop it")
     from diffusers import AutoencoderKL
@@ -266,7 +296,7 @@ def main(argv: list[str] | None = None) -> dict:
     steps = 3000 if args.steps is None else args.steps
     unet, metrics = pretrain_unet(cfg, vae, text_encoder, tok, clip, out, args.seed, args.n, steps, args.batch,
                                   args.lr, args.eval_n, args.curve_every, args.curve_n, start_unet,
-                                  args.place_captions)
+                                  args.place_captions, args.coords)
     fsio.replace_dir(str(out / "sd" / "unet"), unet.save_pretrained)  # a kill never leaves sd/ without a UNet
     metrics.update(wall_time_s=time.time() - start, threads=args.threads, arch=args.arch)
     if args.resume_prior:  # steps in all, through every piece
