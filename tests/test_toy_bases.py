@@ -390,6 +390,25 @@ def test_place_captions_name_every_place_or_none_and_change_the_prior(run, tmp_p
         t2i.main([*common, "--out", str(tmp_path / "no"), "--place-captions", "2"])
 
 
+def test_coords_prior_feeds_the_pixel_grid_beside_the_latent_and_refuses_to_replace_a_base(run, tmp_path):
+    """pretrain_toy_unet.py --coords: the UNet reads z ⊕ (x, y) with x and y running -1 → 1 along width and height,
+    looks like a 4-channel UNet to sampling, and is only ever written to a folder of its own, fresh."""
+    t2i = load_script(SCRIPT.parent / "pretrain_toy_unet.py")
+    wrapped = t2i.build_t2i_unet(t2i.unet_config([]), coords=True)
+    seen = {}
+    wrapped.unet.forward = lambda x, t, encoder_hidden_states: seen.setdefault("x", x)
+    z = torch.randn(2, 4, 3, 5)
+    wrapped(z, torch.tensor([1, 2]), encoder_hidden_states=None)
+    x = seen["x"]
+    assert wrapped.config.in_channels == 4 and x.shape == (2, 6, 3, 5) and torch.equal(x[:, :4], z)
+    assert torch.allclose(x[0, 4, 1], torch.linspace(-1, 1, 5))     # x along the width
+    assert torch.allclose(x[1, 5, :, 2], torch.linspace(-1, 1, 3))  # y along the height
+    _, base, _ = run
+    for extra in ([], ["--out", str(tmp_path / "c"), "--continue"]):
+        with pytest.raises(UserError, match="--coords trains a fresh UNet"):
+            t2i.main(["--base", str(base), "--steps", "1", "--coords", *extra])
+
+
 def test_a_prior_killed_mid_training_leaves_no_record_of_its_own(run, tmp_path, monkeypatch):
     """pretrain_toy_unet.py --out copies the base before training; the base prior's record (t2i.json, its grid) is
     not copied, and a stale one in --out is removed, so a run that dies mid-training leaves a folder that does not
