@@ -229,8 +229,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--curve-every", type=int, default=0,
                     help="every N steps, generate from the first --curve-n held-out captions and log colours, "
-                         "shapes and places right (a learning curve, in t2i.json; mid-run points are at that step's learning "
-                         "rate, not the end of a shorter schedule)")
+                         "shapes and places right (a learning curve, in t2i.json; mid-run points are at that step's "
+                         "learning rate, not the end of a shorter schedule)")
     ap.add_argument("--curve-n", type=int, default=128, help="held-out captions per learning-curve point")
     ap.add_argument("--continue", dest="resume_prior", action="store_true",
                     help="train --base's own sd/unet further instead of a fresh one (a warm restart: a new warm-up "
