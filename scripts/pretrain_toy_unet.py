@@ -132,7 +132,7 @@ def held_out(cfg, seed: int, n: int, eval_n: int):
     return root, read_jsonl(root / "captions.jsonl"), read_jsonl(root / "eval.jsonl")[:eval_n]
 
 
-def recaption(root: Path, caps: list[dict], place_share: float, seed: int) -> list[dict]:
+def recaption(root: Path, caps: list[dict], place_share: float, seed: int, size: int) -> list[dict]:
     """The train pairs captioned again from their scenes (the train split's source and target objects), naming
     each object's place with probability place_share instead of the world's PLACE_SHARE: a lever for a prior that
     must learn where "at the top left" is, which the world's captions name for about one object in three."""
@@ -140,7 +140,7 @@ def recaption(root: Path, caps: list[dict], place_share: float, seed: int) -> li
     for r in read_jsonl(root / "train.jsonl"):
         scenes[r["source"]] = r["background"], r["objects"]
         scenes[r["target"]] = r["background"], r["target_objects"]
-    rng, size = np.random.default_rng(seed), int(json.loads((root / "meta.json").read_text())["size"])
+    rng = np.random.default_rng(seed)
     return [dict(c, caption=caption(rng, *scenes[c["image"]], size, place_share)) for c in caps]
 
 
@@ -153,7 +153,7 @@ def pretrain_unet(cfg, vae, text_encoder, tok, clip, out: Path, seed: int = 0, n
     g = torch.Generator().manual_seed(seed)
     root, caps, evals = held_out(cfg, seed, n, eval_n)
     if place_share is not None:
-        caps = recaption(root, caps, place_share, seed)
+        caps = recaption(root, caps, place_share, seed, cfg.resolution)
     log(f"toy world {root}: {len(caps)} train (image, caption) pairs, {len(evals)} held-out captions")
     context = encode_captions(text_encoder, tok, cfg, [c["caption"] for c in caps])
     null_context = encode_captions(text_encoder, tok, cfg, [""])

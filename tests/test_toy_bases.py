@@ -371,7 +371,7 @@ def test_place_captions_name_every_place_or_none_and_change_the_prior(run, tmp_p
     for r in t2i.read_jsonl(root / "train.jsonl"):
         scenes[r["source"]], scenes[r["target"]] = r["objects"], r["target_objects"]
     for share in (1.0, 0.0):
-        again = t2i.recaption(root, caps, share, seed=0)
+        again = t2i.recaption(root, caps, share, seed=0, size=cfg.resolution)
         assert [c["image"] for c in again] == [c["image"] for c in caps]
         for c in again:
             for o in scenes[c["image"]]:

@@ -119,19 +119,24 @@ def kept_regions(objects: list[dict], target_objects: list[dict], mask: np.ndarr
     return [footprint(o, mask.shape[0]) & ~mask for o in objects if o in target_objects]
 
 
+def own_colour_objects(row: dict) -> list[dict]:
+    """The objects of a toy scene row whose colour is their own: no other object and not the background has it, so
+    the largest region of that colour in a generated image can only be that object."""
+    colours = [o["colour"] for o in row["objects"]]
+    return [o for o in row["objects"] if colours.count(o["colour"]) == 1 and o["colour"] != row["background"]]
+
+
 def shapes_right(images: np.ndarray, rows: list[dict], min_pixels: int = 6) -> dict:
-    """For each object of a toy scene row whose colour is its own in the scene (no other object and not the
-    background has it) and whose colour and shape the row's caption names: is the largest region of that colour
+    """For each object of a toy scene row whose colour is its own in the scene (`own_colour_objects`) and whose
+    colour and shape the row's caption names: is the largest region of that colour
     best matched by the object's shape? (Stray copies are a counting error, not a drawing one, so only the largest
     region is judged.) A colour that is missing counts wrong. Returns the number of objects, the
     fraction right (overall and per shape) and the mean IoU of the best matches (how crisp the drawn shapes are)."""
     per_shape, ious = {}, []
     for img, row in zip(images, rows):
         words = set(tokenize_words(row["caption"]))
-        colours = [o["colour"] for o in row["objects"]]
-        for o in row["objects"]:
-            own = colours.count(o["colour"]) == 1 and o["colour"] != row["background"]
-            if not own or not {o["colour"], o["shape"]} <= words:
+        for o in own_colour_objects(row):
+            if not {o["colour"], o["shape"]} <= words:
                 continue
             mask = largest_region(near_colour(img, COLOURS[o["colour"]]))
             shape, iou = best_shape(mask) if mask.sum() >= min_pixels else ("", 0.0)
@@ -158,15 +163,15 @@ def places_right(images: np.ndarray, rows: list[dict], min_pixels: int = 6) -> d
     (chance about 1 in 9: the middle, four sides, four corners)."""
     hits = []
     for img, row in zip(images, rows):
-        size, colours = img.shape[0], [o["colour"] for o in row["objects"]]
-        for o in row["objects"]:
-            own = colours.count(o["colour"]) == 1 and o["colour"] != row["background"]
-            if not own or f"{o['colour']} {o['shape']} {where(o, size)}" not in row["caption"]:
+        size = img.shape[0]
+        for o in own_colour_objects(row):
+            place = where(o, size)
+            if f"{o['colour']} {o['shape']} {place}" not in row["caption"]:
                 continue
             region = largest_region(near_colour(img, COLOURS[o["colour"]]))
             if region.sum() < min_pixels:
                 hits.append(False)
                 continue
             cx, cy = centroid(region) + np.array([o["x"], o["y"]]) - centroid(footprint(o, size))
-            hits.append(where({"x": cx, "y": cy}, size) == where(o, size))
+            hits.append(where({"x": cx, "y": cy}, size) == place)
     return {"objects": len(hits), "right": float(np.mean(hits)) if hits else 0.0}
