@@ -50,6 +50,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -212,27 +213,43 @@ def clip_retrieval(clip, tok, cfg, images, captions, batch: int = 32) -> float:
     return right / max(1, total)
 
 
-def shape_swapped(ids: torch.Tensor, shape_ids: torch.Tensor, g: torch.Generator):
-    """NegCLIP's hard negatives (Yuksekgonul et al., 2023), for shapes: each caption with one shape word replaced
-    by another shape — a false caption of the same image that only the shape tells apart.
-    -> (swapped ids, changed: (B,) bool; False for a caption with no shape word left after truncation)."""
-    out, is_shape = ids.clone(), torch.isin(ids, shape_ids)
+PLACE_SWAPS = {"left": "right", "right": "left", "top": "bottom", "bottom": "top"}  # the opposite side
+
+
+def swap_table(tok, negatives: tuple[str, ...]) -> dict[int, torch.Tensor]:
+    """Token id -> the ids it may be swapped for in a hard negative: "shape" (each shape word for any other) and
+    "place" (each side word of a place phrase for the opposite side, so "at the top left" -> "at the bottom left"
+    or "at the top right": still a place the world names, never a phrase only a negative would hold)."""
+    ids = lambda words: tok.convert_tokens_to_ids(list(words))  # noqa: E731
+    table = {}
+    if "shape" in negatives:
+        table |= {i: torch.tensor([j for j in ids(SHAPES) if j != i]) for i in ids(SHAPES)}
+    if "place" in negatives:
+        table |= {i: torch.tensor(ids([PLACE_SWAPS[w]])) for i, w in zip(ids(PLACE_SWAPS), PLACE_SWAPS)}
+    return table
+
+
+def word_swapped(ids: torch.Tensor, swaps: dict[int, torch.Tensor], g: torch.Generator):
+    """NegCLIP's hard negatives (Yuksekgonul et al., 2023): each caption with one word that `swaps` lists
+    replaced by one of its swaps — a false caption of the same image that only that word tells apart.
+    -> (swapped ids, changed: (B,) bool; False for a caption with no such word left after truncation)."""
+    out, can = ids.clone(), torch.isin(ids, torch.tensor(list(swaps), dtype=ids.dtype))
     for i in range(len(ids)):
-        where = is_shape[i].nonzero().flatten()
+        where = can[i].nonzero().flatten()
         if len(where):
             p = where[torch.randint(len(where), (1,), generator=g)]
-            others = shape_ids[shape_ids != ids[i, p]]
-            out[i, p] = others[torch.randint(len(others), (1,), generator=g)]
-    return out, is_shape.any(1)
+            alternatives = swaps[int(ids[i, p])]
+            out[i, p] = alternatives[torch.randint(len(alternatives), (1,), generator=g)]
+    return out, can.any(1)
 
 
-def clip_loss(clip, ids, mask, pixels, shape_ids=None, g=None):
-    """CLIP's symmetric contrastive loss; with shape_ids, every image also sees its caption's shape-swapped copy
-    (and the batch's other copies) among the captions it must not pick: logits (B, 2B) on the image side, the
-    text side as usual (a swapped caption has no image of its own)."""
-    if shape_ids is None:
+def clip_loss(clip, ids, mask, pixels, swaps=None, g=None):
+    """CLIP's symmetric contrastive loss; with swaps (swap_table), every image also sees its caption's swapped
+    copy (and the batch's other copies) among the captions it must not pick: logits (B, 2B) on the image side,
+    the text side as usual (a swapped caption has no image of its own)."""
+    if not swaps:
         return clip(input_ids=ids, attention_mask=mask, pixel_values=pixels, return_loss=True).loss
-    neg, changed = shape_swapped(ids, shape_ids, g)
+    neg, changed = word_swapped(ids, swaps, g)
     out = clip(input_ids=torch.cat([ids, neg]), attention_mask=torch.cat([mask, mask]), pixel_values=pixels)
     b, target = len(ids), torch.arange(len(ids))
     per_image = torch.cat([out.logits_per_image[:, :b],
@@ -241,10 +258,11 @@ def clip_loss(clip, ids, mask, pixels, shape_ids=None, g=None):
 
 
 @torch.no_grad()
-def clip_prefers_true_shape(clip, tok, cfg, images, captions, shape_ids, g) -> float:
-    """How often an image is nearer its caption than the caption with one shape word swapped (chance 0.5)."""
+def clip_prefers_true(clip, tok, cfg, images, captions, swaps, g) -> float:
+    """How often an image is nearer its caption than the caption with one `swaps` word swapped (chance 0.5),
+    over the captions that hold such a word."""
     enc = tok(captions, padding="max_length", max_length=cfg.text_max_length, truncation=True, return_tensors="pt")
-    neg, changed = shape_swapped(enc.input_ids, shape_ids, g)
+    neg, changed = word_swapped(enc.input_ids, swaps, g)
     img = clip_features(clip.get_image_features(pixel_values=build.clip_pixels(images, cfg.clip_image_size)))
     sims = []
     for ids in (enc.input_ids, neg):
@@ -254,28 +272,33 @@ def clip_prefers_true_shape(clip, tok, cfg, images, captions, shape_ids, g) -> f
 
 
 def train_clip(cfg, tok, images, captions, eval_images, eval_captions, steps, batch, lr, g,
-               shape_negatives: bool = False):
+               negatives: tuple[str, ...] = ()):
+    """CLIP from scratch on (image, caption) pairs; `negatives` ("shape", "place") adds each caption's swapped
+    copy as a hard negative (clip_loss). Reports retrieval and how often an image prefers its caption over the
+    shape- and the place-swapped one, whatever it was trained with."""
     clip = build_clip(cfg)
     enc = tok(captions, padding="max_length", max_length=cfg.text_max_length, truncation=True, return_tensors="pt")
     truncated = float(np.mean([len(tokenize_words(c)) + 2 > cfg.text_max_length for c in captions]))
-    shape_ids = torch.tensor(tok.convert_tokens_to_ids(list(SHAPES)))
+    swaps = swap_table(tok, negatives)
     opt = torch.optim.AdamW(clip.parameters(), lr=lr, weight_decay=0.01)
     sched, history = schedule(opt, steps, max(1, steps // 20)), []
     clip.train()
     for s in range(steps):
         idx = torch.randperm(len(images), generator=g)[:batch]
         loss = clip_loss(clip, enc.input_ids[idx], enc.attention_mask[idx],
-                         build.clip_pixels(images[idx], cfg.clip_image_size), shape_ids if shape_negatives else None, g)
+                         build.clip_pixels(images[idx], cfg.clip_image_size), swaps, g)
         step(clip, opt, sched, loss)
         history.append(loss.item())
         if (s + 1) % 100 == 0:
             log(f"clip step {s + 1}/{steps} loss {np.mean(history[-100:]):.4f}")
     clip.eval()
+    prefers = {f"eval_true_over_{kind}_swapped": clip_prefers_true(clip, tok, cfg, eval_images, eval_captions,
+                                                                   swap_table(tok, (kind,)),
+                                                                   torch.Generator().manual_seed(0))
+               for kind in ("shape", "place")}
     metrics = {"eval_image_to_caption_top1_in_32": clip_retrieval(clip, tok, cfg, eval_images, eval_captions),
-               "chance": 1 / 32, "eval_true_over_shape_swapped": clip_prefers_true_shape(
-                   clip, tok, cfg, eval_images, eval_captions, shape_ids, torch.Generator().manual_seed(0)),
-               "shape_negatives": shape_negatives, "captions_truncated": truncated, "steps": steps, "batch": batch,
-               **loss_ends(history)}
+               "chance": 1 / 32, **prefers, "negatives": list(negatives), "captions_truncated": truncated,
+               "steps": steps, "batch": batch, **loss_ends(history)}
     return clip, metrics
 
 
@@ -343,6 +366,56 @@ def write_readme(out: Path, command: str, metrics: dict) -> None:
     fsio.write_text(str(out / "README.md"), "\n".join(lines))
 
 
+def base_and_out(args, stage: str) -> tuple[Path, Path]:
+    """--only STAGE's --base (a folder this script wrote) and --out (another folder)."""
+    if not args.base:
+        raise UserError(f"--only {stage} needs --base DIR: the toy base folder whose other parts are reused")
+    base, out = Path(args.base), Path(args.out)
+    if not (base / "clip" / "config.json").is_file():
+        raise UserError(f"--base {base}: no clip/config.json there; pass a folder written by this script "
+                        "(e.g. assets/toy/base)")
+    if out.resolve() == base.resolve():
+        raise UserError(f"--out {out} is --base: write the new {stage} to another folder (the base stays as it is)")
+    return base, out
+
+
+def clip_only(args, cfg, g: torch.Generator, start: float, command: str) -> dict:
+    """--only clip: a copy of --base in --out with CLIP trained anew (clip/, sd/text_encoder) and, since the
+    text-to-image UNet reads that text tower, the prior trained anew after it (sd/unet, --steps-unet steps); the
+    VAE and the MLLM are --base's. The base's metrics.json is kept with "clip" and "unet" replaced."""
+    from diffusers import AutoencoderKL
+    from pretrain_toy_unet import PRIOR_RECORD, pretrain_unet
+
+    base, out = base_and_out(args, "clip")
+    root = Path(cached_world(seed=args.seed, n=args.n, size=cfg.resolution))
+    text_tok = text_tokenizer(cfg)
+    clip, m_clip = train_clip(cfg, text_tok, *clip_data(root, *world_images(root)), args.steps_clip,
+                              args.batch_clip, 1e-3, g, clip_negatives(args))
+    log(f"clip: {json.dumps(m_clip)}")
+    shutil.copytree(base, out, dirs_exist_ok=True, ignore=shutil.ignore_patterns("metrics.json", *PRIOR_RECORD))
+    vae = AutoencoderKL.from_pretrained(base / "sd", subfolder="vae").eval()
+    text_encoder = clip_text_encoder(clip)
+    unet, m_unet = pretrain_unet(cfg, vae, text_encoder, text_tok, clip.eval(), out, args.seed,
+                                 n=args.unet_world_n, steps=args.steps_unet)
+    log(f"unet: {json.dumps(m_unet)}")
+    save_all(out, cfg, vae, clip, text_encoder, None, None, text_tok, unet, build.build_noise_scheduler(cfg))
+    base_metrics = json.loads((base / "metrics.json").read_text()) if (base / "metrics.json").is_file() else {}
+    metrics = base_metrics | {"clip": m_clip | {"command": command},
+                              "unet": m_unet | {"wall_time_s": time.time() - start}}
+    metrics["size_mb"] = folder_mb(out)
+    fsio.write_text(str(out / "metrics.json"), json.dumps(metrics, indent=1) + "\n")
+    if {"vae", "mllm"} <= set(metrics):
+        write_readme(out, command, metrics)
+    log(f"wrote {out} (clip and prior retrained) in {(time.time() - start) / 60:.1f} min")
+    return metrics
+
+
+def clip_negatives(args) -> tuple[str, ...]:
+    """The hard negatives CLIP trains with (swap_table's kinds)."""
+    return tuple(kind for kind, on in (("shape", args.clip_shape_negatives), ("place", args.clip_place_negatives))
+                 if on)
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, help="output folder (mllm/ sd/ clip/ are written inside)")
@@ -363,10 +436,14 @@ def main(argv: list[str] | None = None) -> dict:
                     help="train CLIP with each caption's shape-swapped copy as a hard negative (NegCLIP's swaps; "
                          "our lever: the contrastive loss alone can tell most toy captions apart by colour); with "
                          "--only mllm it trains the vision tower's CLIP")
-    ap.add_argument("--only", choices=["mllm"], default=None,
-                    help="train this stage alone on the VAE/CLIP/UNet of --base; --out gets a copy of --base with "
-                         "the new stage, metrics.json and README.md")
-    ap.add_argument("--base", default=None, help="with --only: the base folder whose clip/ (and the rest) is reused")
+    ap.add_argument("--clip-place-negatives", action="store_true",
+                    help="train CLIP with each caption's place-swapped copy as a hard negative (left <-> right, top "
+                         "<-> bottom: a text tower whose states tell where a caption puts a shape)")
+    ap.add_argument("--only", choices=["mllm", "clip"], default=None,
+                    help="train this stage alone on the other parts of --base (clip: CLIP, then the text-to-image "
+                         "UNet that reads its text tower); --out gets a copy of --base with the new stage, "
+                         "metrics.json and README.md")
+    ap.add_argument("--base", default=None, help="with --only: the base folder whose other parts are reused")
     mllm = ap.add_argument_group("MLLM stage levers (defaults: the shipped setting)")
     mllm.add_argument("--lr-mllm", type=float, default=1e-3)
     mllm.add_argument("--mllm-world-n", type=int, default=0,
@@ -387,10 +464,10 @@ def main(argv: list[str] | None = None) -> dict:
                            "first (--steps-clip steps), whose vision tower starts it as base/clip's starts the "
                            "shipped one; base/clip itself is kept")
     args = ap.parse_args(argv)
-    if args.continue_mllm and (args.only != "mllm" or args.arch or args.clip_shape_negatives
+    if args.continue_mllm and (args.only != "mllm" or args.arch or clip_negatives(args)
                                or args.vision_feature_layer is not None):
         raise UserError("--continue-mllm trains --base's MLLM on as it is: use it with --only mllm --base DIR, "
-                        "without --arch, --clip-shape-negatives or --vision-feature-layer")
+                        "without --arch, --clip-shape-negatives, --clip-place-negatives or --vision-feature-layer")
     if args.arch and args.only != "mllm":
         raise UserError("--arch changes the MLLM stage alone: add --only mllm --base DIR")
     from pretrain_toy_mllm import EDIT_SHARE, mllm_only, run_mllm  # its sibling (it imports this file's helpers)
@@ -405,9 +482,9 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = preset("insightedit", "toy")
     command = "python scripts/pretrain_toy_bases.py " + " ".join(sys.argv[1:] if argv is None else argv)
     if args.only:
-        return mllm_only(args, cfg, g, start, command)
+        return (clip_only if args.only == "clip" else mllm_only)(args, cfg, g, start, command)
     if args.base:
-        raise UserError("--base is read only with --only mllm; drop it to train every base from scratch")
+        raise UserError("--base is read only with --only; drop it to train every base from scratch")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -420,7 +497,7 @@ def main(argv: list[str] | None = None) -> dict:
     log(f"vae: {json.dumps(m_vae)}")
     text_tok = text_tokenizer(cfg)
     clip, m_clip = train_clip(cfg, text_tok, *clip_data(root, images, eval_images), args.steps_clip, args.batch_clip,
-                              1e-3, g, args.clip_shape_negatives)
+                              1e-3, g, clip_negatives(args))
     log(f"clip: {json.dumps(m_clip)}")
     from pretrain_toy_unet import pretrain_unet  # its sibling: the UNet stage (it imports this file's helpers)
 

@@ -35,8 +35,9 @@ from minedit.errors import UserError  # noqa: E402
 from minedit.presets import apply_overrides  # noqa: E402
 from minedit.toy.tokenizer import toy_tokenizer  # noqa: E402
 from minedit.toy.world import MARGIN, cached_world  # noqa: E402
-from pretrain_toy_bases import (clip_data, folder_mb, load_images, log, loss_ends, read_jsonl,  # noqa: E402
-                                schedule, step, text_tokenizer, train_clip, world_images, write_readme)
+from pretrain_toy_bases import (base_and_out, clip_data, clip_negatives, folder_mb, load_images, log,  # noqa: E402
+                                loss_ends, read_jsonl, schedule, step, text_tokenizer, train_clip, world_images,
+                                write_readme)
 
 CAPTION_PROMPT = "describe the picture."
 EDIT_SHARE = 0.6  # fraction of each MLLM batch drawn from the instruction task (the rest: captions)
@@ -207,14 +208,7 @@ def mllm_only(args, cfg, g: torch.Generator, start: float, command: str) -> dict
     from transformers import CLIPModel
 
     cfg = mllm_config(cfg, args.arch)
-    if not args.base:
-        raise UserError("--only mllm needs --base DIR: the toy base folder whose clip/ starts the vision tower")
-    base, out = Path(args.base), Path(args.out)
-    if not (base / "clip" / "config.json").is_file():
-        raise UserError(f"--base {base}: no clip/config.json there; pass a folder written by this script "
-                        "(e.g. assets/toy/base)")
-    if out.resolve() == base.resolve():
-        raise UserError(f"--out {out} is --base: write the new MLLM to another folder (the base stays as it is)")
+    base, out = base_and_out(args, "mllm")
     root = Path(cached_world(seed=args.seed, n=args.n, size=cfg.resolution))
     clip, m_clip = CLIPModel.from_pretrained(base / "clip").eval(), None
     base_metrics = json.loads((base / "metrics.json").read_text()) if (base / "metrics.json").is_file() else {}
@@ -225,12 +219,12 @@ def mllm_only(args, cfg, g: torch.Generator, start: float, command: str) -> dict
         before = {"continued_from": str(base), "steps_before": was.get("steps", 0) + was.get("steps_before", 0)}
         cfg = dataclasses.replace(mllm_config(cfg, arch), mllm_path=str(base / "mllm"))
         g.manual_seed(args.seed + before["steps_before"])  # not the first piece's batches again
-    elif args.clip_shape_negatives or any(getattr(cfg, f"vision_{f}") != getattr(cfg, f"clip_{f}") for f in TOWER):
+    elif clip_negatives(args) or any(getattr(cfg, f"vision_{f}") != getattr(cfg, f"clip_{f}") for f in TOWER):
         # LLaVA's tower starts from a CLIP of its own architecture and training: train one (the editing side
         # keeps base/clip).
         tower_cfg = dataclasses.replace(cfg, **{f"clip_{f}": getattr(cfg, f"vision_{f}") for f in TOWER})
         clip, m_clip = train_clip(tower_cfg, text_tokenizer(cfg), *clip_data(root, *world_images(root)),
-                                  args.steps_clip, args.batch_clip, 1e-3, g, args.clip_shape_negatives)
+                                  args.steps_clip, args.batch_clip, 1e-3, g, clip_negatives(args))
         log(f"clip for the vision tower: {json.dumps(m_clip)}")
     mllm, tok, m_mllm = run_mllm(cfg, clip, args, root, g)
     m_mllm.update(arch=arch, **before, **({"tower_clip": m_clip} if m_clip else {}))

@@ -217,7 +217,7 @@ def test_only_mllm_arch_gives_the_tower_its_own_clip_at_the_new_grid(run, monkey
 @pytest.mark.parametrize("args, says", [
     (["--only", "mllm", "--out", "x"], "--only mllm needs --base"),
     (["--only", "mllm", "--base", "nowhere", "--out", "x"], "no clip/config.json"),
-    (["--base", "assets/toy/base", "--out", "x"], "--base is read only with --only mllm"),
+    (["--base", "assets/toy/base", "--out", "x"], "--base is read only with --only"),
     (["--mllm-refer-share", "0.5", "--out", "x"], "must be in [0, 0.4]"),
     (["--continue-mllm", "--out", "x"], "use it with --only mllm"),
     (["--only", "mllm", "--base", "assets/toy/base", "--continue-mllm", "--arch", "llm_layers=2", "--out", "x"],
@@ -433,19 +433,40 @@ def test_a_prior_killed_mid_training_leaves_no_record_of_its_own(run, tmp_path, 
     assert not any((out / name).exists() for name in ("t2i.json", "t2i-grid.png", "t2i-eval.json"))
 
 
-def test_shape_swapped_negatives_change_one_shape_word_each():
+def test_word_swapped_negatives_change_one_listed_word_each():
     script = load_script()
-    shapes = torch.tensor([10, 11, 12])
+    shapes = {10: torch.tensor([11, 12]), 11: torch.tensor([10, 12]), 12: torch.tensor([10, 11])}
     ids = torch.tensor([[1, 10, 5, 12, 2], [1, 5, 6, 7, 2], [1, 11, 11, 5, 2]])
-    neg, changed = script.shape_swapped(ids, shapes, torch.Generator().manual_seed(0))
+    neg, changed = script.word_swapped(ids, shapes, torch.Generator().manual_seed(0))
     assert changed.tolist() == [True, False, True]
     diff = neg != ids
-    assert diff.sum(1).tolist() == [1, 0, 1]  # one word swapped, none where there is no shape word
-    assert torch.isin(ids[diff], shapes).all() and torch.isin(neg[diff], shapes).all()  # a shape for a shape
+    assert diff.sum(1).tolist() == [1, 0, 1]  # one word swapped, none where there is no listed word
+    for old, new in zip(ids[diff].tolist(), neg[diff].tolist()):
+        assert new in shapes[old].tolist()  # one of that word's own swaps
 
 
-def test_shape_negatives_only_add_competitors_to_the_image_side_of_clips_loss():
-    """With no shape word to swap the loss is CLIPModel's own; with swaps every image has more captions to beat,
+def test_place_negatives_name_the_opposite_side_and_shape_negatives_another_shape():
+    """swap_table on the real toy tokenizer: a place word becomes its opposite side (a place the world names),
+    a shape word any other shape; words of neither kind are never touched."""
+    script = load_script()
+    tok = script.text_tokenizer(preset("insightedit", "toy"))
+    caption = "a red star at the top left and a blue circle in the middle"
+    ids = tok([caption], return_tensors="pt").input_ids
+    seen = set()
+    for seed in range(40):
+        neg, changed = script.word_swapped(ids, script.swap_table(tok, ("place",)), torch.Generator().manual_seed(seed))
+        assert changed.all()
+        seen.add(tok.decode(neg[0], skip_special_tokens=True))
+    assert seen == {"a red star at the bottom left and a blue circle in the middle",
+                    "a red star at the top right and a blue circle in the middle"}
+    both = script.swap_table(tok, ("shape", "place"))
+    shape_ids = set(tok.convert_tokens_to_ids(["circle", "square", "triangle", "diamond", "star"]))
+    assert shape_ids < set(both) and all(set(both[i].tolist()) == shape_ids - {i} for i in shape_ids)
+    assert script.swap_table(tok, ()) == {}
+
+
+def test_hard_negatives_only_add_competitors_to_the_image_side_of_clips_loss():
+    """With no listed word to swap the loss is CLIPModel's own; with swaps every image has more captions to beat,
     so its loss can only grow."""
     script = load_script()
     cfg = preset("insightedit", "toy")
@@ -454,9 +475,9 @@ def test_shape_negatives_only_add_competitors_to_the_image_side_of_clips_loss():
     pixels, mask = torch.randn(4, 3, 32, 32), torch.ones(4, 6, dtype=torch.long)
     ids = torch.randint(20, 60, (4, 6))
     plain = script.clip_loss(clip, ids, mask, pixels)
-    absent = torch.tensor([7, 8])  # no caption holds these ids
+    absent = {7: torch.tensor([8]), 8: torch.tensor([7])}  # no caption holds these ids
     torch.testing.assert_close(script.clip_loss(clip, ids, mask, pixels, absent, torch.Generator()), plain)
-    present = torch.unique(ids[:, 2])
+    present = {int(i): torch.tensor([61]) for i in torch.unique(ids[:, 2])}
     assert len(present) > 1 and script.clip_loss(clip, ids, mask, pixels, present, torch.Generator()) > plain
 
 
