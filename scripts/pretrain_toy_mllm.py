@@ -35,9 +35,9 @@ from minedit.errors import UserError  # noqa: E402
 from minedit.presets import apply_overrides  # noqa: E402
 from minedit.toy.tokenizer import toy_tokenizer  # noqa: E402
 from minedit.toy.world import MARGIN, cached_world  # noqa: E402
-from pretrain_toy_bases import (base_and_out, clip_data, clip_negatives, folder_mb, load_images, log,  # noqa: E402
-                                loss_ends, read_jsonl, schedule, step, text_tokenizer, train_clip, world_images,
-                                write_readme)
+from pretrain_toy_bases import (base_and_out, clip_data, folder_mb, load_images, log, loss_ends,  # noqa: E402
+                                read_jsonl, schedule, step, text_tokenizer, world_images, write_readme)
+from pretrain_toy_clip import clip_negatives, train_clip  # noqa: E402
 
 CAPTION_PROMPT = "describe the picture."
 EDIT_SHARE = 0.6  # fraction of each MLLM batch drawn from the instruction task (the rest: captions)

@@ -22,7 +22,8 @@ from minedit import build
 from minedit.imagegrid import draw_grid
 from minedit.sampler import to_pil
 from minedit.toy.looks import colours_right, places_right, shapes_right
-from pretrain_toy_bases import clip_retrieval, load_images
+from pretrain_toy_bases import load_images
+from pretrain_toy_clip import clip_retrieval
 
 
 @torch.no_grad()

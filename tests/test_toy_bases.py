@@ -17,6 +17,7 @@ from minedit.model import EditModel
 from minedit.presets import apply_overrides, preset
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "pretrain_toy_bases.py"
+SHIPPED = SCRIPT.parents[1] / "assets" / "toy" / "base"
 
 
 def load_script(path: Path = SCRIPT):
@@ -30,6 +31,12 @@ def load_mllm_script():
     """scripts/pretrain_toy_mllm.py, the MLLM stage (it imports its sibling pretrain_toy_bases.py)."""
     load_script()  # puts scripts/ on sys.path
     return load_script(SCRIPT.parent / "pretrain_toy_mllm.py")
+
+
+def load_clip_script():
+    """scripts/pretrain_toy_clip.py, the CLIP stage (it imports its sibling pretrain_toy_bases.py)."""
+    load_script()  # puts scripts/ on sys.path
+    return load_script(SCRIPT.parent / "pretrain_toy_clip.py")
 
 
 def load_quality():
@@ -214,9 +221,38 @@ def test_only_mllm_arch_gives_the_tower_its_own_clip_at_the_new_grid(run, monkey
                      "--steps-clip", "1", "--batch-clip", "8", "--arch", "vision_patch=2"])
 
 
+def test_only_clip_retrains_clip_and_the_prior_that_reads_it_and_keeps_the_rest(run, monkeypatch):
+    """--only clip --clip-place-negatives: out/clip and out/sd/text_encoder are the new CLIP's (one text tower),
+    a new prior in sd/unet; the VAE and the MLLM are the base's byte for byte, the base folder is untouched, and
+    the metrics say what the CLIP was trained with and how it tells shapes and places apart."""
+    script, base, _ = run
+    before = {f: f.read_bytes() for f in base.rglob("*.safetensors")}
+    monkeypatch.setenv("MINEDIT_CACHE", str(base.parent / "cache"))
+    out = base.parent / "clip-places"
+    metrics = script.main(["--only", "clip", "--base", str(base), "--out", str(out), "--n", "45", "--steps-clip", "2",
+                           "--batch-clip", "8", "--steps-unet", "1", "--unet-world-n", "40", "--clip-place-negatives"])
+    assert {f: f.read_bytes() for f in base.rglob("*.safetensors")} == before
+    same = lambda rel: (out / rel).read_bytes() == (base / rel).read_bytes()  # noqa: E731
+    assert same("sd/vae/diffusion_pytorch_model.safetensors") and same("mllm/model.safetensors")
+    assert not same("clip/model.safetensors") and not same("sd/unet/diffusion_pytorch_model.safetensors")
+    clip, text = CLIPModel.from_pretrained(out / "clip"), CLIPTextModel.from_pretrained(out / "sd/text_encoder")
+    tower = clip.text_model.state_dict()
+    assert len(text.state_dict()) == len(tower)
+    for k, v in text.state_dict().items():
+        torch.testing.assert_close(tower[k.removeprefix("text_model.")], v)
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["clip"]["negatives"] == ["place"] and saved["clip"]["steps"] == 2 and saved["unet"]["steps"] == 1
+    for kind in ("place", "shape"):  # None where no eval caption of this tiny world names a place / a shape
+        prefers = saved["clip"][f"eval_true_over_{kind}_swapped"]
+        assert prefers is None or 0 <= prefers <= 1
+    assert saved["mllm"] == metrics["mllm"] == json.loads((base / "metrics.json").read_text())["mllm"]
+
+
 @pytest.mark.parametrize("args, says", [
     (["--only", "mllm", "--out", "x"], "--only mllm needs --base"),
     (["--only", "mllm", "--base", "nowhere", "--out", "x"], "no clip/config.json"),
+    (["--only", "clip", "--out", "x"], "--only clip needs --base"),
+    (["--only", "clip", "--base", str(SHIPPED), "--out", str(SHIPPED)], "is --base: write the new clip to another"),
     (["--base", "assets/toy/base", "--out", "x"], "--base is read only with --only"),
     (["--mllm-refer-share", "0.5", "--out", "x"], "must be in [0, 0.4]"),
     (["--continue-mllm", "--out", "x"], "use it with --only mllm"),
@@ -434,7 +470,7 @@ def test_a_prior_killed_mid_training_leaves_no_record_of_its_own(run, tmp_path, 
 
 
 def test_word_swapped_negatives_change_one_listed_word_each():
-    script = load_script()
+    script = load_clip_script()
     shapes = {10: torch.tensor([11, 12]), 11: torch.tensor([10, 12]), 12: torch.tensor([10, 11])}
     ids = torch.tensor([[1, 10, 5, 12, 2], [1, 5, 6, 7, 2], [1, 11, 11, 5, 2]])
     neg, changed = script.word_swapped(ids, shapes, torch.Generator().manual_seed(0))
@@ -448,8 +484,8 @@ def test_word_swapped_negatives_change_one_listed_word_each():
 def test_place_negatives_name_the_opposite_side_and_shape_negatives_another_shape():
     """swap_table on the real toy tokenizer: a place word becomes its opposite side (a place the world names),
     a shape word any other shape; words of neither kind are never touched."""
-    script = load_script()
-    tok = script.text_tokenizer(preset("insightedit", "toy"))
+    script = load_clip_script()
+    tok = load_script().text_tokenizer(preset("insightedit", "toy"))
     caption = "a red star at the top left and a blue circle in the middle"
     ids = tok([caption], return_tensors="pt").input_ids
     seen = set()
@@ -468,7 +504,7 @@ def test_place_negatives_name_the_opposite_side_and_shape_negatives_another_shap
 def test_hard_negatives_only_add_competitors_to_the_image_side_of_clips_loss():
     """With no listed word to swap the loss is CLIPModel's own; with swaps every image has more captions to beat,
     so its loss can only grow."""
-    script = load_script()
+    script = load_clip_script()
     cfg = preset("insightedit", "toy")
     torch.manual_seed(0)
     clip = script.build_clip(cfg).eval()
