@@ -22,6 +22,7 @@ IMAGE=${IMAGE:-400}           # insightedit stage-3 steps
 RECIPES=${RECIPES:-"insightedit ip2p smartedit smartedit-plain mindedit"}
 EVAL_N=${EVAL_N:-3000}        # eval split = 10 % of this world: 300 held-out edits
 TOY_SAMPLES=${TOY_SAMPLES:-24000}  # training world size (drawn once per seed, cached): ~11 epochs at 8000 steps
+SEED=${SEED:-0}               # training seed of every stage (its world too: seed + 1000); a second seed measures spread
 BASE=${BASE:-assets/toy/base}  # the bases every recipe starts from
 MLLM=${MLLM:-$BASE/mllm}       # the tiny LLaVA the MLLM recipes start from (another one: MLLM=DIR/mllm)
 mkdir -p "$OUT"
@@ -35,7 +36,7 @@ if [ ! -f $BASE/metrics.json ]; then  # a killed run: finish the remaining piece
   done
 fi
 BASES="--mllm_path=$MLLM --sd_path=$BASE/sd --clip_path=$BASE/clip"
-COMMON="--toy_samples=$TOY_SAMPLES --sample_every=500 --save_every=500 --log_every=50"
+COMMON="--seed=$SEED --toy_samples=$TOY_SAMPLES --sample_every=500 --save_every=500 --log_every=50"
 EVAL="$OUT/eval-world/eval.jsonl"
 
 [ -f "$OUT/eval-world/meta.json" ] || python3 -m minedit.toy --out "$OUT/eval-world" --n "$EVAL_N" --seed 777
