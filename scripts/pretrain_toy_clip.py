@@ -172,6 +172,7 @@ def clip_only(args, cfg, g: torch.Generator, start: float, command: str) -> dict
     log(f"clip: {json.dumps(m_clip)}")
     shutil.copytree(base, out, dirs_exist_ok=True, ignore=shutil.ignore_patterns("metrics.json", *PRIOR_RECORD))
     vae = AutoencoderKL.from_pretrained(base / "sd", subfolder="vae").eval()
+    cfg = dataclasses.replace(cfg, vae_channels=tuple(vae.config.block_out_channels))  # its latent size
     text_encoder = clip_text_encoder(clip)
     unet, m_unet = pretrain_unet(cfg, vae, text_encoder, text_tok, clip.eval(), out, args.seed,
                                  n=args.unet_world_n, steps=args.steps_unet)
