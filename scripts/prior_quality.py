@@ -38,24 +38,39 @@ def encode_captions(text_encoder, tok, cfg, captions: list[str], batch: int = 10
 
 
 @torch.no_grad()
-def generate(unet, vae, context, null_context, cfg, guidance: float = 3.0, steps: int = 25, seed: int = 0,
-             batch: int = 64) -> torch.Tensor:
-    """Text-to-image sampling with classifier-free guidance (DDIM): N×3×H×W in [-1, 1]."""
+def denoise(unet, z, context, null_context, cfg, guidance: float = 3.0, steps: int = 25, on_step=None):
+    """DDIM with classifier-free guidance from the noise z (N×C×h×w) to the final latent; on_step(t, x0
+    prediction), if given, sees each step's prediction of the clean latent."""
     from diffusers import DDIMScheduler
 
     sampler = DDIMScheduler.from_config(build.build_noise_scheduler(cfg).config)
+    sampler.set_timesteps(steps)
+    both = torch.cat([null_context.expand_as(context), context])
+    for t in sampler.timesteps:
+        uncond, cond = unet(torch.cat([z, z]), t, encoder_hidden_states=both).sample.chunk(2)
+        out = sampler.step(uncond + guidance * (cond - uncond), t, z)
+        z = out.prev_sample
+        if on_step is not None:
+            on_step(int(t), out.pred_original_sample)
+    return z
+
+
+def decode(vae, z: torch.Tensor) -> torch.Tensor:
+    """Latents -> N×3×H×W images in [-1, 1]."""
+    return vae.decode(z / vae.config.scaling_factor).sample.clamp(-1, 1)
+
+
+@torch.no_grad()
+def generate(unet, vae, context, null_context, cfg, guidance: float = 3.0, steps: int = 25, seed: int = 0,
+             batch: int = 64) -> torch.Tensor:
+    """Text-to-image sampling with classifier-free guidance (DDIM): N×3×H×W in [-1, 1]."""
     g = torch.Generator().manual_seed(seed)
     side = cfg.resolution // cfg.latent_factor
     out = []
     for i in range(0, len(context), batch):
         ctx = context[i:i + batch]
         z = torch.randn((len(ctx), unet.config.in_channels, side, side), generator=g)
-        sampler.set_timesteps(steps)
-        both = torch.cat([null_context.expand_as(ctx), ctx])
-        for t in sampler.timesteps:
-            uncond, cond = unet(torch.cat([z, z]), t, encoder_hidden_states=both).sample.chunk(2)
-            z = sampler.step(uncond + guidance * (cond - uncond), t, z).prev_sample
-        out.append(vae.decode(z / vae.config.scaling_factor).sample.clamp(-1, 1))
+        out.append(decode(vae, denoise(unet, z, ctx, null_context, cfg, guidance, steps)))
     return torch.cat(out)
 
 
