@@ -62,6 +62,14 @@ def largest_region(mask: np.ndarray) -> np.ndarray:
     return best
 
 
+def colour_region(image: np.ndarray, colour: str, min_pixels: int = 6, within: np.ndarray | None = None):
+    """The largest region of an H×W×3 image (0..255) near a named colour (inside `within`, if given), or None
+    when it has fewer than min_pixels pixels: the drawn shape the checks below judge."""
+    near = near_colour(image, COLOURS[colour])
+    region = largest_region(near if within is None else near & within)
+    return region if region.sum() >= min_pixels else None
+
+
 def template_ious(mask: np.ndarray, reach: int = 2) -> dict[tuple[str, str], float]:
     """(shape, size) -> the best IoU of that toy shape's footprint, centred within `reach` px of the mask's
     centroid, with a binary H×W mask (one coloured region)."""
@@ -100,8 +108,8 @@ def drawn_shape_right(image: np.ndarray, objects: list[dict], target_objects: li
     if not drawn:
         return None
     for o in drawn:
-        region = largest_region(near_colour(image, COLOURS[o["colour"]]) & mask)
-        if region.sum() < min_pixels:
+        region = colour_region(image, o["colour"], min_pixels, within=mask)
+        if region is None:
             return False
         ious = template_ious(region)
         named = ious.pop((o["shape"], o["size"]))
@@ -138,8 +146,8 @@ def shapes_right(images: np.ndarray, rows: list[dict], min_pixels: int = 6) -> d
         for o in own_colour_objects(row):
             if not {o["colour"], o["shape"]} <= words:
                 continue
-            mask = largest_region(near_colour(img, COLOURS[o["colour"]]))
-            shape, iou = best_shape(mask) if mask.sum() >= min_pixels else ("", 0.0)
+            region = colour_region(img, o["colour"], min_pixels)
+            shape, iou = best_shape(region) if region is not None else ("", 0.0)
             per_shape.setdefault(o["shape"], []).append(shape == o["shape"])
             ious.append(iou)
     hits = [h for v in per_shape.values() for h in v]
@@ -168,8 +176,8 @@ def places_right(images: np.ndarray, rows: list[dict], min_pixels: int = 6) -> d
             place = where(o, size)
             if f"{o['colour']} {o['shape']} {place}" not in row["caption"]:
                 continue
-            region = largest_region(near_colour(img, COLOURS[o["colour"]]))
-            if region.sum() < min_pixels:
+            region = colour_region(img, o["colour"], min_pixels)
+            if region is None:
                 hits.append(False)
                 continue
             cx, cy = centroid(region) + np.array([o["x"], o["y"]]) - centroid(footprint(o, size))
