@@ -27,12 +27,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python scripts/...` from a checkout
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from minedit import build, fsio  # noqa: E402
+from minedit import fsio  # noqa: E402
 from minedit.errors import UserError, run_cli  # noqa: E402
 from minedit.toy.draw import where  # noqa: E402
-from minedit.toy.looks import centroid, largest_region, near_colour  # noqa: E402
-from minedit.toy.phrases import COLOURS, SHAPES  # noqa: E402
-from prior_quality import encode_captions, rgb  # noqa: E402
+from minedit.toy.looks import centroid, colour_region  # noqa: E402
+from minedit.toy.phrases import SHAPES  # noqa: E402
+from prior_quality import decode, denoise, encode_captions, rgb  # noqa: E402
 
 CENTRES = [(x, y) for y in (6, 16, 26) for x in (6, 16, 26)]  # one centre in each of the nine places (32 px)
 PALETTE = ("red", "green", "blue", "yellow", "purple", "orange")  # colours that stand out on white
@@ -53,28 +53,19 @@ def state_similarity(text_encoder, tok, cfg, a: list[str], b: list[str]) -> floa
 
 
 @torch.no_grad()
-def sample_tracked(unet, vae, context, null_context, cfg, z, guidance: float = 3.0, steps: int = 25):
-    """DDIM with classifier-free guidance from the given noise z (N×4×h×w); -> (final images N×H×W×3 in 0..255,
-    [(t, decoded x0 prediction at t)] per step)."""
-    from diffusers import DDIMScheduler
-
-    sampler = DDIMScheduler.from_config(build.build_noise_scheduler(cfg).config)
-    sampler.set_timesteps(steps)
-    both, decode = torch.cat([null_context.expand_as(context), context]), lambda x: rgb(  # noqa: E731
-        vae.decode(x / vae.config.scaling_factor).sample.clamp(-1, 1))
+def sample_tracked(unet, vae, context, null_context, cfg, z):
+    """prior_quality's DDIM (25 steps, guidance 3) from the given noise z (N×4×h×w); -> (final images N×H×W×3 in
+    0..255, [(t, decoded x0 prediction at t)] per step)."""
     track = []
-    for t in sampler.timesteps:
-        uncond, cond = unet(torch.cat([z, z]), t, encoder_hidden_states=both).sample.chunk(2)
-        out = sampler.step(uncond + guidance * (cond - uncond), t, z)
-        z = out.prev_sample
-        track.append((int(t), decode(out.pred_original_sample)))
-    return decode(z), track
+    final = denoise(unet, z, context, null_context, cfg,
+                    on_step=lambda t, x0: track.append((t, rgb(decode(vae, x0)))))
+    return rgb(decode(vae, final)), track
 
 
 def drawn_place(image: np.ndarray, colour: str) -> tuple[str | None, np.ndarray]:
     """(where the largest region of `colour` is, its centroid); (None, nan) if fewer than 6 pixels have it."""
-    region = largest_region(near_colour(image, COLOURS[colour]))
-    if region.sum() < 6:
+    region = colour_region(image, colour)
+    if region is None:
         return None, np.full(2, np.nan)
     c = centroid(region)
     return where({"x": c[0], "y": c[1]}, image.shape[0]), c
@@ -86,9 +77,9 @@ def probe(unet, vae, text_encoder, tok, cfg, n: int, seed: int = 0) -> dict:
     groups = [(PALETTE[k % len(PALETTE)], SHAPES[k % len(SHAPES)]) for k in range(n)]
     caps = [caption(c, s, p) for c, s in groups for p in places]
     other = [caption(PALETTE[(k + 1) % len(PALETTE)], s, p) for k, (_, s) in enumerate(groups) for p in places]
-    flipped = [caption(c, s, places[-1 - i]) for c, s in groups for i in range(len(places)) if i != 4]
-    text = {"place_words": state_similarity(text_encoder, tok, cfg, [x for i, x in enumerate(caps) if i % 9 != 4],
-                                            flipped),
+    # each place against the opposite one (top left / bottom right, left / right, ...; the middle has none)
+    flips = [(caption(c, s, p), caption(c, s, q)) for c, s in groups for p, q in zip(places, places[::-1]) if p != q]
+    text = {"place_words": state_similarity(text_encoder, tok, cfg, *map(list, zip(*flips))),
             "colour_word": state_similarity(text_encoder, tok, cfg, caps, other)}
     side = cfg.resolution // cfg.latent_factor
     z = torch.randn((n, 1, unet.config.in_channels, side, side), generator=torch.Generator().manual_seed(seed))
