@@ -1,4 +1,5 @@
 """Shared test helpers."""
+import importlib.util
 import os
 import subprocess
 import sys
@@ -12,6 +13,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 if os.environ.get("PYTEST_XDIST_WORKER"):  # one of pytest.ini's two workers: one core each, no oversubscription
     torch.set_num_threads(1)
+
+
+def import_script(path: Path):
+    """A script (scripts/NAME.py) imported as a module named after its file, without running its main."""
+    spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def run_python(*args, cwd=None, env=None, timeout=300) -> subprocess.CompletedProcess:

@@ -2,7 +2,6 @@
 import json
 
 import pytest
-from PIL import Image
 
 from conftest import run_script as run
 from minedit.toy import draw as toydraw, world as toyworld

@@ -1,12 +1,11 @@
 """scripts/editor_draws.py: an editing UNet sampled as the text-to-image prior it started from."""
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import ok, run_python
+from conftest import import_script, ok, run_python
 from minedit.errors import UserError
 from minedit.model import EditModel
 from minedit.presets import preset
@@ -17,10 +16,7 @@ BASE = ROOT / "assets" / "toy" / "base"
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("editor_draws", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return import_script(SCRIPT)
 
 
 def test_a_fresh_editor_sampled_as_text_to_image_is_exactly_its_prior():

@@ -2,7 +2,6 @@
 references, v_insight from the greedy generation = v_insight of the training forward, batch-safe decoding, the
 IP-Adapter weight format through diffusers' own loader, train.py stage 1 -> 2 -> infer.py end to end, losses
 going down on a fixed batch, and each ablation switch removing exactly what it claims."""
-import importlib.util
 import json
 import re
 import signal
@@ -16,7 +15,7 @@ from safetensors.torch import load_file
 
 import infer
 import train
-from conftest import ok, run_script, tiny_unet
+from conftest import import_script, ok, run_script, tiny_unet
 from minedit import build, mind
 from minedit import data as data_module
 from minedit import training
@@ -152,9 +151,7 @@ def test_text_loss_equals_hf_loss_and_embed_loss_is_cosine(model):
     row = x.input_ids[1][x.attention_mask[1].bool()].tolist()
     answer = tok(TOPT[1], add_special_tokens=False).input_ids + [tok.eos_token_id]
     assert row[-len(answer):] == answer
-    spec = importlib.util.spec_from_file_location("pretrain_toy_mllm", ROOT / "scripts" / "pretrain_toy_mllm.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = import_script(ROOT / "scripts" / "pretrain_toy_mllm.py")
     assert row[:-len(answer)] == script.prompt_ids(tok, model.n_image_tokens, INSTR[1])
 
 

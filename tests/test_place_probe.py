@@ -1,13 +1,12 @@
 """scripts/place_probe.py: does a toy base's text tower tell places apart, and does its prior move a shape when
 only the place words of a caption change?"""
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from conftest import ok, run_python
+from conftest import import_script, ok, run_python
 from minedit.presets import preset
 from minedit.toy.draw import render
 
@@ -17,10 +16,7 @@ BASE = ROOT / "assets" / "toy" / "base"
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("place_probe", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return import_script(SCRIPT)
 
 
 def shipped_parts():

@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import import_script
 from conftest import run_script as run
 from minedit import checkpoint
 from minedit.model import EditModel
@@ -339,7 +340,6 @@ def _fake_results(world, tmp_path, right):
 
 def test_ship_toy_picks_an_example_infer_gets_right_and_writes_nothing_otherwise(ckpt, world, tmp_path,
                                                                                  monkeypatch):
-    import importlib.util
     import shutil
 
     rows, results = _fake_results(world, tmp_path, right=set(range(40)))
@@ -351,9 +351,7 @@ def test_ship_toy_picks_an_example_infer_gets_right_and_writes_nothing_otherwise
     assert not out.exists()
     # With an infer that draws the exact target, the first edit of the --prefer pattern ships (here the pattern of
     # the last non-add row, so that it is not simply the first row).
-    spec = importlib.util.spec_from_file_location("ship_toy", os.path.join(ROOT, "scripts", "ship_toy.py"))
-    ship = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ship)
+    ship = import_script(os.path.join(ROOT, "scripts", "ship_toy.py"))
     by_source = {str(world / r["source"]): str(world / r["target"]) for r in rows}
     monkeypatch.setattr(ship, "infer_one", lambda ck, src, instr, pred: shutil.copyfile(by_source[src], pred))
     last = [r for r in rows if r["kind"] != "add"][-1]

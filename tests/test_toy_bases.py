@@ -2,7 +2,6 @@
 path and through the public CLIP classes, a VAE that learned something, and prompts/decoding that agree with the
 model code."""
 import dataclasses
-import importlib.util
 import json
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, CLIPModel, CLIPTextModel, CLIPVisionModelWithProjection
 
+from conftest import import_script
 from minedit import build
 from minedit.errors import UserError
 from minedit.model import EditModel
@@ -21,10 +21,7 @@ SHIPPED = SCRIPT.parents[1] / "assets" / "toy" / "base"
 
 
 def load_script(path: Path = SCRIPT):
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return import_script(path)
 
 
 def load_mllm_script():
